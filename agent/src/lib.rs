@@ -1,0 +1,22 @@
+//! `turnout-agent`, the daemon on every host: it keeps two slots per managed
+//! service and moves each service between them (DESIGN.md §5, §6).
+//!
+//! The binary's `main.rs` only parses arguments and maps the outcome to an
+//! exit code; everything it runs lives here so that tests can drive it.
+
+pub mod cli;
+pub mod exit;
+
+use turnout_proto::{CapabilitySet, Offer, SUPPORTED};
+
+/// This build's software version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What this agent build offers in its handshake.
+pub fn offer() -> Offer {
+    Offer {
+        software: format!("turnout-agent {VERSION}"),
+        range: SUPPORTED,
+        capabilities: CapabilitySet::all_known(),
+    }
+}

@@ -1,0 +1,17 @@
+//! `turnout-agent` entry point: parse arguments, run, map the outcome to an exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use turnout_agent::cli::{Cli, run};
+use turnout_agent::exit::Exit;
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(exit) => exit.into(),
+        Err(err) => {
+            eprintln!("turnout-agent: {err:#}");
+            Exit::Failure.into()
+        }
+    }
+}

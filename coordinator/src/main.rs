@@ -1,0 +1,17 @@
+//! `turnout` entry point: parse arguments, run, map the outcome to an exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use turnout::cli::{Cli, run};
+use turnout::exit::Exit;
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(exit) => exit.into(),
+        Err(err) => {
+            eprintln!("turnout: {err:#}");
+            Exit::Failure.into()
+        }
+    }
+}
