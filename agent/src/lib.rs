@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod exit;
+pub mod stage;
 
 use turnout_proto::{CapabilitySet, Offer, SUPPORTED};
 

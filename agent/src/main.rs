@@ -4,14 +4,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use turnout_agent::cli::{Cli, run};
-use turnout_agent::exit::Exit;
+use turnout_agent::exit::classify;
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(exit) => exit.into(),
         Err(err) => {
             eprintln!("turnout-agent: {err:#}");
-            Exit::Failure.into()
+            classify(&err).into()
         }
     }
 }

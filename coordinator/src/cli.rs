@@ -1,7 +1,9 @@
-//! The `turnout` command line: one function per subcommand.
+//! The `turnout` command line: the argument types, and dispatch to one module
+//! per subcommand (`cmd/`).
 
 use clap::{Parser, Subcommand};
 
+use crate::cmd;
 use crate::exit::Exit;
 
 /// Turnout: roll services out across a fleet, wave by wave.
@@ -22,6 +24,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make an Ed25519 release key pair (PKCS#8 and SPKI PEM, as openssl writes).
+    Keygen(cmd::keygen::Args),
+    /// Make, rotate and check trust files (which keys hosts accept).
+    #[command(subcommand)]
+    Trust(cmd::trust::Command),
+    /// Pack a directory into a release bundle, optionally signing it.
+    Pack(cmd::pack::Args),
+    /// Add signatures to a bundle, in place and atomically.
+    Sign(cmd::sign::Args),
+    /// Verify a bundle against a trust file, as a host would.
+    Verify(cmd::verify::Args),
+    /// Show a bundle's manifest, files and signatures, trusting nothing.
+    Inspect(cmd::inspect::Args),
 }
 
 /// Runs one command; the returned value is the process's exit status.
@@ -36,5 +51,11 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
             }
             Ok(Exit::Success)
         }
+        Command::Keygen(args) => cmd::keygen::run(&args),
+        Command::Trust(command) => cmd::trust::run(command),
+        Command::Pack(args) => cmd::pack::run(&args),
+        Command::Sign(args) => cmd::sign::run(&args),
+        Command::Verify(args) => cmd::verify::run(&args),
+        Command::Inspect(args) => cmd::inspect::run(&args),
     }
 }

@@ -1,9 +1,21 @@
-//! The `turnout` command's exit codes: a contract with systemd and scripts, mapped in one place.
+//! The `turnout` command's exit codes: a contract with scripts, mapped in one place.
 //!
-//! systemd's `RestartPreventExitStatus=` names the codes after which a restart
-//! cannot help (a bad config), so the numbers never change meaning.
+//! | code | meaning                                                          |
+//! |------|------------------------------------------------------------------|
+//! | 0    | done                                                             |
+//! | 1    | failed at run time (I/O, network); retrying may help             |
+//! | 2    | the command line was wrong                                       |
+//! | 3    | an input file is invalid (key, trust file, payload directory)    |
+//! | 4    | verification refused a bundle or trust file                      |
 
 use std::process::ExitCode;
+
+use turnout_proto::bundle::BundleError;
+use turnout_proto::keys::KeyError;
+use turnout_proto::manifest::ManifestError;
+use turnout_proto::trust::TrustError;
+
+use crate::files::InputError;
 
 /// Why `turnout` exited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,14 +23,42 @@ use std::process::ExitCode;
 pub enum Exit {
     /// Done, nothing wrong.
     Success = 0,
-    /// Failed at run time; a retry or restart may help.
+    /// Failed at run time; a retry may help.
     Failure = 1,
     /// The command line was wrong (clap also exits 2).
     Usage = 2,
+    /// An input file is invalid: fix it, then run again.
+    Input = 3,
+    /// A bundle or trust file was refused by verification.
+    Rejected = 4,
 }
 
 impl From<Exit> for ExitCode {
     fn from(exit: Exit) -> ExitCode {
         ExitCode::from(exit as u8)
     }
+}
+
+/// The exit code for an error, from the most specific cause in its chain.
+pub fn classify(err: &anyhow::Error) -> Exit {
+    for cause in err.chain() {
+        if let Some(err) = cause.downcast_ref::<BundleError>() {
+            return match err {
+                BundleError::Read(_) | BundleError::Sink { .. } => Exit::Failure,
+                _ => Exit::Rejected,
+            };
+        }
+        if let Some(err) = cause.downcast_ref::<TrustError>() {
+            return match err {
+                TrustError::NotNewer { .. }
+                | TrustError::NotAuthorised(_)
+                | TrustError::NotSelfSigned(_) => Exit::Rejected,
+                _ => Exit::Input,
+            };
+        }
+        if cause.is::<KeyError>() || cause.is::<ManifestError>() || cause.is::<InputError>() {
+            return Exit::Input;
+        }
+    }
+    Exit::Failure
 }

@@ -5,7 +5,9 @@
 //! exit code; everything it runs lives here so that tests can drive it.
 
 pub mod cli;
+pub mod cmd;
 pub mod exit;
+pub mod files;
 
 use turnout_proto::{CapabilitySet, Offer, SUPPORTED};
 

@@ -4,14 +4,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use turnout::cli::{Cli, run};
-use turnout::exit::Exit;
+use turnout::exit::classify;
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(exit) => exit.into(),
         Err(err) => {
             eprintln!("turnout: {err:#}");
-            Exit::Failure.into()
+            classify(&err).into()
         }
     }
 }

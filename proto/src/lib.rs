@@ -13,16 +13,25 @@
 //! - the two sides pick the highest common version and the intersection of
 //!   their capabilities ([`negotiate`]);
 //! - every read is bounded by [`Limits`].
+//!
+//! It also holds the release-bundle format and its trust model (DESIGN.md §4):
+//! [`keys`], [`signature`] thresholds, [`trust`] files, the [`manifest`], and
+//! the streaming [`bundle`] verifier that writes through a caller's sink.
 
 #[macro_use]
 mod wire_enum;
 
+pub mod bundle;
 pub mod capability;
 pub mod envelope;
 pub mod ids;
+pub mod keys;
 pub mod limits;
+pub mod manifest;
 pub mod messages;
 pub mod negotiate;
+pub mod signature;
+pub mod trust;
 pub mod version;
 
 pub use capability::{Capability, CapabilitySet};

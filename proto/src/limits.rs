@@ -1,4 +1,5 @@
-//! Bounds on everything a reader accepts from the other side.
+//! Bounds on everything a reader accepts from the other side: messages,
+//! bundles and trust files.
 //!
 //! A reader checks the byte size before parsing and the counts and string
 //! lengths after, so a hostile or broken peer cannot make a daemon allocate
@@ -14,6 +15,19 @@
 //! | `max_capabilities` | 64      | capability names in one handshake              |
 //! | `max_urls`         | 16      | mirror URLs per desired service                |
 //! | `max_text_bytes`   | 4 KiB   | any one string: label, version, error, reason  |
+//!
+//! Release bundles and trust files:
+//!
+//! | limit                  | default | why this much                                   |
+//! |------------------------|---------|-------------------------------------------------|
+//! | `max_bundle_bytes`     | 4 GiB   | the whole `.tnt` as read; also declared sizes   |
+//! | `max_manifest_bytes`   | 4 MiB   | ~20,000 files' entries                          |
+//! | `max_signatures_bytes` | 64 KiB  | `signatures.json`                               |
+//! | `max_signatures`       | 64      | signatures on one bundle or trust file          |
+//! | `max_files`            | 100,000 | files and links in one payload                  |
+//! | `max_tags`             | 256     | `provides` plus `requires` tags                 |
+//! | `max_trust_bytes`      | 256 KiB | a trust file                                    |
+//! | `max_keys`             | 64      | keys in a trust file                            |
 
 /// Reader limits; see the module docs for the defaults and why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +46,22 @@ pub struct Limits {
     pub max_urls: usize,
     /// Longest single string, in bytes.
     pub max_text_bytes: usize,
+    /// Largest bundle, in bytes as read, and largest sum of declared file sizes.
+    pub max_bundle_bytes: u64,
+    /// Largest `manifest.json`.
+    pub max_manifest_bytes: u64,
+    /// Largest `signatures.json`.
+    pub max_signatures_bytes: u64,
+    /// Most signatures on one bundle or trust file.
+    pub max_signatures: usize,
+    /// Most files and links in one payload.
+    pub max_files: usize,
+    /// Most `provides` plus `requires` tags.
+    pub max_tags: usize,
+    /// Largest trust file.
+    pub max_trust_bytes: usize,
+    /// Most keys in a trust file.
+    pub max_keys: usize,
 }
 
 impl Default for Limits {
@@ -44,6 +74,14 @@ impl Default for Limits {
             max_capabilities: 64,
             max_urls: 16,
             max_text_bytes: 4096,
+            max_bundle_bytes: 4 << 30,
+            max_manifest_bytes: 4 << 20,
+            max_signatures_bytes: 64 << 10,
+            max_signatures: 64,
+            max_files: 100_000,
+            max_tags: 256,
+            max_trust_bytes: 256 << 10,
+            max_keys: 64,
         }
     }
 }

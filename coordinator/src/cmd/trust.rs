@@ -1,0 +1,126 @@
+//! `turnout trust init|rotate|verify`: the files that say which keys hosts accept.
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use clap::Subcommand;
+use turnout_proto::keys::PublicKey;
+use turnout_proto::signature::SignatureEntry;
+use turnout_proto::trust::{Trust, TrustFile};
+
+use crate::exit::Exit;
+use crate::files;
+
+/// The `turnout trust` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Make a first trust file (version 1) from public keys.
+    Init {
+        /// A trusted public key (SPKI PEM); repeat for each key.
+        #[arg(long = "key", value_name = "PUB.pem", required = true)]
+        keys: Vec<PathBuf>,
+        /// How many distinct keys must sign a bundle.
+        #[arg(long)]
+        threshold: usize,
+        /// Where to write the trust file; never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Make the next trust file: the full new key set and threshold, signed
+    /// by a threshold of the current keys and of the new keys.
+    Rotate {
+        /// The trust file hosts have now.
+        #[arg(long)]
+        current: PathBuf,
+        /// A public key of the new set; repeat for each key.
+        #[arg(long = "key", value_name = "PUB.pem", required = true)]
+        keys: Vec<PathBuf>,
+        /// The new threshold.
+        #[arg(long)]
+        threshold: usize,
+        /// A private key to sign the rotation with (current or new); repeat.
+        #[arg(long = "sign-with", value_name = "KEY.pem", required = true)]
+        sign_with: Vec<PathBuf>,
+        /// Where to write the new trust file; never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check that NEXT may replace CURRENT, as a host would.
+    Verify {
+        /// The new trust file.
+        next: PathBuf,
+        /// The trust file hosts have now.
+        #[arg(long)]
+        current: PathBuf,
+    },
+}
+
+fn public_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<PublicKey>> {
+    paths.iter().map(|path| files::public_key(path)).collect()
+}
+
+fn describe(trust: &Trust) -> String {
+    let ids: Vec<_> = trust.keys().keys().map(|id| id.as_str()).collect();
+    format!(
+        "trust version {}: {} of {} keys required ({})",
+        trust.version(),
+        trust.threshold(),
+        ids.len(),
+        ids.join(", ")
+    )
+}
+
+/// Runs one `turnout trust` subcommand.
+pub fn run(command: Command) -> anyhow::Result<Exit> {
+    match command {
+        Command::Init {
+            keys,
+            threshold,
+            out,
+        } => {
+            let trust = Trust::new(1, threshold, SystemTime::now(), public_keys(&keys)?)?;
+            let file = TrustFile::unsigned(trust);
+            files::write_atomic(&out, &file.to_bytes(), 0o644, true)?;
+            println!("wrote {}: {}", out.display(), describe(&file.trust));
+        }
+        Command::Rotate {
+            current,
+            keys,
+            threshold,
+            sign_with,
+            out,
+        } => {
+            let current = files::trust_file(&current)?;
+            let next = Trust::new(
+                current.trust.version() + 1,
+                threshold,
+                SystemTime::now(),
+                public_keys(&keys)?,
+            )?;
+            let mut file = TrustFile::unsigned(next);
+            for path in &sign_with {
+                let key = files::secret_key(path)?;
+                file.signatures.push(SignatureEntry {
+                    key_id: key.public().id().clone(),
+                    sig: key.sign(&file.signed_bytes),
+                });
+            }
+            // Never write a file hosts would refuse.
+            current.trust.accept_rotation(&file)?;
+            files::write_atomic(&out, &file.to_bytes(), 0o644, true)?;
+            println!("wrote {}: {}", out.display(), describe(&file.trust));
+        }
+        Command::Verify { next, current } => {
+            let current = files::trust_file(&current)?;
+            let next_file = files::trust_file(&next)?;
+            current.trust.accept_rotation(&next_file)?;
+            println!(
+                "OK {} may replace trust version {}: {}",
+                next.display(),
+                current.trust.version(),
+                describe(&next_file.trust)
+            );
+        }
+    }
+    Ok(Exit::Success)
+}
