@@ -43,9 +43,10 @@ impl From<Exit> for ExitCode {
 pub fn classify(err: &anyhow::Error) -> Exit {
     for cause in err.chain() {
         if let Some(err) = cause.downcast_ref::<BundleError>() {
-            return match err {
-                BundleError::Read(_) | BundleError::Sink { .. } => Exit::Failure,
-                _ => Exit::Rejected,
+            return if err.is_refusal() {
+                Exit::Rejected
+            } else {
+                Exit::Failure
             };
         }
         if let Some(err) = cause.downcast_ref::<TrustError>() {

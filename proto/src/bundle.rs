@@ -252,6 +252,14 @@ pub enum BundleError {
     },
 }
 
+impl BundleError {
+    /// Whether the bundle itself was refused (its content broke a rule), as
+    /// opposed to reading or writing failing: a refusal is not retried.
+    pub fn is_refusal(&self) -> bool {
+        !matches!(self, BundleError::Read(_) | BundleError::Sink { .. })
+    }
+}
+
 /// Counts bytes read, refuses to read past the limit, and notes end of input.
 struct Counted<'a, R> {
     inner: R,
@@ -436,14 +444,33 @@ fn read_head_from<R: Read>(
     })
 }
 
-/// Reads only the head of a bundle, trusting nothing: for `inspect` and `sign`.
-pub fn read_head<R: Read>(reader: R, limits: &Limits) -> Result<Head, BundleError> {
+/// Opens a bundle, reads its head, and hands both to `then` with the entries
+/// that follow; the one place an archive is opened.
+fn with_head<R: Read, T>(
+    reader: R,
+    limits: &Limits,
+    then: impl FnOnce(&Input, Head, &mut tar::Entries<'_, Counted<'_, R>>) -> Result<T, BundleError>,
+) -> Result<T, BundleError> {
     let input = Input::new(limits);
     let mut archive = tar::Archive::new(input.wrap(reader));
     let mut entries = archive
         .entries()
         .map_err(|err| input.error(err, MANIFEST_MEMBER))?;
-    read_head_from(&input, &mut entries, limits)
+    let head = read_head_from(&input, &mut entries, limits)?;
+    then(&input, head, &mut entries)
+}
+
+/// Reads only the head of a bundle, trusting nothing: for `inspect` and `sign`.
+pub fn read_head<R: Read>(reader: R, limits: &Limits) -> Result<Head, BundleError> {
+    with_head(reader, limits, |_, head, _| Ok(head))
+}
+
+/// A link member's target, lossily decoded (it is compared, never trusted).
+fn link_target<R: Read>(entry: &tar::Entry<'_, R>) -> String {
+    entry
+        .link_name_bytes()
+        .map(|target| String::from_utf8_lossy(&target).into_owned())
+        .unwrap_or_default()
 }
 
 /// A payload member's path: validated whole, then required under `payload/`.
@@ -522,12 +549,19 @@ pub fn verify_and_unpack<R: Read>(
     limits: &Limits,
     sink: &mut dyn Sink,
 ) -> Result<Verified, BundleError> {
-    let input = Input::new(limits);
-    let mut archive = tar::Archive::new(input.wrap(reader));
-    let mut entries = archive
-        .entries()
-        .map_err(|err| input.error(err, MANIFEST_MEMBER))?;
-    let head = read_head_from(&input, &mut entries, limits)?;
+    with_head(reader, limits, |input, head, entries| {
+        verify_payload(input, head, entries, trust, now, sink)
+    })
+}
+
+fn verify_payload<R: Read>(
+    input: &Input,
+    head: Head,
+    entries: &mut tar::Entries<'_, R>,
+    trust: &Trust,
+    now: SystemTime,
+    sink: &mut dyn Sink,
+) -> Result<Verified, BundleError> {
     let signed_by = check_threshold(
         "manifest",
         &head.manifest_bytes,
@@ -555,7 +589,7 @@ pub fn verify_and_unpack<R: Read>(
                 let Some(file) = expected.files.get(&path) else {
                     return Err(BundleError::Unlisted { path, kind: "file" });
                 };
-                unpack_file(&input, &mut entry, file, sink)?;
+                unpack_file(input, &mut entry, file, sink)?;
             }
             tar::EntryType::Directory => {
                 if !expected.dirs.contains(path.as_str()) {
@@ -568,10 +602,7 @@ pub fn verify_and_unpack<R: Read>(
                     .map_err(|source| BundleError::Sink { path, source })?;
             }
             tar::EntryType::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .map(|t| String::from_utf8_lossy(&t).into_owned())
-                    .unwrap_or_default();
+                let target = link_target(&entry);
                 let Some(link) = expected.links.get(&path) else {
                     return Err(BundleError::Unlisted {
                         path,
@@ -589,10 +620,7 @@ pub fn verify_and_unpack<R: Read>(
                     .map_err(|source| BundleError::Sink { path, source })?;
             }
             tar::EntryType::Link => {
-                let target = entry
-                    .link_name_bytes()
-                    .map(|t| String::from_utf8_lossy(&t).into_owned())
-                    .unwrap_or_default();
+                let target = link_target(&entry);
                 return Err(BundleError::HardLink { path, target });
             }
             other => {
@@ -735,12 +763,18 @@ pub fn rewrite_signatures<R: Read, W: Write>(
     signatures: &[SignatureEntry],
     limits: &Limits,
 ) -> Result<W, BundleError> {
-    let input = Input::new(limits);
-    let mut archive = tar::Archive::new(input.wrap(reader));
-    let mut entries = archive
-        .entries()
-        .map_err(|err| input.error(err, MANIFEST_MEMBER))?;
-    let head = read_head_from(&input, &mut entries, limits)?;
+    with_head(reader, limits, |input, head, entries| {
+        copy_with_signatures(input, &head, entries, out, signatures)
+    })
+}
+
+fn copy_with_signatures<R: Read, W: Write>(
+    input: &Input,
+    head: &Head,
+    entries: &mut tar::Entries<'_, R>,
+    out: W,
+    signatures: &[SignatureEntry],
+) -> Result<W, BundleError> {
     let write_error = |err: io::Error| BundleError::Read(err);
     let mut writer =
         BundleWriter::new(out, &head.manifest_bytes, signatures).map_err(write_error)?;
@@ -750,11 +784,7 @@ pub fn rewrite_signatures<R: Read, W: Write>(
         let name = String::from_utf8_lossy(&name).into_owned();
         let mut head = entry.header().clone();
         if head.entry_type().is_symlink() {
-            let target = entry
-                .link_name_bytes()
-                .map(|t| t.into_owned())
-                .unwrap_or_default();
-            let target = String::from_utf8_lossy(&target).into_owned();
+            let target = link_target(&entry);
             writer
                 .builder
                 .append_link(&mut head, &name, &target)
