@@ -1,9 +1,15 @@
 //! The `turnout-agent` command line: argument types and one function per subcommand.
+//!
+//! `status`, `install` and `rollback` ask a running daemon over its control
+//! socket; with no daemon they take the state directory's lock and act
+//! directly (systemd-supervised services only: exec-supervised services are
+//! children of the daemon).
 
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -11,13 +17,19 @@ use turnout_proto::Limits;
 use turnout_proto::bundle::{BundleError, Discard, Verified, verify_and_unpack};
 use turnout_proto::trust::{Trust, TrustFile};
 
-use crate::exit::Exit;
-use crate::stage;
+use crate::config::{Config, DEFAULT_PATH};
+use crate::control::{self, Request, Response, SOCKET};
+use crate::exit::{Exit, for_outcome};
+use crate::service::{Agent, AgentError, OperationResult, ServiceStatus};
+use crate::{daemon, stage};
 
 /// Turnout's host agent.
 #[derive(Debug, Parser)]
 #[command(name = "turnout-agent", version, about)]
 pub struct Cli {
+    /// The agent's config file.
+    #[arg(long, global = true, env = "TURNOUT_AGENT_CONFIG", default_value = DEFAULT_PATH)]
+    pub config: PathBuf,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -26,8 +38,33 @@ pub struct Cli {
 /// The agent's subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Show this build's version, protocol versions and capabilities.
-    Version {
+    /// Run the daemon: recover, then manage the services and answer local commands.
+    Run,
+    /// Show each service: state, committed release, slots, health, last outcome.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Install a bundle: verify, stage, switch, bake, then commit or revert.
+    Install {
+        /// The bundle.
+        bundle: PathBuf,
+        /// The service to install it on.
+        #[arg(long)]
+        service: String,
+        /// Verify against this trust file instead of the configured one.
+        #[arg(long)]
+        trust: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Switch a service back to the release in its other slot, with a bake.
+    Rollback {
+        /// The service.
+        #[arg(long)]
+        service: String,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -36,13 +73,29 @@ pub enum Command {
     Verify {
         /// The bundle.
         bundle: PathBuf,
-        /// The trust file to verify against.
+        /// The trust file (default: the configured one).
         #[arg(long)]
-        trust: PathBuf,
+        trust: Option<PathBuf>,
         /// Also unpack the verified payload into this new directory (removed
         /// again if the bundle is refused).
         #[arg(long, value_name = "DIR")]
         unpack_to: Option<PathBuf>,
+    },
+    /// Show this build's version, protocol versions and capabilities.
+    Version {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The demo service that tests and the demo pack into bundles.
+    #[command(hide = true)]
+    DemoService {
+        /// Its behaviour file.
+        #[arg(long)]
+        behaviour: PathBuf,
+        /// The port to listen on (127.0.0.1).
+        #[arg(long)]
+        port: u16,
     },
 }
 
@@ -58,12 +111,198 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
             }
             Ok(Exit::Success)
         }
+        Command::DemoService { behaviour, port } => {
+            crate::demo_service::run(&behaviour, port)?;
+            Ok(Exit::Success)
+        }
         Command::Verify {
             bundle,
             trust,
             unpack_to,
-        } => verify(&bundle, &trust, unpack_to.as_deref()),
+        } => {
+            let trust = match trust {
+                Some(path) => path,
+                None => Config::load(&cli.config)?.trust,
+            };
+            verify(&bundle, &trust, unpack_to.as_deref())
+        }
+        Command::Run => {
+            let config = Config::load(&cli.config)?;
+            let _lock = daemon::lock(&config.state_dir)?;
+            let agent = Arc::new(Agent::open(config)?);
+            runtime()?.block_on(daemon::run(agent, shutdown_signal()))?;
+            Ok(Exit::Success)
+        }
+        Command::Status { json } => {
+            let config = Config::load(&cli.config)?;
+            let statuses = match ask(&config, &Request::Status)? {
+                Some(Response::Status(statuses)) => statuses,
+                Some(other) => return answered(other, json),
+                None => {
+                    let _lock = daemon::lock(&config.state_dir)?;
+                    let agent = Agent::open(config)?;
+                    runtime()?.block_on(agent.status())?
+                }
+            };
+            print_status(&statuses, json)?;
+            Ok(Exit::Success)
+        }
+        Command::Install {
+            bundle,
+            service,
+            trust,
+            json,
+        } => {
+            let config = Config::load(&cli.config)?;
+            let bundle = absolute(&bundle)?;
+            let trust = trust.as_deref().map(absolute).transpose()?;
+            let request = Request::Install {
+                service: service.clone(),
+                bundle: bundle.clone(),
+                trust: trust.clone(),
+            };
+            match ask(&config, &request)? {
+                Some(response) => answered(response, json),
+                None => {
+                    let name = service.clone();
+                    direct(config, &name, json, |agent| async move {
+                        agent.install(&service, &bundle, trust.as_deref()).await
+                    })
+                }
+            }
+        }
+        Command::Rollback { service, json } => {
+            let config = Config::load(&cli.config)?;
+            match ask(
+                &config,
+                &Request::Rollback {
+                    service: service.clone(),
+                },
+            )? {
+                Some(response) => answered(response, json),
+                None => {
+                    let name = service.clone();
+                    direct(config, &name, json, |agent| async move {
+                        agent.rollback(&service).await
+                    })
+                }
+            }
+        }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    // One thread: the agent is mostly idle, and small matters on every host.
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))
+}
+
+fn ask(config: &Config, request: &Request) -> Result<Option<Response>, AgentError> {
+    control::call(&config.state_dir.join(SOCKET), request)
+}
+
+/// Runs an operation in this process, when no daemon runs.
+fn direct<F, Fut>(config: Config, service: &str, json: bool, operation: F) -> anyhow::Result<Exit>
+where
+    F: FnOnce(Arc<Agent>) -> Fut,
+    Fut: std::future::Future<Output = Result<OperationResult, AgentError>>,
+{
+    let _lock = daemon::lock(&config.state_dir)?;
+    let agent = Arc::new(Agent::open(config)?);
+    if agent.uses_exec(Some(service)).is_some() {
+        return Err(AgentError::NeedsDaemon {
+            service: service.to_owned(),
+        }
+        .into());
+    }
+    let result = runtime()?.block_on(async {
+        agent.drive(service, crate::machine::Event::Recover).await?;
+        operation(Arc::clone(&agent)).await
+    })?;
+    answered(Response::Done(result), json)
+}
+
+fn answered(response: Response, json: bool) -> anyhow::Result<Exit> {
+    match response {
+        Response::Done(result) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&result)?);
+            } else {
+                println!("{}", result.summary);
+            }
+            Ok(for_outcome(&result.kind()))
+        }
+        Response::Status(statuses) => {
+            print_status(&statuses, json)?;
+            Ok(Exit::Success)
+        }
+        Response::Error { message, exit } => {
+            eprintln!("turnout-agent: {message}");
+            Ok(match exit {
+                2 => Exit::Usage,
+                3 => Exit::Input,
+                4 => Exit::Rejected,
+                5 => Exit::Reverted,
+                6 => Exit::Refused,
+                _ => Exit::Failure,
+            })
+        }
+    }
+}
+
+fn print_status(statuses: &[ServiceStatus], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(statuses)?);
+        return Ok(());
+    }
+    let version = |r: &Option<turnout_proto::messages::ReleaseRef>| {
+        r.as_ref().map_or("-".to_owned(), |r| r.version.to_string())
+    };
+    for s in statuses {
+        println!(
+            "{}: {}, committed {} in {}, other slot {}, health {}{}",
+            s.service,
+            s.state,
+            version(&s.committed),
+            s.active_slot.map_or("-", |slot| slot.name()),
+            version(&s.other),
+            s.health,
+            s.health_detail
+                .as_ref()
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default()
+        );
+        if let Some(target) = &s.target {
+            println!("  in flight: {} {}", target.name, target.version);
+        }
+        if let Some(last) = &s.last_outcome {
+            let when =
+                humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(last.at_ms));
+            println!(
+                "  last: {} {} at {when}: {}",
+                last.kind,
+                last.release
+                    .as_ref()
+                    .map_or("-".to_owned(), |r| r.version.to_string()),
+                last.reason
+            );
+        }
+    }
+    Ok(())
 }
 
 fn read_trust(path: &Path) -> anyhow::Result<Trust> {

@@ -11,12 +11,16 @@
 //! | 2    | the command line was wrong                                |
 //! | 3    | an input (config, trust file, path) is invalid            |
 //! | 4    | verification refused a bundle                             |
+//! | 5    | the release was installed, failed its bake, and was reverted |
+//! | 6    | refused: another operation runs, or nothing to roll back to  |
 
 use std::process::ExitCode;
 
 use turnout_proto::bundle::BundleError;
 use turnout_proto::trust::TrustError;
 
+use crate::config::ConfigError;
+use crate::service::AgentError;
 use crate::stage::StageError;
 
 /// Why the agent exited.
@@ -33,6 +37,10 @@ pub enum Exit {
     Input = 3,
     /// A bundle was refused by verification.
     Rejected = 4,
+    /// Installed, failed its bake, reverted (or interrupted and reverted).
+    Reverted = 5,
+    /// Refused in the current state: busy, or nothing to roll back to.
+    Refused = 6,
 }
 
 impl From<Exit> for ExitCode {
@@ -57,6 +65,43 @@ pub fn classify(err: &anyhow::Error) -> Exit {
         if let Some(StageError::Exists(_)) = cause.downcast_ref::<StageError>() {
             return Exit::Input;
         }
+        if cause.is::<ConfigError>() {
+            return Exit::Input;
+        }
+        if cause.is::<crate::daemon::LockError>() {
+            return Exit::Refused;
+        }
+        if let Some(err) = cause.downcast_ref::<AgentError>() {
+            return classify_agent(err);
+        }
     }
     Exit::Failure
+}
+
+/// The exit code for an agent operation that could not run.
+pub fn classify_agent(err: &AgentError) -> Exit {
+    match err {
+        AgentError::UnknownService { .. }
+        | AgentError::Trust { .. }
+        | AgentError::Bundle { .. } => Exit::Input,
+        AgentError::Busy { .. }
+        | AgentError::NoRollback { .. }
+        | AgentError::NeedsDaemon { .. } => Exit::Refused,
+        AgentError::Journal(_)
+        | AgentError::Io { .. }
+        | AgentError::SlotLost { .. }
+        | AgentError::Supervisor { .. }
+        | AgentError::Control { .. } => Exit::Failure,
+    }
+}
+
+/// The exit code for how an install or rollback ended.
+pub fn for_outcome(kind: &turnout_proto::messages::OutcomeKind) -> Exit {
+    use turnout_proto::messages::OutcomeKind;
+    match kind {
+        OutcomeKind::Committed => Exit::Success,
+        OutcomeKind::Rejected => Exit::Rejected,
+        OutcomeKind::Reverted | OutcomeKind::Interrupted => Exit::Reverted,
+        OutcomeKind::Failed | OutcomeKind::Unknown(_) => Exit::Failure,
+    }
 }

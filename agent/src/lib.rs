@@ -5,8 +5,18 @@
 //! exit code; everything it runs lives here so that tests can drive it.
 
 pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod demo_service;
 pub mod exit;
+pub mod health;
+pub mod journal;
+pub mod machine;
+pub mod service;
+pub mod slots;
 pub mod stage;
+pub mod supervisor;
 
 use turnout_proto::{CapabilitySet, Offer, SUPPORTED};
 

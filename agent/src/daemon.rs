@@ -1,0 +1,93 @@
+//! `turnout-agent run`: the daemon, and the lock that keeps one actor per
+//! state directory.
+//!
+//! The daemon holds `STATE_DIR/agent.lock` for its lifetime; a local command
+//! that finds no daemon takes the same lock for the length of its operation.
+//! So the daemon and a command, or two commands, never act on the same slots
+//! at once: the second one is refused with a clear message.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+
+use crate::control::{self, SOCKET};
+use crate::service::Agent;
+
+/// The lock file's name in the state directory.
+pub const LOCK: &str = "agent.lock";
+
+/// Another process holds the state directory.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Held by someone else.
+    #[error(
+        "another turnout-agent is working in {0} (a daemon starting or stopping, or another command); \
+         wait for it to finish, then try again"
+    )]
+    Held(PathBuf),
+    /// The lock file could not be opened.
+    #[error("cannot open the lock file {path}: {source}")]
+    Open {
+        /// The lock file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Takes the state directory's lock; released when the file is dropped.
+pub fn lock(state_dir: &Path) -> Result<File, LockError> {
+    let path = state_dir.join(LOCK);
+    std::fs::create_dir_all(state_dir).map_err(|source| LockError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| LockError::Open {
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(LockError::Held(state_dir.to_owned())),
+        Err(TryLockError::Error(source)) => Err(LockError::Open { path, source }),
+    }
+}
+
+/// Recovers every service, then answers local commands until `shutdown`.
+pub async fn run(
+    agent: Arc<Agent>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    for (name, result) in agent.recover_all().await {
+        if let Err(err) = result {
+            // One broken service must not keep the others unmanaged.
+            eprintln!("turnout-agent: {name}: recovery failed: {err}");
+        }
+    }
+    let socket = agent.config().state_dir.join(SOCKET);
+    match std::fs::remove_file(&socket) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err.into()),
+        _ => {}
+    }
+    let listener = UnixListener::bind(&socket)?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    eprintln!(
+        "turnout-agent: ready: {} service(s), control socket {}",
+        agent.config().services.len(),
+        socket.display()
+    );
+    control::serve(Arc::clone(&agent), listener, shutdown).await;
+    eprintln!("turnout-agent: stopping");
+    agent.stop_exec_services().await;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! The demo service (`turnout-agent demo-service`, hidden): a tiny HTTP
+//! server that tests, the demo and the benchmarks pack into bundles.
+//!
+//! Its behaviour comes from a file inside its payload, so two bundles of the
+//! same binary can be a good and a bad release:
+//!
+//! ```toml
+//! version = "2.0.0"        # served at /version and in /healthz
+//! mode = "healthy"         # healthy | unhealthy | fail-after | crash | slow-start
+//! after = "5s"             # fail-after: healthy this long, then 503; slow-start: delay before listening
+//! ```
+//!
+//! `GET /healthz` answers `200 ok VERSION` or `503 unhealthy VERSION`.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+/// What the demo service does.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Behaviour {
+    /// Served at `/version`.
+    pub version: String,
+    /// How it behaves.
+    pub mode: Mode,
+    /// The delay for `fail-after` and `slow-start`.
+    #[serde(default, with = "humantime_serde_opt")]
+    pub after: Option<Duration>,
+}
+
+/// The behaviours a release can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Always healthy.
+    Healthy,
+    /// Unhealthy from the start.
+    Unhealthy,
+    /// Healthy for `after`, then unhealthy.
+    FailAfter,
+    /// Exits with status 1 at once.
+    Crash,
+    /// Waits `after` before listening, then healthy.
+    SlowStart,
+}
+
+mod humantime_serde_opt {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let text = Option::<String>::deserialize(d)?;
+        text.map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// Runs the demo service on `port` until killed. Returns only on error.
+pub fn run(behaviour_file: &Path, port: u16) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(behaviour_file).map_err(|err| {
+        anyhow::anyhow!(
+            "cannot read the behaviour file {}: {err}",
+            behaviour_file.display()
+        )
+    })?;
+    let behaviour: Behaviour = toml::from_str(&text)?;
+    let started = Instant::now();
+    let after = behaviour.after.unwrap_or(Duration::from_secs(5));
+    match behaviour.mode {
+        Mode::Crash => anyhow::bail!(
+            "demo service {} crashes on start, as its behaviour file says",
+            behaviour.version
+        ),
+        Mode::SlowStart => std::thread::sleep(after),
+        Mode::Healthy | Mode::Unhealthy | Mode::FailAfter => {}
+    }
+    let listener = TcpListener::bind(("127.0.0.1", port))?;
+    println!(
+        "demo service {} listening on 127.0.0.1:{port} ({:?})",
+        behaviour.version, behaviour.mode
+    );
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let healthy = match behaviour.mode {
+            Mode::Healthy | Mode::SlowStart => true,
+            Mode::Unhealthy | Mode::Crash => false,
+            Mode::FailAfter => started.elapsed() < after,
+        };
+        let version = behaviour.version.clone();
+        std::thread::spawn(move || answer(stream, healthy, &version));
+    }
+    Ok(())
+}
+
+fn answer(mut stream: TcpStream, healthy: bool, version: &str) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut request = [0u8; 2048];
+    let n = stream.read(&mut request).unwrap_or(0);
+    let path = std::str::from_utf8(&request[..n])
+        .ok()
+        .and_then(|r| r.split_whitespace().nth(1))
+        .unwrap_or("/")
+        .to_owned();
+    let (status, body) = match path.as_str() {
+        "/healthz" if healthy => ("200 OK", format!("ok {version}\n")),
+        "/healthz" => ("503 Service Unavailable", format!("unhealthy {version}\n")),
+        "/version" => ("200 OK", format!("{version}\n")),
+        _ => ("404 Not Found", "not found\n".to_owned()),
+    };
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}

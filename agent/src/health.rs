@@ -1,0 +1,539 @@
+//! Health checks, and the bake verdict that decides commit or revert.
+//!
+//! A [`Judge`] is pure: it is fed probe results and the time since the
+//! switch, and says pending, healthy or unhealthy. A check passes after
+//! `success` consecutive passes and fails after `failure` consecutive
+//! failures; the release commits once every check has passed continuously
+//! for `min_healthy`, and reverts when any check fails, when the service's
+//! process dies (it restarted since the switch), or when `deadline` passes
+//! first. [`bake`] drives a judge with real probes and real time.
+//!
+//! Probes: `http` is a plain HTTP/1.1 GET (health endpoints are local, so no
+//! TLS); `process` reads `/proc/<pid>` directly (RSS from `status`, CPU from
+//! `stat` between two samples), which keeps the agent small.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::Command;
+use tokio::time::Instant;
+
+use crate::config::{Bake, Check, Probe};
+use crate::supervisor::Supervisor;
+
+/// Where one check stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckStatus {
+    /// Not enough results yet.
+    Pending,
+    /// `success` consecutive passes.
+    Passing,
+    /// `failure` consecutive failures; the last reason.
+    Failing(String),
+}
+
+/// The judge's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Keep watching.
+    Pending,
+    /// Commit; how it passed.
+    Healthy(String),
+    /// Revert; why.
+    Unhealthy(String),
+}
+
+#[derive(Debug, Clone)]
+struct Tally {
+    name: String,
+    success: u32,
+    failure: u32,
+    passes: u32,
+    fails: u32,
+    status: CheckStatus,
+}
+
+/// Decides a bake from probe results and elapsed time; see the module docs.
+#[derive(Debug, Clone)]
+pub struct Judge {
+    checks: Vec<Tally>,
+    bake: Bake,
+    dead: Option<String>,
+    green_since: Option<Duration>,
+}
+
+impl Judge {
+    /// A judge for `checks` under `bake`.
+    pub fn new(checks: &[Check], bake: Bake) -> Judge {
+        Judge {
+            checks: checks
+                .iter()
+                .map(|c| Tally {
+                    name: c.probe.describe(),
+                    success: c.success,
+                    failure: c.failure,
+                    passes: 0,
+                    fails: 0,
+                    status: CheckStatus::Pending,
+                })
+                .collect(),
+            bake,
+            dead: None,
+            green_since: None,
+        }
+    }
+
+    /// Records one result of check `index`.
+    pub fn observe(&mut self, index: usize, result: Result<(), String>) {
+        let tally = &mut self.checks[index];
+        match result {
+            Ok(()) => {
+                tally.passes += 1;
+                tally.fails = 0;
+                if tally.passes >= tally.success {
+                    tally.status = CheckStatus::Passing;
+                }
+            }
+            Err(reason) => {
+                tally.fails += 1;
+                tally.passes = 0;
+                if tally.fails >= tally.failure {
+                    tally.status = CheckStatus::Failing(reason);
+                }
+            }
+        }
+    }
+
+    /// Records that the service's process died or restarted.
+    pub fn died(&mut self, reason: String) {
+        self.dead.get_or_insert(reason);
+    }
+
+    /// The status of every check, in order.
+    pub fn statuses(&self) -> Vec<(String, CheckStatus)> {
+        self.checks
+            .iter()
+            .map(|t| (t.name.clone(), t.status.clone()))
+            .collect()
+    }
+
+    /// The verdict `elapsed` after the switch.
+    pub fn verdict(&mut self, elapsed: Duration) -> Verdict {
+        if let Some(reason) = &self.dead {
+            return Verdict::Unhealthy(reason.clone());
+        }
+        if let Some(tally) = self
+            .checks
+            .iter()
+            .find(|t| matches!(t.status, CheckStatus::Failing(_)))
+        {
+            let CheckStatus::Failing(reason) = &tally.status else {
+                unreachable!()
+            };
+            return Verdict::Unhealthy(format!(
+                "check {} failed {} times in a row: {reason}",
+                tally.name, tally.fails
+            ));
+        }
+        if self.checks.iter().all(|t| t.status == CheckStatus::Passing) {
+            let since = *self.green_since.get_or_insert(elapsed);
+            if elapsed - since >= self.bake.min_healthy {
+                return Verdict::Healthy(format!(
+                    "{} healthy for {}",
+                    match self.checks.len() {
+                        0 => "running, no checks configured,".to_owned(),
+                        n => format!("all {n} check(s)"),
+                    },
+                    humantime::format_duration(self.bake.min_healthy)
+                ));
+            }
+        } else {
+            self.green_since = None;
+        }
+        if elapsed >= self.bake.deadline {
+            let waiting: Vec<_> = self
+                .checks
+                .iter()
+                .filter(|t| t.status != CheckStatus::Passing)
+                .map(|t| t.name.as_str())
+                .collect();
+            return Verdict::Unhealthy(format!(
+                "not healthy for {} within the deadline of {}{}",
+                humantime::format_duration(self.bake.min_healthy),
+                humantime::format_duration(self.bake.deadline),
+                if waiting.is_empty() {
+                    String::new()
+                } else {
+                    format!("; still waiting for: {}", waiting.join(", "))
+                }
+            ));
+        }
+        Verdict::Pending
+    }
+}
+
+/// CPU samples of the `process` probe: (pid, ticks, when).
+pub type CpuSample = Option<(u32, u64, Instant)>;
+
+/// Runs one probe of `check` within its timeout.
+pub async fn probe(
+    check: &Check,
+    supervisor: &Supervisor,
+    baseline_restarts: u64,
+    cpu: &mut CpuSample,
+) -> Result<(), String> {
+    match tokio::time::timeout(
+        check.timeout,
+        probe_once(&check.probe, supervisor, baseline_restarts, cpu),
+    )
+    .await
+    {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "no answer within {}",
+            humantime::format_duration(check.timeout)
+        )),
+    }
+}
+
+async fn probe_once(
+    probe: &Probe,
+    supervisor: &Supervisor,
+    baseline_restarts: u64,
+    cpu: &mut CpuSample,
+) -> Result<(), String> {
+    match probe {
+        Probe::Http {
+            url,
+            status,
+            body_contains,
+        } => {
+            let (code, body) = http_get(url).await?;
+            let status_ok = match status {
+                Some(expected) => code == *expected,
+                None => (200..300).contains(&code),
+            };
+            if !status_ok {
+                return Err(format!(
+                    "status {code}, expected {}",
+                    status.map_or("2xx".into(), |s| s.to_string())
+                ));
+            }
+            if let Some(needle) = body_contains {
+                if !String::from_utf8_lossy(&body).contains(needle.as_str()) {
+                    return Err(format!("the body does not contain {needle:?}"));
+                }
+            }
+            Ok(())
+        }
+        Probe::Tcp { address } => TcpStream::connect(address)
+            .await
+            .map(drop)
+            .map_err(|err| format!("connect: {err}")),
+        Probe::Exec { command } => {
+            let status = Command::new(&command[0])
+                .args(&command[1..])
+                .kill_on_drop(true)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .await
+                .map_err(|err| format!("cannot run {}: {err}", command[0]))?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(format!("exited with {status}"))
+            }
+        }
+        Probe::Systemd => {
+            let status = supervisor.status().await.map_err(|err| err.to_string())?;
+            if !status.active {
+                Err("the unit is not active".into())
+            } else if status.restarts > baseline_restarts {
+                Err(format!(
+                    "the unit restarted {} time(s) since the switch",
+                    status.restarts - baseline_restarts
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        Probe::Process { max_rss, max_cpu } => {
+            let status = supervisor.status().await.map_err(|err| err.to_string())?;
+            let pid = status.main_pid.ok_or("the service has no main process")?;
+            if let Some(limit) = max_rss {
+                let rss = rss_bytes(pid).ok_or("cannot read the process's memory")?;
+                if rss > *limit {
+                    return Err(format!(
+                        "RSS {} MiB over the limit of {} MiB",
+                        rss >> 20,
+                        limit >> 20
+                    ));
+                }
+            }
+            if let Some(limit) = max_cpu {
+                let ticks = cpu_ticks(pid).ok_or("cannot read the process's CPU time")?;
+                let now = Instant::now();
+                let previous = cpu.replace((pid, ticks, now));
+                if let Some((prev_pid, prev_ticks, then)) = previous.filter(|(p, _, _)| *p == pid) {
+                    let _ = prev_pid;
+                    let seconds = now.duration_since(then).as_secs_f64();
+                    // Linux reports CPU time in clock ticks of 1/100 s.
+                    let share =
+                        (ticks.saturating_sub(prev_ticks)) as f64 / 100.0 / seconds.max(0.001)
+                            * 100.0;
+                    if share > *limit {
+                        return Err(format!(
+                            "CPU {share:.0}% of a core, over the limit of {limit:.0}%"
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; fields resume after its closing ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// A minimal HTTP/1.1 GET: the status code and up to 64 KiB of the body.
+pub async fn http_get(url: &str) -> Result<(u16, Vec<u8>), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("only http:// URLs are supported")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let mut stream = TcpStream::connect(authority)
+        .await
+        .map_err(|err| format!("connect to {authority}: {err}"))?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: turnout-agent\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|err| format!("send: {err}"))?;
+    let mut response = Vec::new();
+    stream
+        .take(64 * 1024)
+        .read_to_end(&mut response)
+        .await
+        .map_err(|err| format!("receive: {err}"))?;
+    let head_end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no complete HTTP response")?;
+    let status_line = String::from_utf8_lossy(&response[..head_end])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let code = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .filter(|_| status_line.starts_with("HTTP/1."))
+        .ok_or_else(|| format!("not an HTTP response: {status_line:?}"))?;
+    Ok((code, response[head_end + 4..].to_vec()))
+}
+
+/// One probe of every check, for a baseline or `status`: None when all pass.
+pub async fn probe_all(checks: &[Check], supervisor: &Supervisor) -> Option<String> {
+    let baseline = supervisor.status().await.map(|s| s.restarts).unwrap_or(0);
+    let mut failures = Vec::new();
+    for check in checks {
+        if let Err(reason) = probe(check, supervisor, baseline, &mut None).await {
+            failures.push(format!("{}: {reason}", check.probe.describe()));
+        }
+    }
+    (!failures.is_empty()).then(|| failures.join("; "))
+}
+
+/// Watches health after a switch until the judge decides: `Ok` with how it
+/// passed, or `Err` with why it failed.
+pub async fn bake(
+    checks: &[Check],
+    bake: Bake,
+    supervisor: &Supervisor,
+    baseline_restarts: u64,
+) -> Result<String, String> {
+    /// How often the service's process is checked for life between probes.
+    const LIVENESS: Duration = Duration::from_millis(100);
+    let start = Instant::now();
+    let mut judge = Judge::new(checks, bake);
+    let mut due: Vec<Instant> = vec![start; checks.len()];
+    let mut cpu: Vec<CpuSample> = vec![None; checks.len()];
+    loop {
+        match supervisor.status().await {
+            Ok(status) if !status.active => judge.died("the service is not running".into()),
+            Ok(status) if status.restarts > baseline_restarts => {
+                judge.died(format!(
+                    "the service crashed and was restarted {} time(s) since the switch",
+                    status.restarts - baseline_restarts
+                ));
+            }
+            Ok(_) => {}
+            Err(err) => judge.died(err.to_string()),
+        }
+        let now = Instant::now();
+        for (i, check) in checks.iter().enumerate() {
+            if due[i] <= now {
+                let result = probe(check, supervisor, baseline_restarts, &mut cpu[i]).await;
+                judge.observe(i, result);
+                due[i] = now + check.interval;
+            }
+        }
+        match judge.verdict(Instant::now() - start) {
+            Verdict::Pending => {}
+            Verdict::Healthy(how) => return Ok(how),
+            Verdict::Unhealthy(why) => return Err(why),
+        }
+        let wake = due
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or(now + LIVENESS)
+            .min(Instant::now() + LIVENESS);
+        tokio::time::sleep_until(wake).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(success: u32, failure: u32) -> Check {
+        Check {
+            probe: Probe::Tcp {
+                address: "127.0.0.1:1".parse().unwrap(),
+            },
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            success,
+            failure,
+        }
+    }
+
+    fn bake(min_healthy: u64, deadline: u64) -> Bake {
+        Bake {
+            min_healthy: Duration::from_secs(min_healthy),
+            deadline: Duration::from_secs(deadline),
+        }
+    }
+
+    fn s(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn commits_after_min_healthy_of_continuous_green() {
+        let mut judge = Judge::new(&[check(2, 3)], bake(3, 60));
+        judge.observe(0, Ok(()));
+        assert_eq!(
+            judge.verdict(s(0)),
+            Verdict::Pending,
+            "one pass of two needed"
+        );
+        judge.observe(0, Ok(()));
+        assert_eq!(judge.verdict(s(1)), Verdict::Pending);
+        assert_eq!(judge.verdict(s(3)), Verdict::Pending);
+        assert!(matches!(judge.verdict(s(4)), Verdict::Healthy(_)));
+    }
+
+    #[test]
+    fn failures_below_the_threshold_do_not_revert_but_reset_nothing_green() {
+        let mut judge = Judge::new(&[check(1, 3)], bake(10, 60));
+        judge.observe(0, Ok(()));
+        assert_eq!(judge.verdict(s(0)), Verdict::Pending);
+        judge.observe(0, Err("503".into()));
+        judge.observe(0, Err("503".into()));
+        assert_eq!(judge.verdict(s(2)), Verdict::Pending, "2 failures of 3");
+        judge.observe(0, Err("503".into()));
+        assert_eq!(
+            judge.verdict(s(3)),
+            Verdict::Unhealthy("check tcp 127.0.0.1:1 failed 3 times in a row: 503".into())
+        );
+    }
+
+    #[test]
+    fn a_pass_between_failures_restarts_the_count() {
+        let mut judge = Judge::new(&[check(1, 2)], bake(10, 60));
+        for result in [Err("x".to_owned()), Ok(()), Err("x".to_owned()), Ok(())] {
+            judge.observe(0, result);
+            assert_eq!(judge.verdict(s(1)), Verdict::Pending);
+        }
+    }
+
+    #[test]
+    fn the_deadline_reverts_a_release_that_never_settles() {
+        let mut judge = Judge::new(&[check(1, 3), check(1, 3)], bake(10, 30));
+        judge.observe(0, Ok(()));
+        assert_eq!(judge.verdict(s(29)), Verdict::Pending);
+        let Verdict::Unhealthy(reason) = judge.verdict(s(30)) else {
+            panic!()
+        };
+        assert!(reason.contains("within the deadline of 30s"), "{reason}");
+        assert!(
+            reason.contains("still waiting for: tcp 127.0.0.1:1"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn a_dead_process_reverts_at_once() {
+        let mut judge = Judge::new(&[], bake(1, 60));
+        assert_eq!(judge.verdict(s(0)), Verdict::Pending);
+        judge.died("the service is not running".into());
+        assert_eq!(
+            judge.verdict(s(0)),
+            Verdict::Unhealthy("the service is not running".into())
+        );
+    }
+
+    #[test]
+    fn no_checks_commits_on_liveness_alone() {
+        let mut judge = Judge::new(&[], bake(2, 60));
+        assert_eq!(judge.verdict(s(0)), Verdict::Pending);
+        assert!(
+            matches!(judge.verdict(s(2)), Verdict::Healthy(reason) if reason.contains("no checks configured"))
+        );
+    }
+
+    #[tokio::test]
+    async fn http_get_reads_status_and_body() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0; 1024];
+            let _ = socket.read(&mut buf).await.unwrap();
+            socket
+                .write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nsick")
+                .await
+                .unwrap();
+        });
+        let (code, body) = http_get(&format!("http://{addr}/healthz")).await.unwrap();
+        assert_eq!((code, body.as_slice()), (503, &b"sick"[..]));
+        let err = http_get("http://127.0.0.1:1/").await.unwrap_err();
+        assert!(err.contains("connect to 127.0.0.1:1"), "{err}");
+    }
+}

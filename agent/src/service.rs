@@ -1,0 +1,921 @@
+//! The install cycle on a host: the pure [`machine`](crate::machine)'s
+//! effects performed on real slots, a real supervisor and real health checks.
+//!
+//! [`Agent::drive`] is the loop: load the state, compute `next`, commit the
+//! new state (and any outcome) to the journal, perform the effects, and feed
+//! what they produced back in as the next event. It also holds the rules that
+//! need host state: the downgrade rule, refusing to roll back onto a release
+//! that just failed here, the baseline health noted before a switch, and one
+//! operation per service at a time.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use turnout_proto::messages::{Health, OutcomeKind, ReleaseRef};
+use turnout_proto::trust::{Trust, TrustFile};
+use turnout_proto::{Digest, Limits};
+
+use crate::config::{Config, ServiceConfig, SupervisorConfig};
+use crate::health;
+use crate::journal::{HistoryEntry, Journal, JournalError};
+use crate::machine::{self, Disallowed, Effect, Event, State};
+use crate::slots::{RELEASE_FILE, ServiceDir, Slot, SlotRelease};
+use crate::stage::{self, StageError};
+use crate::supervisor::{Exec, Launch, Supervisor, SupervisorError};
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Why an operation could not run (as opposed to running and failing, which
+/// is an [`OperationResult`] with a `reverted` or `rejected` outcome).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// No such service in the config.
+    #[error("no service {name:?} is configured (configured: {known})")]
+    UnknownService {
+        /// The name asked for.
+        name: String,
+        /// The configured names.
+        known: String,
+    },
+    /// Another operation on the service is running.
+    #[error("service {service}: {source}")]
+    Busy {
+        /// The service.
+        service: String,
+        /// What the state machine said.
+        #[source]
+        source: Disallowed,
+    },
+    /// The journal failed.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The trust file could not be read.
+    #[error("cannot use the trust file {path}: {detail}")]
+    Trust {
+        /// The trust file.
+        path: PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// The bundle file could not be read.
+    #[error("cannot read the bundle {path}: {source}")]
+    Bundle {
+        /// The bundle.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A rollback with nothing to roll back to.
+    #[error("service {service}: cannot roll back: {why}")]
+    NoRollback {
+        /// The service.
+        service: String,
+        /// Why, and what to do instead.
+        why: String,
+    },
+    /// The slots on disk do not hold what the journal says.
+    #[error("service {service}: {what}: {source}")]
+    Io {
+        /// The service.
+        service: String,
+        /// What was being done.
+        what: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The committed release is in neither slot.
+    #[error(
+        "service {service}: the committed release {version} is in neither slot; the state directory \
+         was changed behind the agent's back. Install a release to recover"
+    )]
+    SlotLost {
+        /// The service.
+        service: String,
+        /// The committed version.
+        version: String,
+    },
+    /// The supervisor failed outside a switch.
+    #[error("service {service}: {source}")]
+    Supervisor {
+        /// The service.
+        service: String,
+        /// Its error.
+        #[source]
+        source: SupervisorError,
+    },
+    /// An exec-supervised service needs the daemon to be its parent.
+    #[error(
+        "service {service} is supervised by exec, so it runs as a child of `turnout-agent run`; \
+         start the daemon first, and this command will talk to it"
+    )]
+    NeedsDaemon {
+        /// The service.
+        service: String,
+    },
+    /// The daemon's control socket failed.
+    #[error("talking to the agent daemon at {socket}: {detail}")]
+    Control {
+        /// The socket.
+        socket: PathBuf,
+        /// Why.
+        detail: String,
+    },
+}
+
+/// How an install or rollback ended.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OperationResult {
+    /// The service.
+    pub service: String,
+    /// The outcome recorded (none when nothing needed doing).
+    pub outcome: Option<HistoryEntry>,
+    /// A line for people.
+    pub summary: String,
+}
+
+impl OperationResult {
+    /// The outcome kind, `committed` when nothing needed doing.
+    pub fn kind(&self) -> OutcomeKind {
+        self.outcome
+            .as_ref()
+            .map_or(OutcomeKind::Committed, |o| o.kind.clone())
+    }
+}
+
+/// One service's status, for `status` and reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// The service.
+    pub service: String,
+    /// Its install-cycle state.
+    pub state: String,
+    /// The committed release.
+    pub committed: Option<ReleaseRef>,
+    /// The slot `current` points at.
+    pub active_slot: Option<Slot>,
+    /// The release kept in the other slot.
+    pub other: Option<ReleaseRef>,
+    /// The release in flight.
+    pub target: Option<ReleaseRef>,
+    /// Health, probed now (or `pending` while an operation runs).
+    pub health: Health,
+    /// Why it is not healthy.
+    pub health_detail: Option<String>,
+    /// Whether the supervisor has it running.
+    pub running: bool,
+    /// The last outcome.
+    pub last_outcome: Option<HistoryEntry>,
+}
+
+struct Service {
+    config: ServiceConfig,
+    dir: ServiceDir,
+    supervisor: Supervisor,
+    /// The supervisor's restart count right after the last switch.
+    baseline_restarts: AtomicU64,
+    /// Health of the previous release, probed just before a switch.
+    baseline_note: Mutex<Option<String>>,
+}
+
+/// The agent: its config, journal and services.
+pub struct Agent {
+    config: Config,
+    journal: Mutex<Journal>,
+    services: BTreeMap<String, Service>,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Agent({} services)", self.services.len())
+    }
+}
+
+fn io_error(service: &str, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+    let (service, what) = (service.to_owned(), what.into());
+    move |source| AgentError::Io {
+        service,
+        what,
+        source,
+    }
+}
+
+impl Agent {
+    /// Opens the journal and the service directories under the config's state dir.
+    pub fn open(config: Config) -> Result<Agent, AgentError> {
+        std::fs::create_dir_all(&config.state_dir).map_err(io_error(
+            "-",
+            format!("creating {}", config.state_dir.display()),
+        ))?;
+        let journal = Journal::open(&config.state_dir.join("agent.db"))?;
+        let mut services = BTreeMap::new();
+        for service in &config.services {
+            let name = service.name.to_string();
+            let dir = ServiceDir::open(&config.state_dir, &name)
+                .map_err(io_error(&name, "creating its directory"))?;
+            let supervisor = match &service.supervisor {
+                SupervisorConfig::Systemd { unit } => Supervisor::Systemd { unit: unit.clone() },
+                SupervisorConfig::Exec { stop_timeout, .. } => {
+                    Supervisor::Exec(Exec::new(&name, dir.root(), *stop_timeout))
+                }
+            };
+            services.insert(
+                name,
+                Service {
+                    config: service.clone(),
+                    dir,
+                    supervisor,
+                    baseline_restarts: AtomicU64::new(0),
+                    baseline_note: Mutex::new(None),
+                },
+            );
+        }
+        Ok(Agent {
+            config,
+            journal: Mutex::new(journal),
+            services,
+            limits: Limits::default(),
+        })
+    }
+
+    /// The config the agent runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn service(&self, name: &str) -> Result<&Service, AgentError> {
+        self.services
+            .get(name)
+            .ok_or_else(|| AgentError::UnknownService {
+                name: name.to_owned(),
+                known: self.services.keys().cloned().collect::<Vec<_>>().join(", "),
+            })
+    }
+
+    /// Whether `name` (or any service, for `None`) is run by the exec supervisor.
+    pub fn uses_exec(&self, name: Option<&str>) -> Option<String> {
+        self.services
+            .iter()
+            .filter(|(n, _)| name.is_none_or(|want| want == n.as_str()))
+            .find(|(_, s)| matches!(s.supervisor, Supervisor::Exec(_)))
+            .map(|(n, _)| n.clone())
+    }
+
+    fn state(&self, name: &str) -> Result<State, AgentError> {
+        Ok(self.journal.lock().expect("not poisoned").state(name)?)
+    }
+
+    /// Resolves whatever every service had in flight when the agent stopped.
+    pub async fn recover_all(&self) -> Vec<(String, Result<(), AgentError>)> {
+        let mut results = Vec::new();
+        for name in self.services.keys() {
+            results.push((name.clone(), self.drive(name, Event::Recover).await));
+        }
+        results
+    }
+
+    /// Installs the bundle at `bundle` on service `name`, verified against `trust`.
+    pub async fn install(
+        &self,
+        name: &str,
+        bundle: &Path,
+        trust: Option<&Path>,
+    ) -> Result<OperationResult, AgentError> {
+        let service = self.service(name)?;
+        let state = self.state(name)?;
+        if !matches!(state, State::Idle { .. }) {
+            // Refuse before reading anything: another operation owns the slots.
+            machine::next(
+                state.clone(),
+                Event::Install {
+                    source: bundle.display().to_string(),
+                },
+            )
+            .map_err(|source| AgentError::Busy {
+                service: name.to_owned(),
+                source,
+            })?;
+        }
+        let digest = digest_of(bundle)?;
+        if let Some(committed) = state.committed().filter(|c| c.sha256 == digest) {
+            return Ok(OperationResult {
+                service: name.to_owned(),
+                outcome: None,
+                summary: format!(
+                    "{name}: {} {} is already the committed release; nothing to do",
+                    committed.name, committed.version
+                ),
+            });
+        }
+        let trust_path = trust.unwrap_or(&self.config.trust).to_owned();
+        let trust = read_trust(&trust_path)?;
+        let before = self.history_len(name)?;
+        self.drive_with(
+            name,
+            Event::Install {
+                source: bundle.display().to_string(),
+            },
+            Some((&trust, digest)),
+        )
+        .await?;
+        let _ = service;
+        self.result(name, before)
+    }
+
+    /// Switches service `name` back to the release in its other slot, with a bake.
+    pub async fn rollback(&self, name: &str) -> Result<OperationResult, AgentError> {
+        let service = self.service(name)?;
+        let state = self.state(name)?;
+        let no = |why: String| AgentError::NoRollback {
+            service: name.to_owned(),
+            why,
+        };
+        let committed = match &state {
+            State::Idle { committed: Some(c) } => c.clone(),
+            State::Idle { committed: None } => {
+                return Err(no(
+                    "nothing is committed yet; install a release first".into()
+                ));
+            }
+            other => {
+                return Err(AgentError::Busy {
+                    service: name.to_owned(),
+                    source: machine::next(
+                        other.clone(),
+                        Event::Rollback {
+                            target: committed_or_dummy(other),
+                        },
+                    )
+                    .unwrap_err(),
+                });
+            }
+        };
+        let active = service.dir.slot_holding(&committed);
+        let other = active
+            .and_then(|slot| service.dir.release_in(!slot))
+            .ok_or_else(|| {
+                no(format!(
+                    "the other slot holds no release; only {} {} is on this host",
+                    committed.name, committed.version
+                ))
+            })?;
+        let history = self
+            .journal
+            .lock()
+            .expect("not poisoned")
+            .history(name, 100)?;
+        if let Some(failed) = history
+            .iter()
+            .find(|h| {
+                h.release
+                    .as_ref()
+                    .is_some_and(|r| r.sha256 == other.release.sha256)
+            })
+            .filter(|h| matches!(h.kind, OutcomeKind::Reverted | OutcomeKind::Interrupted))
+        {
+            return Err(no(format!(
+                "the other slot holds {} {}, which failed on this host ({} at {}: {}); rolling back to it would \
+                 fail again. Install a release instead",
+                other.release.name,
+                other.release.version,
+                failed.kind,
+                humantime::format_rfc3339_seconds(
+                    UNIX_EPOCH + std::time::Duration::from_millis(failed.at_ms)
+                ),
+                failed.reason
+            )));
+        }
+        let before = self.history_len(name)?;
+        self.drive(
+            name,
+            Event::Rollback {
+                target: other.release,
+            },
+        )
+        .await?;
+        self.result(name, before)
+    }
+
+    fn history_len(&self, name: &str) -> Result<Option<HistoryEntry>, AgentError> {
+        Ok(self
+            .journal
+            .lock()
+            .expect("not poisoned")
+            .history(name, 1)?
+            .into_iter()
+            .next())
+    }
+
+    fn result(
+        &self,
+        name: &str,
+        before: Option<HistoryEntry>,
+    ) -> Result<OperationResult, AgentError> {
+        let latest = self.history_len(name)?;
+        let outcome = latest.filter(|l| Some(l) != before.as_ref());
+        let summary = match &outcome {
+            Some(o) => format!(
+                "{name}: {} {}: {}",
+                o.kind,
+                o.release
+                    .as_ref()
+                    .map_or("(unknown release)".into(), |r| format!(
+                        "{} {}",
+                        r.name, r.version
+                    )),
+                o.reason
+            ),
+            None => format!("{name}: nothing changed"),
+        };
+        Ok(OperationResult {
+            service: name.to_owned(),
+            outcome,
+            summary,
+        })
+    }
+
+    /// Runs `event` and everything it leads to for service `name`.
+    pub async fn drive(&self, name: &str, event: Event) -> Result<(), AgentError> {
+        self.drive_with(name, event, None).await
+    }
+
+    async fn drive_with(
+        &self,
+        name: &str,
+        event: Event,
+        bundle: Option<(&Trust, Digest)>,
+    ) -> Result<(), AgentError> {
+        let service = self.service(name)?;
+        let mut events = VecDeque::from([event]);
+        while let Some(event) = events.pop_front() {
+            let state = self.state(name)?;
+            let (state, effects) =
+                machine::next(state, event).map_err(|source| AgentError::Busy {
+                    service: name.to_owned(),
+                    source,
+                })?;
+            let now = now_ms();
+            let records: Vec<HistoryEntry> = effects
+                .iter()
+                .filter_map(|effect| match effect {
+                    Effect::Record {
+                        kind,
+                        release,
+                        reason,
+                    } => Some(HistoryEntry {
+                        kind: kind.clone(),
+                        release: release.clone(),
+                        reason: reason.clone(),
+                        at_ms: now,
+                    }),
+                    _ => None,
+                })
+                .collect();
+            self.journal
+                .lock()
+                .expect("not poisoned")
+                .persist(name, &state, &records, now)?;
+            for effect in effects {
+                events.extend(
+                    self.perform(name, service, &state, effect, bundle.as_ref())
+                        .await?,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    async fn perform(
+        &self,
+        name: &str,
+        service: &Service,
+        state: &State,
+        effect: Effect,
+        bundle: Option<&(&Trust, Digest)>,
+    ) -> Result<Vec<Event>, AgentError> {
+        match effect {
+            Effect::Stage { source } => {
+                let (trust, digest) = bundle.expect("an install carries its trust and digest");
+                let staged = self
+                    .stage(
+                        name,
+                        service,
+                        state,
+                        Path::new(&source),
+                        trust,
+                        digest.clone(),
+                    )
+                    .await;
+                Ok(match staged {
+                    Ok(target) => vec![Event::Staged { target }, Event::Switch],
+                    Err((kind, release, reason)) => vec![Event::StageFailed {
+                        kind,
+                        release,
+                        reason,
+                    }],
+                })
+            }
+            Effect::DiscardStaging => {
+                service
+                    .dir
+                    .discard_staging()
+                    .map_err(io_error(name, "emptying staging"))?;
+                Ok(vec![])
+            }
+            Effect::Activate { release } => {
+                if matches!(state, State::Switching { .. }) {
+                    // The health of what runs now, to tell "broke it" from "was broken".
+                    let note = health::probe_all(&service.config.checks, &service.supervisor).await;
+                    *service.baseline_note.lock().expect("not poisoned") = note;
+                }
+                match release {
+                    Some(release) => {
+                        let slot = service.dir.slot_holding(&release).ok_or_else(|| {
+                            AgentError::SlotLost {
+                                service: name.to_owned(),
+                                version: release.version.to_string(),
+                            }
+                        })?;
+                        service
+                            .dir
+                            .point(slot)
+                            .map_err(io_error(name, "switching current"))?;
+                    }
+                    None => {
+                        service.supervisor.stop().await.map_err(|source| {
+                            AgentError::Supervisor {
+                                service: name.to_owned(),
+                                source,
+                            }
+                        })?;
+                        service
+                            .dir
+                            .unpoint()
+                            .map_err(io_error(name, "removing current"))?;
+                    }
+                }
+                Ok(vec![])
+            }
+            Effect::Restart => {
+                let restarted = match self.launch(service) {
+                    Some(launch) => service
+                        .supervisor
+                        .restart(&launch)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    None => Ok(()),
+                };
+                let restarts = service
+                    .supervisor
+                    .status()
+                    .await
+                    .map(|s| s.restarts)
+                    .unwrap_or(0);
+                service.baseline_restarts.store(restarts, Ordering::SeqCst);
+                Ok(match (state, restarted) {
+                    (State::Switching { .. }, Ok(())) => vec![Event::Switched { at_ms: now_ms() }],
+                    (State::Switching { .. }, Err(reason)) => vec![Event::Unhealthy { reason }],
+                    (_, Err(reason)) => {
+                        eprintln!(
+                            "turnout-agent: {name}: restarting after the revert failed: {reason}"
+                        );
+                        vec![Event::Reverted]
+                    }
+                    (_, Ok(())) => vec![Event::Reverted],
+                })
+            }
+            Effect::EnsureRunning { release } => {
+                if let Some(release) = release {
+                    let slot =
+                        service
+                            .dir
+                            .slot_holding(&release)
+                            .ok_or_else(|| AgentError::SlotLost {
+                                service: name.to_owned(),
+                                version: release.version.to_string(),
+                            })?;
+                    if service.dir.active() != Some(slot) {
+                        eprintln!(
+                            "turnout-agent: {name}: current did not point at the committed {}; repaired",
+                            release.version
+                        );
+                        service
+                            .dir
+                            .point(slot)
+                            .map_err(io_error(name, "repairing current"))?;
+                    }
+                    if let Some(launch) = self.launch(service) {
+                        service
+                            .supervisor
+                            .ensure_running(&launch)
+                            .await
+                            .map_err(|source| AgentError::Supervisor {
+                                service: name.to_owned(),
+                                source,
+                            })?;
+                    }
+                }
+                Ok(vec![])
+            }
+            Effect::Bake => {
+                let baseline = service.baseline_restarts.load(Ordering::SeqCst);
+                let verdict = health::bake(
+                    &service.config.checks,
+                    service.config.bake,
+                    &service.supervisor,
+                    baseline,
+                )
+                .await;
+                Ok(vec![match verdict {
+                    Ok(reason) => Event::Healthy { reason },
+                    Err(reason) => {
+                        let note = service.baseline_note.lock().expect("not poisoned").clone();
+                        Event::Unhealthy {
+                            reason: match note {
+                                Some(before) => format!(
+                                    "{reason} (the previous release was already unhealthy before the switch: {before})"
+                                ),
+                                None => reason,
+                            },
+                        }
+                    }
+                }])
+            }
+            Effect::Record { .. } => Ok(vec![]),
+        }
+    }
+
+    /// What the exec supervisor runs for the active slot; `None` if nothing is active.
+    fn launch(&self, service: &Service) -> Option<Launch> {
+        let active = service.dir.active()?;
+        let held = service.dir.release_in(active)?;
+        let cwd = service.dir.current_path();
+        let (program, args) = match &service.config.supervisor {
+            SupervisorConfig::Exec { argv, .. } if !argv.is_empty() => {
+                (cwd.join(&argv[0]), argv[1..].to_vec())
+            }
+            _ => (cwd.join(held.entry.as_str()), Vec::new()),
+        };
+        Some(Launch { program, args, cwd })
+    }
+
+    /// Verifies and unpacks into the idle slot; the error is the outcome to record.
+    async fn stage(
+        &self,
+        name: &str,
+        service: &Service,
+        state: &State,
+        bundle: &Path,
+        trust: &Trust,
+        digest: Digest,
+    ) -> Result<ReleaseRef, (OutcomeKind, Option<ReleaseRef>, String)> {
+        let committed = state.committed().cloned();
+        let dir = service.dir.clone();
+        let (trust, limits, bundle, name) = (
+            trust.clone(),
+            self.limits,
+            bundle.to_owned(),
+            name.to_owned(),
+        );
+        tokio::task::spawn_blocking(move || {
+            stage_blocking(
+                &name,
+                &dir,
+                &trust,
+                &limits,
+                &bundle,
+                digest,
+                committed.as_ref(),
+            )
+        })
+        .await
+        .unwrap_or_else(|err| {
+            Err((
+                OutcomeKind::Failed,
+                None,
+                format!("staging panicked: {err}"),
+            ))
+        })
+    }
+
+    /// Every service's status; health is probed now for services at rest.
+    pub async fn status(&self) -> Result<Vec<ServiceStatus>, AgentError> {
+        let mut out = Vec::new();
+        for (name, service) in &self.services {
+            let state = self.state(name)?;
+            let active = service.dir.active();
+            let running = service
+                .supervisor
+                .status()
+                .await
+                .map(|s| s.active)
+                .unwrap_or(false);
+            let (health, health_detail) = match (&state, running) {
+                (State::Idle { committed: None }, _) => {
+                    (Health::Unchecked, Some("nothing installed".into()))
+                }
+                (State::Idle { .. }, false) => {
+                    (Health::Unhealthy, Some("the service is not running".into()))
+                }
+                (State::Idle { .. }, true) if service.config.checks.is_empty() => {
+                    (Health::Unchecked, None)
+                }
+                (State::Idle { .. }, true) => {
+                    match health::probe_all(&service.config.checks, &service.supervisor).await {
+                        None => (Health::Healthy, None),
+                        Some(detail) => (Health::Unhealthy, Some(detail)),
+                    }
+                }
+                _ => (
+                    Health::Pending,
+                    Some(format!("{} in progress", state.name())),
+                ),
+            };
+            let last_outcome = self
+                .journal
+                .lock()
+                .expect("not poisoned")
+                .history(name, 1)?
+                .into_iter()
+                .next();
+            out.push(ServiceStatus {
+                service: name.clone(),
+                state: state.name().to_owned(),
+                committed: state.committed().cloned(),
+                active_slot: active,
+                other: active
+                    .and_then(|slot| service.dir.release_in(!slot))
+                    .map(|r| r.release),
+                target: state.target().cloned(),
+                health,
+                health_detail,
+                running,
+                last_outcome,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Stops every exec-supervised service (the daemon is their parent).
+    pub async fn stop_exec_services(&self) {
+        for service in self.services.values() {
+            if let Supervisor::Exec(_) = service.supervisor {
+                let _ = service.supervisor.stop().await;
+            }
+        }
+    }
+}
+
+/// The dummy release only names the event in a refusal message.
+fn committed_or_dummy(state: &State) -> ReleaseRef {
+    state
+        .target()
+        .or(state.committed())
+        .cloned()
+        .expect("a busy state names a release")
+}
+
+fn read_trust(path: &Path) -> Result<Trust, AgentError> {
+    let bytes = std::fs::read(path).map_err(|err| AgentError::Trust {
+        path: path.to_owned(),
+        detail: err.to_string(),
+    })?;
+    TrustFile::parse(&bytes, &Limits::default())
+        .map(|file| file.trust)
+        .map_err(|err| AgentError::Trust {
+            path: path.to_owned(),
+            detail: err.to_string(),
+        })
+}
+
+fn digest_of(path: &Path) -> Result<Digest, AgentError> {
+    let read = |source| AgentError::Bundle {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = File::open(path).map_err(read)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0; 256 * 1024];
+    loop {
+        let n = file.read(&mut buffer).map_err(read)?;
+        if n == 0 {
+            return Ok(Digest::from_bytes(hasher.finalize().into()));
+        }
+        hasher.update(&buffer[..n]);
+    }
+}
+
+type StageFailure = (OutcomeKind, Option<ReleaseRef>, String);
+
+fn stage_blocking(
+    name: &str,
+    dir: &ServiceDir,
+    trust: &Trust,
+    limits: &Limits,
+    bundle: &Path,
+    digest: Digest,
+    committed: Option<&ReleaseRef>,
+) -> Result<ReleaseRef, StageFailure> {
+    let failed = |what: &str, err: &dyn std::fmt::Display| {
+        (OutcomeKind::Failed, None, format!("{what}: {err}"))
+    };
+    // The idle slot is the one not holding the committed release, whatever `current` says.
+    let idle = committed
+        .and_then(|c| dir.slot_holding(c))
+        .map_or_else(|| dir.idle(), |active| !active);
+    let other = dir.release_in(idle);
+    dir.discard_staging()
+        .map_err(|e| failed("emptying staging", &e))?;
+    std::fs::create_dir_all(dir.unpack_path().parent().expect("staging has a parent"))
+        .map_err(|e| failed("creating staging", &e))?;
+    let file =
+        File::open(bundle).map_err(|e| failed(&format!("reading {}", bundle.display()), &e))?;
+    let reader = BufReader::with_capacity(256 * 1024, file);
+    let (verified, sink) =
+        match stage::unpack(reader, trust, SystemTime::now(), limits, &dir.unpack_path()) {
+            Ok(done) => done,
+            Err(StageError::Bundle(err)) if err.is_refusal() => {
+                return Err((
+                    OutcomeKind::Rejected,
+                    None,
+                    format!("bundle rejected: {err}"),
+                ));
+            }
+            Err(err) => return Err(failed("unpacking", &err)),
+        };
+    let m = &verified.manifest;
+    let release = ReleaseRef {
+        name: m.name.to_string(),
+        version: m.version.clone(),
+        sha256: digest,
+    };
+    let reject = |why: String| {
+        let _ = dir.discard_staging();
+        Err((OutcomeKind::Rejected, Some(release.clone()), why))
+    };
+    if m.name.as_str() != name {
+        return reject(format!(
+            "bundle {} {} is a release of {}, not of {name}",
+            m.name, m.version, m.name
+        ));
+    }
+    if let Some(c) = committed {
+        let is_rollback = other
+            .as_ref()
+            .is_some_and(|o| o.release.sha256 == release.sha256);
+        if release.version < c.version && !is_rollback {
+            return reject(format!(
+                "downgrade refused: {} {} is older than the committed {}; only the release kept in the other \
+                 slot may be gone back to (`turnout-agent rollback`)",
+                m.name, m.version, c.version
+            ));
+        }
+    }
+    if m.files.iter().any(|f| f.path.as_str() == RELEASE_FILE)
+        || m.links.iter().any(|l| l.path.as_str() == RELEASE_FILE)
+    {
+        return reject(format!(
+            "the payload holds {RELEASE_FILE}, a name the agent reserves for itself"
+        ));
+    }
+    let fail = |what: &str, err: std::io::Error| {
+        let _ = dir.discard_staging();
+        Err((
+            OutcomeKind::Failed,
+            Some(release.clone()),
+            format!("{what}: {err}"),
+        ))
+    };
+    if let Err(err) = sink.sync() {
+        return fail("flushing the unpacked release to disk", err);
+    }
+    let held = SlotRelease {
+        release: release.clone(),
+        entry: m.entry.clone(),
+        installed_ms: now_ms(),
+    };
+    if let Err(err) = dir.promote(idle, &held) {
+        return fail(
+            &format!("moving the release into the {} slot", idle.name()),
+            err,
+        );
+    }
+    Ok(release)
+}
+
+/// Shares an agent between the daemon's tasks.
+pub type SharedAgent = Arc<Agent>;

@@ -1,0 +1,346 @@
+//! Running a service's process: through systemd, or by the agent itself.
+//!
+//! Both answer the same questions (restart, make sure it runs, stop, status)
+//! so the install cycle does not care which one a service uses. `exec` is for
+//! hosts without systemd, tests and the demo: the agent is the service's
+//! parent, prefixes its output with the service name on the agent's stderr,
+//! restarts it after a crash (1 s, doubling to 30 s), and counts restarts as
+//! systemd's `NRestarts` does. Its process group id goes into `exec.pid` so an
+//! agent that was killed can stop its orphan on the next start.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::watch;
+
+/// What a supervisor reports about a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnitStatus {
+    /// Running (or starting).
+    pub active: bool,
+    /// Restarts after crashes since the supervisor started counting.
+    pub restarts: u64,
+    /// The main process, when running.
+    pub main_pid: Option<u32>,
+}
+
+/// Why a supervisor could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// The systemd unit does not exist.
+    #[error(
+        "the systemd unit {unit} is not loaded (LoadState={state}); install its unit file and run `systemctl daemon-reload`"
+    )]
+    UnitMissing {
+        /// The unit.
+        unit: String,
+        /// Its load state.
+        state: String,
+    },
+    /// `systemctl` failed.
+    #[error("`systemctl {action} {unit}` failed: {detail}")]
+    Systemctl {
+        /// restart, start, stop, show.
+        action: &'static str,
+        /// The unit.
+        unit: String,
+        /// Its stderr or exit status.
+        detail: String,
+    },
+    /// The exec supervisor could not start the program.
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the exec supervisor runs: resolved against the active slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Launch {
+    /// The program, e.g. `…/current/bin/web`.
+    pub program: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Its working directory, `…/current`.
+    pub cwd: PathBuf,
+}
+
+/// A service's supervisor.
+#[derive(Debug, Clone)]
+pub enum Supervisor {
+    /// systemd, through `systemctl`.
+    Systemd {
+        /// The unit.
+        unit: String,
+    },
+    /// The agent itself.
+    Exec(Arc<Exec>),
+}
+
+impl Supervisor {
+    /// Restarts the service, running `launch` (exec) or its unit (systemd).
+    pub async fn restart(&self, launch: &Launch) -> Result<(), SupervisorError> {
+        match self {
+            Supervisor::Systemd { unit } => systemctl("restart", unit).await.map(drop),
+            Supervisor::Exec(exec) => {
+                exec.stop().await;
+                exec.start(launch.clone())
+            }
+        }
+    }
+
+    /// Starts the service if it is not running; leaves it alone if it is.
+    pub async fn ensure_running(&self, launch: &Launch) -> Result<(), SupervisorError> {
+        match self {
+            Supervisor::Systemd { unit } => systemctl("start", unit).await.map(drop),
+            Supervisor::Exec(exec) => {
+                if exec.status().active {
+                    Ok(())
+                } else {
+                    exec.reap_orphan().await;
+                    exec.start(launch.clone())
+                }
+            }
+        }
+    }
+
+    /// Stops the service.
+    pub async fn stop(&self) -> Result<(), SupervisorError> {
+        match self {
+            Supervisor::Systemd { unit } => systemctl("stop", unit).await.map(drop),
+            Supervisor::Exec(exec) => {
+                exec.stop().await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether it runs, how often it restarted, its main pid.
+    pub async fn status(&self) -> Result<UnitStatus, SupervisorError> {
+        match self {
+            Supervisor::Systemd { unit } => {
+                let text = systemctl("show", unit).await?;
+                let field = |key: &str| {
+                    text.lines()
+                        .find_map(|line| {
+                            line.strip_prefix(key)
+                                .and_then(|rest| rest.strip_prefix('='))
+                        })
+                        .unwrap_or("")
+                        .to_owned()
+                };
+                let load = field("LoadState");
+                if load != "loaded" {
+                    return Err(SupervisorError::UnitMissing {
+                        unit: unit.clone(),
+                        state: load,
+                    });
+                }
+                let active = field("ActiveState");
+                Ok(UnitStatus {
+                    active: active == "active" || active == "activating" || active == "reloading",
+                    restarts: field("NRestarts").parse().unwrap_or(0),
+                    main_pid: field("MainPID").parse().ok().filter(|pid| *pid != 0),
+                })
+            }
+            Supervisor::Exec(exec) => Ok(exec.status()),
+        }
+    }
+}
+
+async fn systemctl(action: &'static str, unit: &str) -> Result<String, SupervisorError> {
+    let mut command = Command::new("systemctl");
+    command.arg(action).arg(unit);
+    if action == "show" {
+        command.args([
+            "-p",
+            "LoadState",
+            "-p",
+            "ActiveState",
+            "-p",
+            "NRestarts",
+            "-p",
+            "MainPID",
+        ]);
+    }
+    let failed = |detail: String| SupervisorError::Systemctl {
+        action,
+        unit: unit.to_owned(),
+        detail,
+    };
+    let out = command
+        .output()
+        .await
+        .map_err(|err| failed(err.to_string()))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        return Err(failed(if stderr.is_empty() {
+            out.status.to_string()
+        } else {
+            stderr
+        }));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The exec supervisor of one service.
+#[derive(Debug)]
+pub struct Exec {
+    service: String,
+    pidfile: PathBuf,
+    stop_timeout: Duration,
+    restarts: AtomicU64,
+    running: Mutex<Option<Running>>,
+}
+
+#[derive(Debug)]
+struct Running {
+    pid: u32,
+    /// Set before an intended stop, so the monitor does not restart it.
+    stopping: Arc<AtomicBool>,
+    exited: watch::Receiver<bool>,
+}
+
+impl Exec {
+    /// A supervisor for `service` whose pid file lives in `dir`.
+    pub fn new(service: &str, dir: &Path, stop_timeout: Duration) -> Arc<Exec> {
+        Arc::new(Exec {
+            service: service.to_owned(),
+            pidfile: dir.join("exec.pid"),
+            stop_timeout,
+            restarts: AtomicU64::new(0),
+            running: Mutex::new(None),
+        })
+    }
+
+    fn status(&self) -> UnitStatus {
+        let running = self.running.lock().expect("not poisoned");
+        let alive = running.as_ref().filter(|r| !*r.exited.borrow());
+        UnitStatus {
+            active: alive.is_some(),
+            restarts: self.restarts.load(Ordering::SeqCst),
+            main_pid: alive.map(|r| r.pid),
+        }
+    }
+
+    fn start(self: &Arc<Self>, launch: Launch) -> Result<(), SupervisorError> {
+        let mut child = Command::new(&launch.program)
+            .args(&launch.args)
+            .current_dir(&launch.cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|source| SupervisorError::Spawn {
+                program: launch.program.clone(),
+                source,
+            })?;
+        let pid = child.id().unwrap_or(0);
+        let _ = std::fs::write(&self.pidfile, pid.to_string());
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(forward(self.service.clone(), out));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(forward(self.service.clone(), err));
+        }
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (exited_tx, exited) = watch::channel(false);
+        *self.running.lock().expect("not poisoned") = Some(Running {
+            pid,
+            stopping: stopping.clone(),
+            exited,
+        });
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let _ = exited_tx.send(true);
+            if stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let n = this.restarts.fetch_add(1, Ordering::SeqCst) + 1;
+            let delay = Duration::from_secs(1 << (n - 1).min(5)).min(Duration::from_secs(30));
+            eprintln!(
+                "[{}] exited unexpectedly ({}); restarting in {}s (restart {n})",
+                this.service,
+                status.map_or_else(|e| e.to_string(), |s| s.to_string()),
+                delay.as_secs()
+            );
+            tokio::time::sleep(delay).await;
+            if stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            if let Err(err) = this.start(launch) {
+                eprintln!("[{}] {err}", this.service);
+            }
+        });
+        Ok(())
+    }
+
+    /// SIGTERM to the process group, SIGKILL after the stop timeout.
+    async fn stop(&self) {
+        let running = self.running.lock().expect("not poisoned").take();
+        let Some(running) = running else {
+            return;
+        };
+        running.stopping.store(true, Ordering::SeqCst);
+        let mut exited = running.exited.clone();
+        if *exited.borrow() {
+            return;
+        }
+        let group = Pid::from_raw(running.pid as i32);
+        let _ = killpg(group, Signal::SIGTERM);
+        if tokio::time::timeout(self.stop_timeout, exited.wait_for(|done| *done))
+            .await
+            .is_err()
+        {
+            let _ = killpg(group, Signal::SIGKILL);
+            let _ = exited.wait_for(|done| *done).await;
+        }
+        let _ = std::fs::remove_file(&self.pidfile);
+    }
+
+    /// Stops a process group a previous, killed agent left running.
+    async fn reap_orphan(&self) {
+        let Some(pid) = std::fs::read_to_string(&self.pidfile)
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+        else {
+            return;
+        };
+        let group = Pid::from_raw(pid);
+        // Only a group still led by that pid: killpg fails with ESRCH otherwise.
+        if killpg(group, Signal::SIGTERM).is_ok() {
+            eprintln!(
+                "[{}] stopping process group {pid} left by a previous agent",
+                self.service
+            );
+            let deadline = tokio::time::Instant::now() + self.stop_timeout;
+            while killpg(group, None).is_ok() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = killpg(group, Signal::SIGKILL);
+        }
+        let _ = std::fs::remove_file(&self.pidfile);
+    }
+}
+
+/// Copies a child's output to the agent's stderr, a line at a time, prefixed.
+async fn forward(service: String, stream: impl tokio::io::AsyncRead + Unpin) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        eprintln!("[{service}] {line}");
+    }
+}
