@@ -558,16 +558,16 @@ fn read_service(path: &str, t: &toml::Table, problems: &mut Vec<Problem>) -> Opt
                 problem(problems, p, "`unit` is for supervisor = \"systemd\"");
             }
             let argv = exec.map(|(_, argv)| argv).unwrap_or_default();
-            if let Some(program) = argv.first() {
-                if let Err(err) = PayloadPath::new(program) {
-                    problem(
-                        problems,
-                        &join(path, "exec"),
-                        format!(
-                            "the program must be a path inside the release (like \"bin/web\"): {err}"
-                        ),
-                    );
-                }
+            if let Some(program) = argv.first()
+                && let Err(err) = PayloadPath::new(program)
+            {
+                problem(
+                    problems,
+                    &join(path, "exec"),
+                    format!(
+                        "the program must be a path inside the release (like \"bin/web\"): {err}"
+                    ),
+                );
             }
             Some(SupervisorConfig::Exec { argv, stop_timeout })
         }

@@ -6,7 +6,7 @@
 //!
 //! ```toml
 //! version = "2.0.0"        # served at /version and in /healthz
-//! mode = "healthy"         # healthy | unhealthy | fail-after | crash | slow-start
+//! mode = "healthy"         # healthy | unhealthy | fail-after | crash | slow-start | silent
 //! after = "5s"             # fail-after: healthy this long, then 503; slow-start: delay before listening
 //! ```
 //!
@@ -46,6 +46,8 @@ pub enum Mode {
     Crash,
     /// Waits `after` before listening, then healthy.
     SlowStart,
+    /// Runs but never listens: its health endpoint refuses connections.
+    Silent,
 }
 
 mod humantime_serde_opt {
@@ -78,6 +80,9 @@ pub fn run(behaviour_file: &Path, port: u16) -> anyhow::Result<()> {
             behaviour.version
         ),
         Mode::SlowStart => std::thread::sleep(after),
+        Mode::Silent => loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        },
         Mode::Healthy | Mode::Unhealthy | Mode::FailAfter => {}
     }
     let listener = TcpListener::bind(("127.0.0.1", port))?;
@@ -89,7 +94,7 @@ pub fn run(behaviour_file: &Path, port: u16) -> anyhow::Result<()> {
         let Ok(stream) = stream else { continue };
         let healthy = match behaviour.mode {
             Mode::Healthy | Mode::SlowStart => true,
-            Mode::Unhealthy | Mode::Crash => false,
+            Mode::Unhealthy | Mode::Crash | Mode::Silent => false,
             Mode::FailAfter => started.elapsed() < after,
         };
         let version = behaviour.version.clone();

@@ -87,6 +87,7 @@ pub fn classify_agent(err: &AgentError) -> Exit {
         AgentError::Busy { .. }
         | AgentError::NoRollback { .. }
         | AgentError::NeedsDaemon { .. } => Exit::Refused,
+        AgentError::Journal(crate::journal::JournalError::Newer { .. }) => Exit::Input,
         AgentError::Journal(_)
         | AgentError::Io { .. }
         | AgentError::SlotLost { .. }

@@ -220,10 +220,10 @@ async fn probe_once(
                     status.map_or("2xx".into(), |s| s.to_string())
                 ));
             }
-            if let Some(needle) = body_contains {
-                if !String::from_utf8_lossy(&body).contains(needle.as_str()) {
-                    return Err(format!("the body does not contain {needle:?}"));
-                }
+            if let Some(needle) = body_contains
+                && !String::from_utf8_lossy(&body).contains(needle.as_str())
+            {
+                return Err(format!("the body does not contain {needle:?}"));
             }
             Ok(())
         }

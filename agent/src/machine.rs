@@ -534,7 +534,7 @@ mod tests {
         let (v1, v2) = (release("1.0.0"), release("2.0.0"));
         let (state, effects) = run(
             State::Idle {
-                committed: Some(v1.clone()),
+                committed: Some(v1),
             },
             vec![
                 install("v2.tnt"),
@@ -570,7 +570,6 @@ mod tests {
                 },
             ]
         );
-        let _ = v1;
     }
 
     #[test]
@@ -725,7 +724,7 @@ mod tests {
             },
             State::Staged {
                 committed: Some(v1.clone()),
-                target: v2.clone(),
+                target: v2,
             },
         ] {
             let (after, effects) = next(state, Event::Recover).unwrap();
@@ -786,7 +785,7 @@ mod tests {
     fn recovery_is_idempotent_mid_revert() {
         let v1 = release("1.0.0");
         let reverting = State::Reverting {
-            to: Some(v1.clone()),
+            to: Some(v1),
             failed: release("2.0.0"),
             outcome: OutcomeKind::Reverted,
             reason: "x".into(),

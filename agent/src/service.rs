@@ -310,6 +310,15 @@ impl Agent {
                 source,
             })?;
         }
+        // A unit that does not exist would fail the switch; refuse before touching anything.
+        service
+            .supervisor
+            .status()
+            .await
+            .map_err(|source| AgentError::Supervisor {
+                service: name.to_owned(),
+                source,
+            })?;
         let digest = digest_of(bundle)?;
         if let Some(committed) = state.committed().filter(|c| c.sha256 == digest) {
             return Ok(OperationResult {
@@ -522,11 +531,14 @@ impl Agent {
                     .await;
                 Ok(match staged {
                     Ok(target) => vec![Event::Staged { target }, Event::Switch],
-                    Err((kind, release, reason)) => vec![Event::StageFailed {
-                        kind,
-                        release,
-                        reason,
-                    }],
+                    Err(failure) => {
+                        let (kind, release, reason) = *failure;
+                        vec![Event::StageFailed {
+                            kind,
+                            release,
+                            reason,
+                        }]
+                    }
                 })
             }
             Effect::DiscardStaging => {
@@ -595,7 +607,10 @@ impl Agent {
                         );
                         vec![Event::Reverted]
                     }
-                    (_, Ok(())) => vec![Event::Reverted],
+                    (_, Ok(())) => {
+                        self.await_restored(name, service).await;
+                        vec![Event::Reverted]
+                    }
                 })
             }
             Effect::EnsureRunning { release } => {
@@ -659,6 +674,27 @@ impl Agent {
         }
     }
 
+    /// After a revert, waits (up to the bake deadline) until the restored
+    /// release passes every check, so "reverted" means it serves again.
+    async fn await_restored(&self, name: &str, service: &Service) {
+        if service.dir.active().is_none() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + service.config.bake.deadline;
+        loop {
+            match health::probe_all(&service.config.checks, &service.supervisor).await {
+                None => return,
+                Some(failing) if tokio::time::Instant::now() >= deadline => {
+                    eprintln!(
+                        "turnout-agent: {name}: the restored release is not healthy either: {failing}"
+                    );
+                    return;
+                }
+                Some(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+    }
+
     /// What the exec supervisor runs for the active slot; `None` if nothing is active.
     fn launch(&self, service: &Service) -> Option<Launch> {
         let active = service.dir.active()?;
@@ -682,7 +718,7 @@ impl Agent {
         bundle: &Path,
         trust: &Trust,
         digest: Digest,
-    ) -> Result<ReleaseRef, (OutcomeKind, Option<ReleaseRef>, String)> {
+    ) -> Result<ReleaseRef, StageFailure> {
         let committed = state.committed().cloned();
         let dir = service.dir.clone();
         let (trust, limits, bundle, name) = (
@@ -704,11 +740,11 @@ impl Agent {
         })
         .await
         .unwrap_or_else(|err| {
-            Err((
+            Err(Box::new((
                 OutcomeKind::Failed,
                 None,
                 format!("staging panicked: {err}"),
-            ))
+            )))
         })
     }
 
@@ -819,7 +855,8 @@ fn digest_of(path: &Path) -> Result<Digest, AgentError> {
     }
 }
 
-type StageFailure = (OutcomeKind, Option<ReleaseRef>, String);
+/// How staging failed: the outcome to record, the release if known, why.
+type StageFailure = Box<(OutcomeKind, Option<ReleaseRef>, String)>;
 
 fn stage_blocking(
     name: &str,
@@ -830,8 +867,8 @@ fn stage_blocking(
     digest: Digest,
     committed: Option<&ReleaseRef>,
 ) -> Result<ReleaseRef, StageFailure> {
-    let failed = |what: &str, err: &dyn std::fmt::Display| {
-        (OutcomeKind::Failed, None, format!("{what}: {err}"))
+    let failed = |what: &str, err: &dyn std::fmt::Display| -> StageFailure {
+        Box::new((OutcomeKind::Failed, None, format!("{what}: {err}")))
     };
     // The idle slot is the one not holding the committed release, whatever `current` says.
     let idle = committed
@@ -849,11 +886,11 @@ fn stage_blocking(
         match stage::unpack(reader, trust, SystemTime::now(), limits, &dir.unpack_path()) {
             Ok(done) => done,
             Err(StageError::Bundle(err)) if err.is_refusal() => {
-                return Err((
+                return Err(Box::new((
                     OutcomeKind::Rejected,
                     None,
                     format!("bundle rejected: {err}"),
-                ));
+                )));
             }
             Err(err) => return Err(failed("unpacking", &err)),
         };
@@ -865,7 +902,11 @@ fn stage_blocking(
     };
     let reject = |why: String| {
         let _ = dir.discard_staging();
-        Err((OutcomeKind::Rejected, Some(release.clone()), why))
+        Err(Box::new((
+            OutcomeKind::Rejected,
+            Some(release.clone()),
+            why,
+        )))
     };
     if m.name.as_str() != name {
         return reject(format!(
@@ -894,11 +935,11 @@ fn stage_blocking(
     }
     let fail = |what: &str, err: std::io::Error| {
         let _ = dir.discard_staging();
-        Err((
+        Err(Box::new((
             OutcomeKind::Failed,
             Some(release.clone()),
             format!("{what}: {err}"),
-        ))
+        )))
     };
     if let Err(err) = sink.sync() {
         return fail("flushing the unpacked release to disk", err);

@@ -238,7 +238,7 @@ mod tests {
         stage(&dir, dir.idle(), &v2);
         dir.point(Slot::Green).unwrap();
         assert_eq!(dir.slot_holding(&v1.release), Some(Slot::Blue));
-        assert_eq!(dir.release_in(Slot::Green), Some(v2.clone()));
+        assert_eq!(dir.release_in(Slot::Green), Some(v2));
 
         // v3 replaces the idle slot (v1), never the active one.
         stage(&dir, dir.idle(), &v3);

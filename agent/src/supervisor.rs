@@ -95,6 +95,8 @@ impl Supervisor {
             Supervisor::Systemd { unit } => systemctl("restart", unit).await.map(drop),
             Supervisor::Exec(exec) => {
                 exec.stop().await;
+                // A previous agent killed mid-bake may have left the old process serving.
+                exec.reap_orphan().await;
                 exec.start(launch.clone())
             }
         }

@@ -1,4 +1,8 @@
 //! The agent crate's integration tests (one test binary, one module per area).
 
 mod corpus;
+mod crash;
+mod cycle;
+mod faults;
+mod harness;
 mod hostile_bundles;

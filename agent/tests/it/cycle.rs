@@ -1,0 +1,150 @@
+//! The install cycle end to end, as the agent issue's acceptance reads:
+//! install, commit, rollback, automatic revert, and the refusals, with
+//! `status` checked at every step. Exec supervisor, demo service, real daemon.
+
+use std::time::Duration;
+
+use crate::harness::{Host, version, wait_for};
+
+#[test]
+fn install_commit_rollback_and_automatic_revert() {
+    let mut host = Host::new("300ms");
+    let (v1, v2, v3) = (
+        host.bundle("1.0.0", "healthy"),
+        host.bundle("2.0.0", "healthy"),
+        host.bundle("3.0.0", "unhealthy"),
+    );
+    host.start_daemon(&[]);
+
+    let (code, out, err) = host.install(&v1);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("committed web 1.0.0"), "{out}");
+    let s = host.status();
+    assert_eq!(
+        (
+            s["state"].as_str(),
+            version(&s["committed"]),
+            s["health"].as_str()
+        ),
+        (Some("idle"), Some("1.0.0"), Some("healthy"))
+    );
+    assert_eq!(host.served_version().as_deref(), Some("1.0.0"));
+
+    let (code, out, _) = host.install(&v2);
+    assert_eq!(code, 0, "{out}");
+    let s = host.status();
+    assert_eq!(version(&s["committed"]), Some("2.0.0"));
+    assert_eq!(
+        version(&s["other"]),
+        Some("1.0.0"),
+        "v1 stays in the other slot"
+    );
+    assert_ne!(s["active_slot"], serde_json::Value::Null);
+    assert_eq!(host.served_version().as_deref(), Some("2.0.0"));
+
+    let (code, out, _) = host.run(&["rollback", "--service", "web"]);
+    assert_eq!(code, 0, "{out}");
+    let s = host.status();
+    assert_eq!(
+        (version(&s["committed"]), version(&s["other"])),
+        (Some("1.0.0"), Some("2.0.0"))
+    );
+    assert_eq!(s["last_outcome"]["kind"], "committed");
+    assert_eq!(host.served_version().as_deref(), Some("1.0.0"));
+
+    assert_eq!(host.install(&v2).0, 0);
+    // v3 fails its checks: the agent reverts to v2 on its own, within
+    // failure threshold (3) x interval (100 ms) + restart time.
+    let started = std::time::Instant::now();
+    let (code, out, _) = host.install(&v3);
+    assert_eq!(code, 5, "exit 5 means installed, failed, reverted: {out}");
+    assert!(out.contains("reverted web 3.0.0: check http"), "{out}");
+    assert!(out.contains("failed 3 times in a row: status 503"), "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the revert took {:?}",
+        started.elapsed()
+    );
+    let s = host.status();
+    assert_eq!(
+        (version(&s["committed"]), version(&s["other"])),
+        (Some("2.0.0"), Some("3.0.0"))
+    );
+    assert_eq!(s["last_outcome"]["kind"], "reverted");
+    assert_eq!(host.served_version().as_deref(), Some("2.0.0"));
+
+    // The other slot holds the release that just failed: rollback refuses.
+    let (code, _, err) = host.run(&["rollback", "--service", "web"]);
+    assert_eq!(code, 6, "{err}");
+    assert!(err.contains("which failed on this host"), "{err}");
+    assert_eq!(version(&host.status()["committed"]), Some("2.0.0"));
+
+    // Text status names the committed release, the slots and the last outcome.
+    let (_, text, _) = host.run(&["status"]);
+    assert!(text.contains("web: idle, committed 2.0.0 in"), "{text}");
+    assert!(text.contains("other slot 3.0.0, health healthy"), "{text}");
+    assert!(text.contains("last: reverted 3.0.0"), "{text}");
+    host.stop_daemon();
+    wait_for(
+        "the service to stop with the daemon",
+        Duration::from_secs(5),
+        || host.served_version().is_none(),
+    );
+}
+
+#[test]
+fn a_service_that_crashes_on_start_is_reverted_at_once() {
+    let mut host = Host::new("2s");
+    let (v1, bad) = (
+        host.bundle("1.0.0", "healthy"),
+        host.bundle("1.1.0", "crash"),
+    );
+    host.start_daemon(&[]);
+    assert_eq!(host.install(&v1).0, 0);
+    let (code, out, _) = host.install(&bad);
+    assert_eq!(code, 5, "{out}");
+    assert!(
+        out.contains("the service crashed") || out.contains("not running"),
+        "{out}"
+    );
+    assert_eq!(host.served_version().as_deref(), Some("1.0.0"));
+}
+
+#[test]
+fn installing_the_committed_release_again_changes_nothing() {
+    let mut host = Host::new("300ms");
+    let v1 = host.bundle("1.0.0", "healthy");
+    host.start_daemon(&[]);
+    assert_eq!(host.install(&v1).0, 0);
+    let before = host.status();
+    let (code, out, _) = host.install(&v1);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("already the committed release; nothing to do"),
+        "{out}"
+    );
+    assert_eq!(host.status()["last_outcome"], before["last_outcome"]);
+}
+
+#[test]
+fn a_downgrade_is_refused_unless_it_is_the_other_slot() {
+    let mut host = Host::new("300ms");
+    let (v1, v2, v0) = (
+        host.bundle("1.0.0", "healthy"),
+        host.bundle("2.0.0", "healthy"),
+        host.bundle("0.9.0", "healthy"),
+    );
+    host.start_daemon(&[]);
+    assert_eq!(host.install(&v1).0, 0);
+    assert_eq!(host.install(&v2).0, 0);
+    let (code, out, _) = host.install(&v0);
+    assert_eq!(code, 4, "{out}");
+    assert!(
+        out.contains("downgrade refused: web 0.9.0 is older than the committed 2.0.0"),
+        "{out}"
+    );
+    // v1's bundle is the release in the other slot: going back to it is a rollback.
+    let (code, out, _) = host.install(&v1);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(host.served_version().as_deref(), Some("1.0.0"));
+}

@@ -1,0 +1,213 @@
+//! Bad input and faults: each gets a clear error and a distinct exit code,
+//! and in every case the committed release keeps running.
+
+use std::time::Duration;
+
+use crate::harness::{Host, version, wait_for};
+
+/// A host with v1 committed and its daemon running.
+fn committed_host() -> Host {
+    let mut host = Host::new("300ms");
+    let v1 = host.bundle("1.0.0", "healthy");
+    host.start_daemon(&[]);
+    assert_eq!(host.install(&v1).0, 0);
+    host
+}
+
+fn still_serving_v1(host: &Host) {
+    assert_eq!(host.served_version().as_deref(), Some("1.0.0"));
+    assert_eq!(version(&host.status()["committed"]), Some("1.0.0"));
+}
+
+#[test]
+fn an_invalid_config_lists_every_problem_and_exits_3() {
+    let host = Host::new("300ms");
+    host.write_config("stat_dir = \"/x\"\n[[service]]\nname = \"web\"\nsupervisor = \"exec\"\n[[service.check]]\nkind = \"carrier-pigeon\"\n");
+    let (code, _, err) = host.run(&["run"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("2 problem(s)"), "{err}");
+    assert!(err.contains("stat_dir: unknown key"), "{err}");
+    assert!(err.contains("service[0].check[0].kind: expected one of http, tcp, exec, systemd, process; found \"carrier-pigeon\""), "{err}");
+}
+
+#[test]
+fn a_bundle_failing_verification_touches_nothing() {
+    let host = committed_host();
+    let mut bytes = std::fs::read(host.bundle("2.0.0", "healthy")).unwrap();
+    let at = bytes.len() - 1536;
+    bytes[at] ^= 0xff;
+    std::fs::write(host.path("tampered.tnt"), bytes).unwrap();
+    let (code, out, _) = host.install(&host.path("tampered.tnt"));
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("rejected"), "{out}");
+    assert!(out.contains("the payload was altered"), "{out}");
+    still_serving_v1(&host);
+    assert_eq!(
+        host.status()["other"],
+        serde_json::Value::Null,
+        "the idle slot was not touched"
+    );
+}
+
+#[test]
+fn a_health_endpoint_refusing_connections_reverts() {
+    let host = committed_host();
+    let (code, out, _) = host.install(&host.bundle("2.0.0", "silent"));
+    assert_eq!(code, 5, "{out}");
+    assert!(out.contains("Connection refused"), "{out}");
+    still_serving_v1(&host);
+}
+
+#[test]
+fn a_second_install_while_one_runs_is_refused() {
+    let host = committed_host();
+    let slow = host.bundle("2.0.0", "healthy");
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| host.install(&slow));
+        wait_for(
+            "the first install to start",
+            Duration::from_secs(10),
+            || host.status()["state"] != "idle",
+        );
+        let (code, _, err) = host.install(&host.bundle("3.0.0", "healthy"));
+        assert_eq!(code, 6, "{err}");
+        assert!(err.contains("wait for the operation in progress"), "{err}");
+        let (code, out, _) = first.join().unwrap();
+        assert_eq!(code, 0, "the first install must be unharmed: {out}");
+    });
+    assert_eq!(host.served_version().as_deref(), Some("2.0.0"));
+}
+
+#[test]
+fn a_journal_from_a_newer_agent_is_refused_at_start() {
+    let mut host = committed_host();
+    host.stop_daemon();
+    let db = host.state().join("agent.db");
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .pragma_update(None, "user_version", 42)
+        .unwrap();
+    let (code, _, err) = host.run(&["run"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("schema version 42") && err.contains("written by a newer turnout-agent"),
+        "{err}"
+    );
+}
+
+#[test]
+fn current_pointing_at_a_missing_slot_is_repaired_at_start() {
+    let mut host = committed_host();
+    host.stop_daemon();
+    let service = host.state().join("services/web");
+    let active = std::fs::read_link(service.join("current")).unwrap();
+    let missing = if active.to_str() == Some("blue") {
+        "green"
+    } else {
+        "blue"
+    };
+    std::fs::remove_file(service.join("current")).unwrap();
+    std::os::unix::fs::symlink(missing, service.join("current")).unwrap();
+    host.start_daemon(&[]);
+    assert_eq!(std::fs::read_link(service.join("current")).unwrap(), active);
+    assert!(
+        host.daemon_log()
+            .contains("current did not point at the committed 1.0.0; repaired"),
+        "{}",
+        host.daemon_log()
+    );
+    wait_for("v1 to serve again", Duration::from_secs(10), || {
+        host.served_version().as_deref() == Some("1.0.0")
+    });
+}
+
+#[test]
+fn exec_services_need_the_daemon() {
+    let host = Host::new("300ms");
+    let (code, _, err) = host.install(&host.bundle("1.0.0", "healthy"));
+    assert_eq!(code, 6, "{err}");
+    assert!(err.contains("start the daemon first"), "{err}");
+}
+
+#[test]
+fn a_missing_systemd_unit_is_refused_before_anything_is_touched() {
+    let host = Host::new("300ms");
+    // A fake systemctl that knows no units.
+    let bin = host.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(bin.join("systemctl"), "#!/bin/sh\nprintf 'LoadState=not-found\\nActiveState=inactive\\nNRestarts=0\\nMainPID=0\\n'\n").unwrap();
+    std::fs::set_permissions(
+        bin.join("systemctl"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    host.write_config(&format!(
+        "state_dir = \"{}\"\ntrust = \"{}\"\n[[service]]\nname = \"web\"\nunit = \"web-missing.service\"\n",
+        host.state().display(),
+        host.path("trust.json").display()
+    ));
+    let bundle = host.bundle("1.0.0", "healthy");
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let out = std::process::Command::new(crate::harness::AGENT)
+        .args(["install", bundle.to_str().unwrap(), "--service", "web"])
+        .env("TURNOUT_AGENT_CONFIG", host.path("agent.toml"))
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("web-missing.service is not loaded (LoadState=not-found)"),
+        "{err}"
+    );
+    assert!(
+        !host.state().join("services/web/blue").exists(),
+        "a slot was written"
+    );
+}
+
+#[test]
+fn disk_full_while_unpacking_keeps_the_committed_release() {
+    if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) != 0 {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let mut host = Host::new("300ms");
+    let state = host.state();
+    std::fs::create_dir_all(&state).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=4m",
+            "tmpfs",
+            state.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(state.clone());
+    let v1 = host.bundle("1.0.0", "healthy");
+    let big = host.bundle_with("2.0.0", "healthy", &[("data/blob", vec![7; 6 << 20])]);
+    host.start_daemon(&[]);
+    assert_eq!(host.install(&v1).0, 0);
+    let (code, out, _) = host.install(&big);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("No space left on device"), "{out}");
+    still_serving_v1(&host);
+    assert!(
+        !state.join("services/web/staging/unpack").exists(),
+        "staging left behind"
+    );
+    host.stop_daemon();
+}
