@@ -85,7 +85,16 @@ pub async fn run(
         agent.config().services.len(),
         socket.display()
     );
+    let monitors: Vec<_> = agent
+        .service_names()
+        .into_iter()
+        .map(|name| {
+            let agent = Arc::clone(&agent);
+            tokio::spawn(async move { agent.monitor(&name).await })
+        })
+        .collect();
     control::serve(Arc::clone(&agent), listener, shutdown).await;
+    monitors.iter().for_each(tokio::task::JoinHandle::abort);
     eprintln!("turnout-agent: stopping");
     agent.stop_exec_services().await;
     let _ = std::fs::remove_file(&socket);

@@ -197,6 +197,10 @@ pub struct Agent {
     journal: Mutex<Journal>,
     services: BTreeMap<String, Service>,
     limits: Limits,
+    /// Health as the daemon's monitors last judged it, by service.
+    monitored: Mutex<BTreeMap<String, (Health, Option<String>)>>,
+    /// Whether monitors run (in the daemon); then they alone judge health.
+    monitoring: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Agent {
@@ -249,6 +253,8 @@ impl Agent {
             journal: Mutex::new(journal),
             services,
             limits: Limits::default(),
+            monitored: Mutex::new(BTreeMap::new()),
+            monitoring: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -748,7 +754,77 @@ impl Agent {
         })
     }
 
-    /// Every service's status; health is probed now for services at rest.
+    /// Watches the health of service `name` while it is at rest, with the
+    /// checks' intervals and thresholds, for `status` and reports. Runs until
+    /// the task is dropped; probes pause while an operation runs (the bake
+    /// watches health then).
+    pub async fn monitor(&self, name: &str) {
+        let Ok(service) = self.service(name) else {
+            return;
+        };
+        let checks = &service.config.checks;
+        if checks.is_empty() {
+            return;
+        }
+        let rest = crate::config::Bake {
+            min_healthy: std::time::Duration::ZERO,
+            deadline: std::time::Duration::MAX,
+        };
+        let mut judge = health::Judge::new(checks, rest);
+        let mut cpu: Vec<health::CpuSample> = vec![None; checks.len()];
+        let mut due = vec![tokio::time::Instant::now(); checks.len()];
+        loop {
+            let at_rest = matches!(self.state(name), Ok(State::Idle { committed: Some(_) }));
+            let now = tokio::time::Instant::now();
+            if at_rest {
+                let restarts = service
+                    .supervisor
+                    .status()
+                    .await
+                    .map(|s| s.restarts)
+                    .unwrap_or(0);
+                for (i, check) in checks.iter().enumerate() {
+                    if due[i] <= now {
+                        judge.observe(
+                            i,
+                            health::probe(check, &service.supervisor, restarts, &mut cpu[i]).await,
+                        );
+                        due[i] = now + check.interval;
+                    }
+                }
+                let judged = match judge.verdict(std::time::Duration::ZERO) {
+                    health::Verdict::Healthy(_) => (Health::Healthy, None),
+                    health::Verdict::Unhealthy(why) => (Health::Unhealthy, Some(why)),
+                    health::Verdict::Pending => {
+                        (Health::Pending, Some("checks have not settled yet".into()))
+                    }
+                };
+                self.monitored
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(name.to_owned(), judged);
+            } else {
+                self.monitored.lock().expect("not poisoned").remove(name);
+                judge = health::Judge::new(checks, rest);
+                due.iter_mut().for_each(|d| *d = now);
+            }
+            let wake = due
+                .iter()
+                .copied()
+                .min()
+                .unwrap_or(now)
+                .max(now + std::time::Duration::from_millis(50));
+            tokio::time::sleep_until(wake).await;
+        }
+    }
+
+    /// The names of the configured services.
+    pub fn service_names(&self) -> Vec<String> {
+        self.services.keys().cloned().collect()
+    }
+
+    /// Every service's status. Health comes from the daemon's monitor when it
+    /// runs, or is probed once now (a local command with no daemon).
     pub async fn status(&self) -> Result<Vec<ServiceStatus>, AgentError> {
         let mut out = Vec::new();
         for (name, service) in &self.services {
@@ -771,9 +847,25 @@ impl Agent {
                     (Health::Unchecked, None)
                 }
                 (State::Idle { .. }, true) => {
-                    match health::probe_all(&service.config.checks, &service.supervisor).await {
-                        None => (Health::Healthy, None),
-                        Some(detail) => (Health::Unhealthy, Some(detail)),
+                    let monitored = self
+                        .monitored
+                        .lock()
+                        .expect("not poisoned")
+                        .get(name)
+                        .cloned();
+                    match monitored {
+                        Some(judged) => judged,
+                        None if self.monitoring.load(Ordering::SeqCst) => {
+                            (Health::Pending, Some("checks have not settled yet".into()))
+                        }
+                        None => {
+                            match health::probe_all(&service.config.checks, &service.supervisor)
+                                .await
+                            {
+                                None => (Health::Healthy, None),
+                                Some(detail) => (Health::Unhealthy, Some(detail)),
+                            }
+                        }
                     }
                 }
                 _ => (

@@ -148,3 +148,31 @@ fn a_downgrade_is_refused_unless_it_is_the_other_slot() {
     assert_eq!(code, 0, "{out}");
     assert_eq!(host.served_version().as_deref(), Some("1.0.0"));
 }
+
+#[test]
+fn health_is_watched_at_rest_and_status_shows_it() {
+    let mut host = Host::new("300ms");
+    // Healthy for 1 s (long enough to commit), then 503.
+    let flaky = host.bundle("1.0.0", "fail-after");
+    host.start_daemon(&[]);
+    let (code, out, _) = host.install(&flaky);
+    assert_eq!(code, 0, "{out}");
+    wait_for(
+        "the monitor to see the service turn unhealthy",
+        Duration::from_secs(10),
+        || host.status()["health"] == "unhealthy",
+    );
+    let s = host.status();
+    assert!(
+        s["health_detail"]
+            .as_str()
+            .unwrap()
+            .contains("failed 3 times in a row: status 503"),
+        "{s}\n{}",
+        host.daemon_log()
+    );
+    assert_eq!(
+        s["state"], "idle",
+        "health at rest is reported, not acted on: the coordinator decides"
+    );
+}
