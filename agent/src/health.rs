@@ -358,7 +358,7 @@ pub async fn http_get(url: &str) -> Result<(u16, Vec<u8>), String> {
 
 /// One probe of every check, for a baseline or `status`: None when all pass.
 pub async fn probe_all(checks: &[Check], supervisor: &Supervisor) -> Option<String> {
-    let baseline = supervisor.status().await.map(|s| s.restarts).unwrap_or(0);
+    let baseline = supervisor.restarts().await;
     let mut failures = Vec::new();
     for check in checks {
         if let Err(reason) = probe(check, supervisor, baseline, &mut None).await {

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -189,6 +189,9 @@ struct Service {
     baseline_restarts: AtomicU64,
     /// Health of the previous release, probed just before a switch.
     baseline_note: Mutex<Option<String>>,
+    /// Idle with a committed release: what the health monitor watches.
+    /// Kept in memory beside the journal so the monitor need not query it.
+    at_rest: AtomicBool,
 }
 
 /// The agent: its config, journal and services.
@@ -245,6 +248,10 @@ impl Agent {
                     supervisor,
                     baseline_restarts: AtomicU64::new(0),
                     baseline_note: Mutex::new(None),
+                    at_rest: AtomicBool::new(matches!(
+                        journal.state(service.name.as_str())?,
+                        State::Idle { committed: Some(_) }
+                    )),
                 },
             );
         }
@@ -504,6 +511,8 @@ impl Agent {
                 .lock()
                 .expect("not poisoned")
                 .persist(name, &state, &records, now)?;
+            let at_rest = matches!(state, State::Idle { committed: Some(_) });
+            service.at_rest.store(at_rest, Ordering::SeqCst);
             for effect in effects {
                 events.extend(
                     self.perform(name, service, &state, effect, bundle.as_ref())
@@ -597,12 +606,7 @@ impl Agent {
                         .map_err(|e| e.to_string()),
                     None => Ok(()),
                 };
-                let restarts = service
-                    .supervisor
-                    .status()
-                    .await
-                    .map(|s| s.restarts)
-                    .unwrap_or(0);
+                let restarts = service.supervisor.restarts().await;
                 service.baseline_restarts.store(restarts, Ordering::SeqCst);
                 Ok(match (state, restarted) {
                     (State::Switching { .. }, Ok(())) => vec![Event::Switched { at_ms: now_ms() }],
@@ -774,15 +778,9 @@ impl Agent {
         let mut cpu: Vec<health::CpuSample> = vec![None; checks.len()];
         let mut due = vec![tokio::time::Instant::now(); checks.len()];
         loop {
-            let at_rest = matches!(self.state(name), Ok(State::Idle { committed: Some(_) }));
             let now = tokio::time::Instant::now();
-            if at_rest {
-                let restarts = service
-                    .supervisor
-                    .status()
-                    .await
-                    .map(|s| s.restarts)
-                    .unwrap_or(0);
+            if service.at_rest.load(Ordering::SeqCst) {
+                let restarts = service.supervisor.restarts().await;
                 for (i, check) in checks.iter().enumerate() {
                     if due[i] <= now {
                         judge.observe(

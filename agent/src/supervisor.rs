@@ -128,6 +128,11 @@ impl Supervisor {
         }
     }
 
+    /// How often it has restarted after crashes (0 if the supervisor cannot say).
+    pub async fn restarts(&self) -> u64 {
+        self.status().await.map_or(0, |s| s.restarts)
+    }
+
     /// Whether it runs, how often it restarted, its main pid.
     pub async fn status(&self) -> Result<UnitStatus, SupervisorError> {
         match self {

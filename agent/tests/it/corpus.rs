@@ -40,15 +40,25 @@ pub(crate) fn files() -> Vec<(&'static str, u32, Vec<u8>)> {
     ]
 }
 
-/// A manifest listing `files` and `links`.
+/// A manifest of web 1.4.2 listing `files` and `links`.
 pub(crate) fn manifest(files: &[(&str, u32, Vec<u8>)], links: &[(&str, &str)]) -> Manifest {
+    manifest_of("1.4.2", "bin/web", files, links)
+}
+
+/// A manifest of web `version` with `entry`, listing `files` and `links`.
+pub(crate) fn manifest_of(
+    version: &str,
+    entry: &str,
+    files: &[(&str, u32, Vec<u8>)],
+    links: &[(&str, &str)],
+) -> Manifest {
     Manifest {
         format: 1,
         name: "web".parse().unwrap(),
-        version: semver::Version::new(1, 4, 2),
+        version: version.parse().unwrap(),
         created: Timestamp(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000)),
         expires: None,
-        entry: PayloadPath::new("bin/web").unwrap(),
+        entry: PayloadPath::new(entry).unwrap(),
         files: files
             .iter()
             .map(|(path, mode, data)| FileEntry {
@@ -71,16 +81,18 @@ pub(crate) fn manifest(files: &[(&str, u32, Vec<u8>)], links: &[(&str, &str)]) -
     }
 }
 
+/// `key`'s signature over exactly `manifest`.
+pub(crate) fn signature(key: &SecretKey, manifest: &[u8]) -> SignatureEntry {
+    SignatureEntry {
+        key_id: key.public().id().clone(),
+        sig: key.sign(manifest),
+    }
+}
+
 /// The exact manifest bytes and one signature per key given.
 pub(crate) fn signed(manifest: &Manifest, keys: &[&SecretKey]) -> (Vec<u8>, Vec<u8>) {
     let bytes = serde_json::to_vec_pretty(manifest).unwrap();
-    let signatures: Vec<_> = keys
-        .iter()
-        .map(|k| SignatureEntry {
-            key_id: k.public().id().clone(),
-            sig: k.sign(&bytes),
-        })
-        .collect();
+    let signatures: Vec<_> = keys.iter().map(|k| signature(k, &bytes)).collect();
     (bytes, serde_json::to_vec(&signatures).unwrap())
 }
 

@@ -5,13 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest as _, Sha256};
-use turnout_proto::Digest;
 use turnout_proto::bundle::BundleWriter;
 use turnout_proto::keys::SecretKey;
-use turnout_proto::manifest::{FileEntry, Manifest, Mode, PayloadPath, Timestamp};
-use turnout_proto::signature::SignatureEntry;
+use turnout_proto::manifest::{Mode, PayloadPath};
 use turnout_proto::trust::{Trust, TrustFile};
+
+use crate::corpus;
 
 pub(crate) const AGENT: &str = env!("CARGO_BIN_EXE_turnout-agent");
 
@@ -121,32 +120,9 @@ impl Host {
             ("bin/demo", 0o755, script.into_bytes()),
         ];
         files.extend(extra.iter().map(|(p, d)| (*p, 0o644, d.clone())));
-        let manifest = Manifest {
-            format: 1,
-            name: "web".parse().unwrap(),
-            version: version.parse().unwrap(),
-            created: Timestamp(std::time::SystemTime::now()),
-            expires: None,
-            entry: PayloadPath::new("bin/demo").unwrap(),
-            files: files
-                .iter()
-                .map(|(path, mode, data)| FileEntry {
-                    path: PayloadPath::new(path).unwrap(),
-                    size: data.len() as u64,
-                    sha256: Digest::from_bytes(Sha256::digest(data).into()),
-                    mode: Mode::new(*mode).unwrap(),
-                })
-                .collect(),
-            links: vec![],
-            provides: vec![],
-            requires: vec![],
-            extra: Default::default(),
-        };
+        let manifest = corpus::manifest_of(version, "bin/demo", &files, &[]);
         let bytes = serde_json::to_vec_pretty(&manifest).unwrap();
-        let signature = SignatureEntry {
-            key_id: self.key.public().id().clone(),
-            sig: self.key.sign(&bytes),
-        };
+        let signature = corpus::signature(&self.key, &bytes);
         let path = self.path(&format!("web-{version}-{mode}.tnt"));
         let mut writer =
             BundleWriter::new(std::fs::File::create(&path).unwrap(), &bytes, &[signature]).unwrap();
