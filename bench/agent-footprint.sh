@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Benchmark: the agent's footprint at rest. `turnout-agent run` manages three
 # exec-supervised demo services, each with health checks probing every
-# second (http, tcp, process). After they are installed and healthy, the
+# INTERVAL (http, tcp, process). After they are installed and healthy, the
 # agent's RSS and CPU time are read from /proc at the start and end of an
 # idle period (default 5 minutes). Also reports the stripped binary size.
 #
 #   bash bench/agent-footprint.sh          # 300 s idle
 #   IDLE=30 bash bench/agent-footprint.sh  # a quick look
+#   INTERVAL=5s bash bench/agent-footprint.sh  # checks every 5 s instead of 1 s
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IDLE=${IDLE:-300}
+INTERVAL=${INTERVAL:-1s}
 work=$(pwd)/target/bench/footprint
 rm -rf "$work" && mkdir -p "$work"
 cargo build --release --quiet --bin turnout --bin turnout-agent
@@ -42,16 +44,16 @@ deadline = "20s"
 [[service.check]]
 kind = "http"
 url = "http://127.0.0.1:$port/healthz"
-interval = "1s"
+interval = "$INTERVAL"
 [[service.check]]
 kind = "tcp"
 address = "127.0.0.1:$port"
-interval = "1s"
+interval = "$INTERVAL"
 [[service.check]]
 kind = "process"
 max_rss = "256MiB"
 max_cpu = 90
-interval = "1s"
+interval = "$INTERVAL"
 TOML
 done
 export TURNOUT_AGENT_CONFIG="$work/agent.toml"
@@ -68,9 +70,9 @@ sleep "$IDLE"
 rss1=$(rss_kib); t1=$(ticks); s1=$(date +%s.%N)
 healthy=$("$agent" status --json | grep -c '"health": "healthy"' || true)
 size=$(stat -c %s "$agent")
-awk -v r0="$rss0" -v r1="$rss1" -v t0="$t0" -v t1="$t1" -v s0="$s0" -v s1="$s1" -v size="$size" -v idle="$IDLE" -v ok="$healthy" 'BEGIN {
+awk -v r0="$rss0" -v r1="$rss1" -v t0="$t0" -v t1="$t1" -v s0="$s0" -v s1="$s1" -v size="$size" -v idle="$IDLE" -v interval="$INTERVAL" -v ok="$healthy" 'BEGIN {
     hz = 100
-    printf "agent at rest for %d s with 3 services, 9 checks every 1 s (%d of 3 healthy at the end)\n", idle, ok
+    printf "agent at rest for %d s with 3 services, 9 checks every %s (%d of 3 healthy at the end)\n", idle, interval, ok
     printf "RSS at start %.1f MiB, at end %.1f MiB (growth %.0f KiB)\n", r0 / 1024, r1 / 1024, r1 - r0
     printf "CPU %.3f%% of one core (%d ticks in %.0f s)\n", (t1 - t0) / hz / (s1 - s0) * 100, t1 - t0, s1 - s0
     printf "binary %s bytes (%.1f MB), stripped release build\n", size, size / 1e6
