@@ -30,7 +30,7 @@ use sha2::{Digest as _, Sha256};
 use turnout_proto::HostId;
 use turnout_proto::messages::ReleaseRef;
 
-use crate::spec::{OnFailure, Offline, Promote, RolloutSpec};
+use crate::spec::{Offline, OnFailure, Promote, RolloutSpec};
 
 /// What the coordinator knows of one host, for the rollout's service.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -99,7 +99,10 @@ impl State {
 
     /// Whether the rollout is over.
     pub fn is_finished(&self) -> bool {
-        matches!(self, State::Succeeded | State::RolledBack | State::Aborted { .. })
+        matches!(
+            self,
+            State::Succeeded | State::RolledBack | State::Aborted { .. }
+        )
     }
 }
 
@@ -266,7 +269,14 @@ pub fn plan(rollout_id: &str, spec: &RolloutSpec, eligible: &[HostId]) -> Vec<Ve
 
 impl Rollout {
     /// A new rollout at its canary.
-    pub fn new(id: String, spec: RolloutSpec, target: ReleaseRef, size: u64, waves: Vec<Vec<HostId>>, now: u64) -> Rollout {
+    pub fn new(
+        id: String,
+        spec: RolloutSpec,
+        target: ReleaseRef,
+        size: u64,
+        waves: Vec<Vec<HostId>>,
+        now: u64,
+    ) -> Rollout {
         let hosts = waves
             .iter()
             .enumerate()
@@ -301,7 +311,10 @@ impl Rollout {
 
     /// How many hosts failed.
     pub fn failed(&self) -> usize {
-        self.hosts.values().filter(|h| matches!(h.phase, Phase::Failed { .. })).count()
+        self.hosts
+            .values()
+            .filter(|h| matches!(h.phase, Phase::Failed { .. }))
+            .count()
     }
 
     /// How many failures the gate allows.
@@ -333,18 +346,31 @@ impl Out {
 }
 
 /// The step function; see the module docs.
-pub fn step(mut rollout: Rollout, input: Input, now: u64, fleet: &Fleet) -> Result<(Rollout, Vec<Action>), Refused> {
-    let mut out = Out { actions: Vec::new() };
+pub fn step(
+    mut rollout: Rollout,
+    input: Input,
+    now: u64,
+    fleet: &Fleet,
+) -> Result<(Rollout, Vec<Action>), Refused> {
+    let mut out = Out {
+        actions: Vec::new(),
+    };
     match input {
         Input::Tick => match rollout.state.clone() {
-            State::Running { wave, wave_started_ms, awaiting_promotion } => {
+            State::Running {
+                wave,
+                wave_started_ms,
+                awaiting_promotion,
+            } => {
                 observe(&mut rollout, now, fleet, &mut out);
                 if !awaiting_promotion {
                     run_wave(&mut rollout, wave, wave_started_ms, now, fleet, &mut out);
                 }
             }
             State::Paused { .. } => observe(&mut rollout, now, fleet, &mut out),
-            State::RollingBack { all_at_once, .. } => roll_back(&mut rollout, all_at_once, now, fleet, &mut out),
+            State::RollingBack { all_at_once, .. } => {
+                roll_back(&mut rollout, all_at_once, now, fleet, &mut out)
+            }
             State::Succeeded | State::RolledBack | State::Aborted { .. } => {}
         },
         Input::Pause => match rollout.state.clone() {
@@ -353,10 +379,20 @@ pub fn step(mut rollout: Rollout, input: Input, now: u64, fleet: &Fleet) -> Resu
                     wave,
                     reason: "paused by an operator".into(),
                 };
-                out.log(None, format!("paused in wave {}; hosts in flight finish, no new host starts", wave + 1));
+                out.log(
+                    None,
+                    format!(
+                        "paused in wave {}; hosts in flight finish, no new host starts",
+                        wave + 1
+                    ),
+                );
             }
-            State::Paused { .. } => return Err(rollout.refuse("pause", "it is paused already; `resume` continues it")),
-            State::RollingBack { .. } => return Err(rollout.refuse("pause", "a rollback runs to the end; `abort` stops it")),
+            State::Paused { .. } => {
+                return Err(rollout.refuse("pause", "it is paused already; `resume` continues it"));
+            }
+            State::RollingBack { .. } => {
+                return Err(rollout.refuse("pause", "a rollback runs to the end; `abort` stops it"));
+            }
             State::Succeeded | State::RolledBack | State::Aborted { .. } => {
                 return Err(rollout.refuse("pause", "it is finished"));
             }
@@ -371,43 +407,85 @@ pub fn step(mut rollout: Rollout, input: Input, now: u64, fleet: &Fleet) -> Resu
                 out.log(None, format!("resumed in wave {}", wave + 1));
                 run_wave(&mut rollout, wave, now, now, fleet, &mut out);
             }
-            State::Running { .. } => return Err(rollout.refuse("resume", "it is running; `pause` stops it")),
-            State::RollingBack { .. } => return Err(rollout.refuse("resume", "a rollback cannot be resumed as a rollout; start a new rollout")),
+            State::Running { .. } => {
+                return Err(rollout.refuse("resume", "it is running; `pause` stops it"));
+            }
+            State::RollingBack { .. } => {
+                return Err(rollout.refuse(
+                    "resume",
+                    "a rollback cannot be resumed as a rollout; start a new rollout",
+                ));
+            }
             State::Succeeded | State::RolledBack | State::Aborted { .. } => {
                 return Err(rollout.refuse("resume", "it is finished; start a new rollout"));
             }
         },
-        Input::Promote => match rollout.state.clone() {
-            State::Running { wave, awaiting_promotion: true, .. } => {
-                out.log(None, format!("promoted: wave {} starts", wave + 2));
-                start_wave(&mut rollout, wave + 1, now, fleet, &mut out);
+        Input::Promote => {
+            match rollout.state.clone() {
+                State::Running {
+                    wave,
+                    awaiting_promotion: true,
+                    ..
+                } => {
+                    out.log(None, format!("promoted: wave {} starts", wave + 2));
+                    start_wave(&mut rollout, wave + 1, now, fleet, &mut out);
+                }
+                State::Running {
+                    awaiting_promotion: false,
+                    ..
+                } => {
+                    return Err(rollout.refuse("promote", "it is not waiting for promotion (its wave is still moving, or promote = auto)"));
+                }
+                State::Paused { .. } => return Err(rollout.refuse("promote", "`resume` it first")),
+                State::RollingBack { .. }
+                | State::Succeeded
+                | State::RolledBack
+                | State::Aborted { .. } => {
+                    return Err(rollout.refuse(
+                        "promote",
+                        "only a rollout waiting after a wave can be promoted",
+                    ));
+                }
             }
-            State::Running { awaiting_promotion: false, .. } => {
-                return Err(rollout.refuse("promote", "it is not waiting for promotion (its wave is still moving, or promote = auto)"));
-            }
-            State::Paused { .. } => return Err(rollout.refuse("promote", "`resume` it first")),
-            State::RollingBack { .. } | State::Succeeded | State::RolledBack | State::Aborted { .. } => {
-                return Err(rollout.refuse("promote", "only a rollout waiting after a wave can be promoted"));
-            }
-        },
+        }
         Input::Abort => match rollout.state.clone() {
             State::Running { .. } | State::Paused { .. } | State::RollingBack { .. } => {
                 rollout.state = State::Aborted {
                     reason: "aborted by an operator".into(),
                 };
-                out.log(None, "aborted by an operator; hosts stay where they are".into());
+                out.log(
+                    None,
+                    "aborted by an operator; hosts stay where they are".into(),
+                );
             }
             State::Succeeded | State::RolledBack | State::Aborted { .. } => {
-                return Err(rollout.refuse("abort", "it is finished; `rollback` moves its hosts back"));
+                return Err(
+                    rollout.refuse("abort", "it is finished; `rollback` moves its hosts back")
+                );
             }
         },
         Input::Rollback { all_at_once } => match rollout.state.clone() {
-            State::Running { .. } | State::Paused { .. } | State::Succeeded | State::Aborted { .. } => {
-                begin_rollback(&mut rollout, "rollback requested by an operator".into(), all_at_once, now, fleet, &mut out);
+            State::Running { .. }
+            | State::Paused { .. }
+            | State::Succeeded
+            | State::Aborted { .. } => {
+                begin_rollback(
+                    &mut rollout,
+                    "rollback requested by an operator".into(),
+                    all_at_once,
+                    now,
+                    fleet,
+                    &mut out,
+                );
             }
             // Idempotent: asking again changes nothing.
-            State::RollingBack { .. } => out.log(None, "rollback requested again; it is already rolling back".into()),
-            State::RolledBack => return Err(rollout.refuse("rollback", "it is rolled back already")),
+            State::RollingBack { .. } => out.log(
+                None,
+                "rollback requested again; it is already rolling back".into(),
+            ),
+            State::RolledBack => {
+                return Err(rollout.refuse("rollback", "it is rolled back already"));
+            }
         },
     }
     Ok((rollout, out.actions))
@@ -416,29 +494,49 @@ pub fn step(mut rollout: Rollout, input: Input, now: u64, fleet: &Fleet) -> Resu
 /// Moves dispatched and committed hosts along by what they report.
 fn observe(rollout: &mut Rollout, now: u64, fleet: &Fleet, out: &mut Out) {
     let target = rollout.target.clone();
-    let (bake, deadline) = (rollout.spec.bake.as_millis() as u64, rollout.spec.healthy_deadline.as_millis() as u64);
+    let (bake, deadline) = (
+        rollout.spec.bake.as_millis() as u64,
+        rollout.spec.healthy_deadline.as_millis() as u64,
+    );
     for host in rollout.switch_order.clone() {
         let view = fleet.get(&host).cloned().unwrap_or_default();
-        let progress = rollout.hosts.get_mut(&host).expect("dispatched hosts are in the rollout");
-        let failed_on_target = view.failed.as_ref().filter(|(release, _)| release.sha256 == target.sha256);
-        let runs_target = view.committed.as_ref().is_some_and(|c| c.sha256 == target.sha256);
+        let progress = rollout
+            .hosts
+            .get_mut(&host)
+            .expect("dispatched hosts are in the rollout");
+        let failed_on_target = view
+            .failed
+            .as_ref()
+            .filter(|(release, _)| release.sha256 == target.sha256);
+        let runs_target = view
+            .committed
+            .as_ref()
+            .is_some_and(|c| c.sha256 == target.sha256);
         match progress.phase.clone() {
             Phase::Dispatched { at_ms } => {
                 if let Some((_, reason)) = failed_on_target {
-                    progress.phase = Phase::Failed { reason: format!("the host reported: {reason}") };
+                    progress.phase = Phase::Failed {
+                        reason: format!("the host reported: {reason}"),
+                    };
                     out.log(Some(&host), format!("failed: {reason}"));
                 } else if runs_target {
                     progress.phase = Phase::Committed { at_ms: now };
                     out.log(Some(&host), format!("committed {}", target.version));
                 } else if now.saturating_sub(at_ms) >= deadline {
-                    let reason = format!("not committed within healthy_deadline ({})", humantime::format_duration(rollout.spec.healthy_deadline));
+                    let reason = format!(
+                        "not committed within healthy_deadline ({})",
+                        humantime::format_duration(rollout.spec.healthy_deadline)
+                    );
                     out.log(Some(&host), format!("failed: {reason}"));
                     progress.phase = Phase::Failed { reason };
                 }
             }
             Phase::Committed { at_ms } => {
                 if !runs_target {
-                    let reason = failed_on_target.map_or("it no longer runs the target release".to_owned(), |(_, r)| r.clone());
+                    let reason = failed_on_target.map_or(
+                        "it no longer runs the target release".to_owned(),
+                        |(_, r)| r.clone(),
+                    );
                     out.log(Some(&host), format!("failed after committing: {reason}"));
                     progress.phase = Phase::Failed { reason };
                 } else if now.saturating_sub(at_ms) >= bake {
@@ -453,7 +551,14 @@ fn observe(rollout: &mut Rollout, now: u64, fleet: &Fleet, out: &mut Out) {
 }
 
 /// Dispatches, checks the gate and advances waves.
-fn run_wave(rollout: &mut Rollout, wave: usize, wave_started_ms: u64, now: u64, fleet: &Fleet, out: &mut Out) {
+fn run_wave(
+    rollout: &mut Rollout,
+    wave: usize,
+    wave_started_ms: u64,
+    now: u64,
+    fleet: &Fleet,
+    out: &mut Out,
+) {
     if let Some(reason) = gate(rollout) {
         trip(rollout, wave, reason, now, fleet, out);
         return;
@@ -462,7 +567,12 @@ fn run_wave(rollout: &mut Rollout, wave: usize, wave_started_ms: u64, now: u64, 
     let in_flight = |r: &Rollout| {
         members
             .iter()
-            .filter(|h| matches!(r.hosts[*h].phase, Phase::Dispatched { .. } | Phase::Committed { .. }))
+            .filter(|h| {
+                matches!(
+                    r.hosts[*h].phase,
+                    Phase::Dispatched { .. } | Phase::Committed { .. }
+                )
+            })
             .count()
     };
     for host in &members {
@@ -474,20 +584,36 @@ fn run_wave(rollout: &mut Rollout, wave: usize, wave_started_ms: u64, now: u64, 
         }
         let view = fleet.get(host).cloned().unwrap_or_default();
         if !view.online {
-            let progress = rollout.hosts.get_mut(host).expect("wave hosts are in the rollout");
+            let progress = rollout
+                .hosts
+                .get_mut(host)
+                .expect("wave hosts are in the rollout");
             match rollout.spec.offline {
                 Offline::Skip => {
-                    progress.phase = Phase::Skipped { reason: "offline at its turn".into() };
-                    out.log(Some(host), "skipped: offline at its turn (offline = skip)".into());
+                    progress.phase = Phase::Skipped {
+                        reason: "offline at its turn".into(),
+                    };
+                    out.log(
+                        Some(host),
+                        "skipped: offline at its turn (offline = skip)".into(),
+                    );
                 }
                 Offline::Fail => {
-                    progress.phase = Phase::Failed { reason: "offline at its turn".into() };
-                    out.log(Some(host), "failed: offline at its turn (offline = fail)".into());
+                    progress.phase = Phase::Failed {
+                        reason: "offline at its turn".into(),
+                    };
+                    out.log(
+                        Some(host),
+                        "failed: offline at its turn (offline = fail)".into(),
+                    );
                 }
             }
             continue;
         }
-        let progress = rollout.hosts.get_mut(host).expect("wave hosts are in the rollout");
+        let progress = rollout
+            .hosts
+            .get_mut(host)
+            .expect("wave hosts are in the rollout");
         progress.previous = view.committed.clone();
         progress.phase = Phase::Dispatched { at_ms: now };
         rollout.switch_order.push(host.clone());
@@ -500,7 +626,8 @@ fn run_wave(rollout: &mut Rollout, wave: usize, wave_started_ms: u64, now: u64, 
             format!(
                 "dispatched {} (was {})",
                 rollout.target.version,
-                view.committed.map_or("nothing".into(), |c| c.version.to_string())
+                view.committed
+                    .map_or("nothing".into(), |c| c.version.to_string())
             ),
         );
     }
@@ -508,23 +635,53 @@ fn run_wave(rollout: &mut Rollout, wave: usize, wave_started_ms: u64, now: u64, 
         trip(rollout, wave, reason, now, fleet, out);
         return;
     }
-    let settled = members
-        .iter()
-        .all(|h| matches!(rollout.hosts[h].phase, Phase::Done | Phase::Skipped { .. } | Phase::Failed { .. }));
+    let settled = members.iter().all(|h| {
+        matches!(
+            rollout.hosts[h].phase,
+            Phase::Done | Phase::Skipped { .. } | Phase::Failed { .. }
+        )
+    });
     if settled {
         let last = wave + 1 == rollout.waves.len();
         if last {
             rollout.state = State::Succeeded;
-            out.log(None, format!("succeeded: {} host(s) run {}", rollout.hosts.values().filter(|h| h.phase == Phase::Done).count(), rollout.target.version));
+            out.log(
+                None,
+                format!(
+                    "succeeded: {} host(s) run {}",
+                    rollout
+                        .hosts
+                        .values()
+                        .filter(|h| h.phase == Phase::Done)
+                        .count(),
+                    rollout.target.version
+                ),
+            );
         } else if rollout.spec.promote == Promote::Manual {
-            rollout.state = State::Running { wave, wave_started_ms, awaiting_promotion: true };
-            out.log(None, format!("wave {} done; waiting for `turnout rollout promote` (promote = manual)", wave + 1));
+            rollout.state = State::Running {
+                wave,
+                wave_started_ms,
+                awaiting_promotion: true,
+            };
+            out.log(
+                None,
+                format!(
+                    "wave {} done; waiting for `turnout rollout promote` (promote = manual)",
+                    wave + 1
+                ),
+            );
         } else {
             out.log(None, format!("wave {} done", wave + 1));
             start_wave(rollout, wave + 1, now, fleet, out);
         }
-    } else if now.saturating_sub(wave_started_ms) >= rollout.spec.progress_deadline.as_millis() as u64 {
-        let reason = format!("wave {} did not finish within progress_deadline ({})", wave + 1, humantime::format_duration(rollout.spec.progress_deadline));
+    } else if now.saturating_sub(wave_started_ms)
+        >= rollout.spec.progress_deadline.as_millis() as u64
+    {
+        let reason = format!(
+            "wave {} did not finish within progress_deadline ({})",
+            wave + 1,
+            humantime::format_duration(rollout.spec.progress_deadline)
+        );
         trip(rollout, wave, reason, now, fleet, out);
     }
 }
@@ -535,27 +692,64 @@ fn start_wave(rollout: &mut Rollout, wave: usize, now: u64, fleet: &Fleet, out: 
         wave_started_ms: now,
         awaiting_promotion: false,
     };
-    out.log(None, format!("wave {} of {} starts: {} host(s)", wave + 1, rollout.waves.len(), rollout.waves[wave].len()));
+    out.log(
+        None,
+        format!(
+            "wave {} of {} starts: {} host(s)",
+            wave + 1,
+            rollout.waves.len(),
+            rollout.waves[wave].len()
+        ),
+    );
     run_wave(rollout, wave, now, now, fleet, out);
 }
 
 /// Why the gate trips, if it does.
 fn gate(rollout: &Rollout) -> Option<String> {
     let (failed, allowed) = (rollout.failed(), rollout.allowed_failures());
-    (failed > allowed).then(|| format!("{failed} host(s) failed, more than max_failed ({}) allows ({allowed})", rollout.spec.max_failed))
+    (failed > allowed).then(|| {
+        format!(
+            "{failed} host(s) failed, more than max_failed ({}) allows ({allowed})",
+            rollout.spec.max_failed
+        )
+    })
 }
 
-fn trip(rollout: &mut Rollout, wave: usize, reason: String, now: u64, fleet: &Fleet, out: &mut Out) {
+fn trip(
+    rollout: &mut Rollout,
+    wave: usize,
+    reason: String,
+    now: u64,
+    fleet: &Fleet,
+    out: &mut Out,
+) {
     match rollout.spec.on_failure {
-        OnFailure::Rollback => begin_rollback(rollout, format!("gate tripped: {reason}"), false, now, fleet, out),
+        OnFailure::Rollback => begin_rollback(
+            rollout,
+            format!("gate tripped: {reason}"),
+            false,
+            now,
+            fleet,
+            out,
+        ),
         OnFailure::Pause => {
-            out.log(None, format!("gate tripped: {reason}; paused (on_failure = pause)"));
+            out.log(
+                None,
+                format!("gate tripped: {reason}; paused (on_failure = pause)"),
+            );
             rollout.state = State::Paused { wave, reason };
         }
     }
 }
 
-fn begin_rollback(rollout: &mut Rollout, reason: String, all_at_once: bool, now: u64, fleet: &Fleet, out: &mut Out) {
+fn begin_rollback(
+    rollout: &mut Rollout,
+    reason: String,
+    all_at_once: bool,
+    now: u64,
+    fleet: &Fleet,
+    out: &mut Out,
+) {
     out.log(
         None,
         format!(
@@ -564,18 +758,28 @@ fn begin_rollback(rollout: &mut Rollout, reason: String, all_at_once: bool, now:
             if all_at_once { ", all at once" } else { "" }
         ),
     );
-    rollout.state = State::RollingBack { reason, all_at_once };
+    rollout.state = State::RollingBack {
+        reason,
+        all_at_once,
+    };
     roll_back(rollout, all_at_once, now, fleet, out);
 }
 
 /// Moves dispatched hosts back, newest first, `max_parallel` at a time.
 fn roll_back(rollout: &mut Rollout, all_at_once: bool, now: u64, fleet: &Fleet, out: &mut Out) {
     let deadline = rollout.spec.healthy_deadline.as_millis() as u64;
-    let limit = if all_at_once { usize::MAX } else { rollout.spec.max_parallel };
+    let limit = if all_at_once {
+        usize::MAX
+    } else {
+        rollout.spec.max_parallel
+    };
     let order: Vec<HostId> = rollout.switch_order.iter().rev().cloned().collect();
     for host in &order {
         let view = fleet.get(host).cloned().unwrap_or_default();
-        let progress = rollout.hosts.get_mut(host).expect("dispatched hosts are in the rollout");
+        let progress = rollout
+            .hosts
+            .get_mut(host)
+            .expect("dispatched hosts are in the rollout");
         if let Phase::Reverting { at_ms } = progress.phase {
             let back = match (&view.committed, &progress.previous) {
                 (Some(c), Some(p)) => c.sha256 == p.sha256,
@@ -585,41 +789,81 @@ fn roll_back(rollout: &mut Rollout, all_at_once: bool, now: u64, fleet: &Fleet, 
                 progress.phase = Phase::Reverted;
                 out.log(Some(host), "rolled back".into());
             } else if now.saturating_sub(at_ms) >= deadline {
-                progress.phase = Phase::RevertFailed { reason: "not back on its previous release within healthy_deadline".into() };
-                out.log(Some(host), "rollback failed: not back on its previous release within healthy_deadline".into());
+                progress.phase = Phase::RevertFailed {
+                    reason: "not back on its previous release within healthy_deadline".into(),
+                };
+                out.log(
+                    Some(host),
+                    "rollback failed: not back on its previous release within healthy_deadline"
+                        .into(),
+                );
             }
         }
     }
     for host in &order {
-        let reverting = rollout.hosts.values().filter(|h| matches!(h.phase, Phase::Reverting { .. })).count();
+        let reverting = rollout
+            .hosts
+            .values()
+            .filter(|h| matches!(h.phase, Phase::Reverting { .. }))
+            .count();
         if reverting >= limit {
             break;
         }
         let view = fleet.get(host).cloned().unwrap_or_default();
-        let progress = rollout.hosts.get_mut(host).expect("dispatched hosts are in the rollout");
-        if matches!(progress.phase, Phase::Reverting { .. } | Phase::Reverted | Phase::RevertFailed { .. }) {
+        let progress = rollout
+            .hosts
+            .get_mut(host)
+            .expect("dispatched hosts are in the rollout");
+        if matches!(
+            progress.phase,
+            Phase::Reverting { .. } | Phase::Reverted | Phase::RevertFailed { .. }
+        ) {
             continue;
         }
         match progress.previous.clone() {
             None => {
-                progress.phase = Phase::RevertFailed { reason: "it ran nothing before; nothing to go back to".into() };
-                out.log(Some(host), "not rolled back: it ran nothing before this rollout".into());
+                progress.phase = Phase::RevertFailed {
+                    reason: "it ran nothing before; nothing to go back to".into(),
+                };
+                out.log(
+                    Some(host),
+                    "not rolled back: it ran nothing before this rollout".into(),
+                );
             }
-            Some(previous) if view.committed.as_ref().is_some_and(|c| c.sha256 == previous.sha256) => {
+            Some(previous)
+                if view
+                    .committed
+                    .as_ref()
+                    .is_some_and(|c| c.sha256 == previous.sha256) =>
+            {
                 progress.phase = Phase::Reverted;
                 out.log(Some(host), format!("already back on {}", previous.version));
             }
             Some(previous) => {
                 progress.phase = Phase::Reverting { at_ms: now };
-                out.actions.push(Action::SetDesired { host: host.clone(), release: previous.clone() });
+                out.actions.push(Action::SetDesired {
+                    host: host.clone(),
+                    release: previous.clone(),
+                });
                 out.log(Some(host), format!("rolling back to {}", previous.version));
             }
         }
     }
-    let finished = order.iter().all(|h| matches!(rollout.hosts[h].phase, Phase::Reverted | Phase::RevertFailed { .. }));
+    let finished = order.iter().all(|h| {
+        matches!(
+            rollout.hosts[h].phase,
+            Phase::Reverted | Phase::RevertFailed { .. }
+        )
+    });
     if finished {
         rollout.state = State::RolledBack;
-        out.log(None, format!("rolled back: {} host(s) back on their previous release", order.len()));
+        out.log(
+            None,
+            format!(
+                "rolled back: {} host(s) back on their previous release",
+                order.len()
+            ),
+        );
     }
 }
 

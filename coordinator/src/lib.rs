@@ -6,8 +6,10 @@
 
 pub mod cli;
 pub mod cmd;
+pub mod engine;
 pub mod exit;
 pub mod files;
+pub mod spec;
 
 use turnout_proto::{CapabilitySet, Offer, SUPPORTED};
 

@@ -60,7 +60,12 @@ impl Amount {
     fn parse(text: &str) -> Option<Amount> {
         let text = text.trim();
         match text.strip_suffix('%') {
-            Some(p) => p.trim().parse::<f64>().ok().filter(|p| (0.0..=100.0).contains(p)).map(Amount::Percent),
+            Some(p) => p
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|p| (0.0..=100.0).contains(p))
+                .map(Amount::Percent),
             None => text.parse().ok().map(Amount::Count),
         }
     }
@@ -208,10 +213,18 @@ impl RolloutSpec {
     /// Validates a raw spec; defaults fill absent optional keys.
     pub fn from_raw(raw: &RawSpec) -> Result<RolloutSpec, SpecError> {
         let mut problems = Vec::new();
-        let mut problem = |key: &str, message: String| problems.push(SpecProblem { key: key.into(), message });
+        let mut problem = |key: &str, message: String| {
+            problems.push(SpecProblem {
+                key: key.into(),
+                message,
+            })
+        };
         for key in raw.keys() {
             if !KEYS.contains(&key.as_str()) {
-                problem(key, format!("unknown key; expected one of: {}", KEYS.join(", ")));
+                problem(
+                    key,
+                    format!("unknown key; expected one of: {}", KEYS.join(", ")),
+                );
             }
         }
         let text = |key: &str, problem: &mut dyn FnMut(&str, String)| -> Option<String> {
@@ -227,19 +240,31 @@ impl RolloutSpec {
         };
         let service = match text("service", &mut problem) {
             None => {
-                problem("service", "missing; name the service to move, e.g. service = \"web\"".into());
+                problem(
+                    "service",
+                    "missing; name the service to move, e.g. service = \"web\"".into(),
+                );
                 None
             }
-            Some(s) => s.parse::<ServiceName>().map_err(|e| problem("service", e.to_string())).ok(),
+            Some(s) => s
+                .parse::<ServiceName>()
+                .map_err(|e| problem("service", e.to_string()))
+                .ok(),
         };
         let release = match text("release", &mut problem) {
             None => {
-                problem("release", "missing; expected NAME@VERSION (e.g. web@1.4.2) or a bundle sha256".into());
+                problem(
+                    "release",
+                    "missing; expected NAME@VERSION (e.g. web@1.4.2) or a bundle sha256".into(),
+                );
                 None
             }
             Some(r) => match r.split_once('@') {
                 Some((name, version)) => match version.parse() {
-                    Ok(version) => Some(ReleaseSelector::Named { name: name.to_owned(), version }),
+                    Ok(version) => Some(ReleaseSelector::Named {
+                        name: name.to_owned(),
+                        version,
+                    }),
                     Err(e) => {
                         problem("release", format!("invalid version {version:?}: {e}"));
                         None
@@ -248,7 +273,12 @@ impl RolloutSpec {
                 None => match r.parse::<Digest>() {
                     Ok(d) => Some(ReleaseSelector::Digest(d)),
                     Err(_) => {
-                        problem("release", format!("expected NAME@VERSION (e.g. web@1.4.2) or a bundle sha256, found {r:?}"));
+                        problem(
+                            "release",
+                            format!(
+                                "expected NAME@VERSION (e.g. web@1.4.2) or a bundle sha256, found {r:?}"
+                            ),
+                        );
                         None
                     }
                 },
@@ -261,7 +291,10 @@ impl RolloutSpec {
                     Some((k, v)) if !k.trim().is_empty() => {
                         selector.insert(k.trim().to_owned(), v.trim().to_owned());
                     }
-                    _ => problem("selector", format!("expected key=value pairs separated by commas, found {part:?}")),
+                    _ => problem(
+                        "selector",
+                        format!("expected key=value pairs separated by commas, found {part:?}"),
+                    ),
                 }
             }
         }
@@ -272,13 +305,17 @@ impl RolloutSpec {
                 for (i, item) in items.iter().enumerate() {
                     let parsed = match item {
                         serde_json::Value::String(s) => Amount::parse(s),
-                        serde_json::Value::Number(n) => n.as_u64().map(|n| Amount::Count(n as usize)),
+                        serde_json::Value::Number(n) => {
+                            n.as_u64().map(|n| Amount::Count(n as usize))
+                        }
                         _ => None,
                     };
                     match parsed {
                         Some(Amount::Count(0)) | None => problem(
                             &format!("waves[{i}]"),
-                            format!("expected a host count above 0 or a percentage like \"10%\", found {item}"),
+                            format!(
+                                "expected a host count above 0 or a percentage like \"10%\", found {item}"
+                            ),
                         ),
                         Some(amount) => waves.push(amount),
                     }
@@ -286,28 +323,45 @@ impl RolloutSpec {
                 waves
             }
             Some(other) => {
-                problem("waves", format!("expected a non-empty array like [\"1\", \"10%\", \"100%\"], found {other}"));
+                problem(
+                    "waves",
+                    format!(
+                        "expected a non-empty array like [\"1\", \"10%\", \"100%\"], found {other}"
+                    ),
+                );
                 vec![]
             }
         };
         let count = |key: &str, default: usize, problem: &mut dyn FnMut(&str, String)| -> usize {
             match raw.get(key) {
                 None => default,
-                Some(v) => match v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())) {
+                Some(v) => match v
+                    .as_u64()
+                    .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+                {
                     Some(n) if n >= 1 => n as usize,
                     _ => {
-                        problem(key, format!("expected a whole number of at least 1, found {v}"));
+                        problem(
+                            key,
+                            format!("expected a whole number of at least 1, found {v}"),
+                        );
                         default
                     }
                 },
             }
         };
         let max_parallel = count("max_parallel", 1, &mut problem);
-        let duration = |key: &str, default: u64, problem: &mut dyn FnMut(&str, String)| -> Duration {
+        let duration = |key: &str,
+                        default: u64,
+                        problem: &mut dyn FnMut(&str, String)|
+         -> Duration {
             match text(key, problem) {
                 None => Duration::from_secs(default),
                 Some(t) => humantime::parse_duration(&t).unwrap_or_else(|e| {
-                    problem(key, format!("expected a duration like \"30s\" or \"10m\", found {t:?} ({e})"));
+                    problem(
+                        key,
+                        format!("expected a duration like \"30s\" or \"10m\", found {t:?} ({e})"),
+                    );
                     Duration::from_secs(default)
                 }),
             }
@@ -318,7 +372,10 @@ impl RolloutSpec {
         let max_failed = match text("max_failed", &mut problem) {
             None => Amount::Count(0),
             Some(t) => Amount::parse(&t).unwrap_or_else(|| {
-                problem("max_failed", format!("expected a count like \"0\" or a percentage like \"5%\", found {t:?}"));
+                problem(
+                    "max_failed",
+                    format!("expected a count like \"0\" or a percentage like \"5%\", found {t:?}"),
+                );
                 Amount::Count(0)
             }),
         };
@@ -331,16 +388,41 @@ impl RolloutSpec {
         ) -> T {
             match value {
                 None => default,
-                Some(v) => options.iter().find(|(name, _)| *name == v).map(|(_, t)| *t).unwrap_or_else(|| {
-                    let names: Vec<_> = options.iter().map(|(n, _)| format!("{n:?}")).collect();
-                    problem(key, format!("expected {}, found {v:?}", names.join(" or ")));
-                    default
-                }),
+                Some(v) => options
+                    .iter()
+                    .find(|(name, _)| *name == v)
+                    .map(|(_, t)| *t)
+                    .unwrap_or_else(|| {
+                        let names: Vec<_> = options.iter().map(|(n, _)| format!("{n:?}")).collect();
+                        problem(key, format!("expected {}, found {v:?}", names.join(" or ")));
+                        default
+                    }),
             }
         }
-        let on_failure = choice("on_failure", text("on_failure", &mut problem), &[("rollback", OnFailure::Rollback), ("pause", OnFailure::Pause)], OnFailure::Rollback, &mut problem);
-        let promote = choice("promote", text("promote", &mut problem), &[("auto", Promote::Auto), ("manual", Promote::Manual)], Promote::Auto, &mut problem);
-        let offline = choice("offline", text("offline", &mut problem), &[("skip", Offline::Skip), ("fail", Offline::Fail)], Offline::Skip, &mut problem);
+        let on_failure = choice(
+            "on_failure",
+            text("on_failure", &mut problem),
+            &[
+                ("rollback", OnFailure::Rollback),
+                ("pause", OnFailure::Pause),
+            ],
+            OnFailure::Rollback,
+            &mut problem,
+        );
+        let promote = choice(
+            "promote",
+            text("promote", &mut problem),
+            &[("auto", Promote::Auto), ("manual", Promote::Manual)],
+            Promote::Auto,
+            &mut problem,
+        );
+        let offline = choice(
+            "offline",
+            text("offline", &mut problem),
+            &[("skip", Offline::Skip), ("fail", Offline::Fail)],
+            Offline::Skip,
+            &mut problem,
+        );
         if healthy_deadline.is_zero() {
             problem("healthy_deadline", "must be above zero".into());
         }
@@ -396,7 +478,15 @@ mod tests {
         )
         .unwrap();
         let spec = RolloutSpec::from_raw(&raw).unwrap();
-        assert_eq!(spec.waves, vec![Amount::Count(1), Amount::Percent(10.0), Amount::Percent(50.0), Amount::Percent(100.0)]);
+        assert_eq!(
+            spec.waves,
+            vec![
+                Amount::Count(1),
+                Amount::Percent(10.0),
+                Amount::Percent(50.0),
+                Amount::Percent(100.0)
+            ]
+        );
         assert_eq!(spec.selector["region"], "eu-1");
         assert_eq!(spec.max_parallel, 5);
         assert_eq!(spec.release.to_string(), "web@1.4.2");
@@ -417,10 +507,23 @@ mod tests {
         .unwrap();
         let err = RolloutSpec::from_raw(&raw).unwrap_err();
         let keys: Vec<_> = err.problems.iter().map(|p| p.key.as_str()).collect();
-        for key in ["colour", "service", "release", "waves[1]", "waves[2]", "max_parallel", "bake", "on_failure"] {
+        for key in [
+            "colour",
+            "service",
+            "release",
+            "waves[1]",
+            "waves[2]",
+            "max_parallel",
+            "bake",
+            "on_failure",
+        ] {
             assert!(keys.contains(&key), "{key} missing from {keys:?}");
         }
-        assert!(err.to_string().starts_with("the rollout spec has 8 problem(s)"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("the rollout spec has 8 problem(s)"),
+            "{err}"
+        );
     }
 
     #[test]
