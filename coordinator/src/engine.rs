@@ -369,7 +369,7 @@ pub fn step(
             }
             State::Paused { .. } => observe(&mut rollout, now, fleet, &mut out),
             State::RollingBack { all_at_once, .. } => {
-                roll_back(&mut rollout, all_at_once, now, fleet, &mut out)
+                roll_back(&mut rollout, all_at_once, now, fleet, &mut out);
             }
             State::Succeeded | State::RolledBack | State::Aborted { .. } => {}
         },

@@ -217,7 +217,7 @@ impl RolloutSpec {
             problems.push(SpecProblem {
                 key: key.into(),
                 message,
-            })
+            });
         };
         for key in raw.keys() {
             if !KEYS.contains(&key.as_str()) {

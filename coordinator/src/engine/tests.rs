@@ -183,7 +183,7 @@ fn cohorts_are_cumulative_deterministic_and_at_least_one_host_each() {
         ),
         "another rollout id shuffles the fleet differently"
     );
-    let mut reversed = all.clone();
+    let mut reversed = all;
     reversed.reverse();
     assert_eq!(
         waves,
