@@ -10,6 +10,7 @@ pub mod engine;
 pub mod exit;
 pub mod files;
 pub mod spec;
+pub mod store;
 
 use turnout_proto::{CapabilitySet, Offer, SUPPORTED};
 

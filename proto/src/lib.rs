@@ -30,6 +30,7 @@ pub mod limits;
 pub mod manifest;
 pub mod messages;
 pub mod negotiate;
+pub mod request_auth;
 pub mod signature;
 pub mod trust;
 pub mod version;

@@ -1,0 +1,742 @@
+//! The coordinator's state in one SQLite file (WAL): hosts, tokens, bundles,
+//! desired state, rollouts and the append-only event log.
+//!
+//! Tokens are stored only as sha256 digests: the database never holds a
+//! credential. Desired state carries a per-host index that only grows, which
+//! is what an agent's long poll waits on. Migrations are append-only, keyed by
+//! `PRAGMA user_version`, and a newer schema is refused.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use turnout_proto::messages::{DesiredService, DesiredState, ReleaseRef, Report};
+use turnout_proto::{CapabilitySet, HostId, ServiceName};
+
+use crate::engine::Rollout;
+
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE hosts (
+        id TEXT PRIMARY KEY,
+        public_key TEXT NOT NULL,
+        labels TEXT NOT NULL,
+        enrolled_ms INTEGER NOT NULL,
+        last_seen_ms INTEGER NOT NULL DEFAULT 0,
+        agent_version TEXT,
+        proto INTEGER,
+        capabilities TEXT,
+        incompatible TEXT,
+        report TEXT,
+        desired_index INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE tokens (
+        digest TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        role TEXT,
+        expires_ms INTEGER,
+        uses_left INTEGER,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE bundles (
+        sha256 TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        version TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE desired (
+        host TEXT NOT NULL,
+        service TEXT NOT NULL,
+        release TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        rollout TEXT,
+        PRIMARY KEY (host, service)
+    );
+    CREATE TABLE rollouts (
+        id TEXT PRIMARY KEY,
+        service TEXT NOT NULL,
+        finished INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        rollout TEXT,
+        host TEXT,
+        message TEXT NOT NULL
+    );
+    CREATE INDEX events_by_rollout ON events (rollout, id);
+"];
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("the coordinator database {path}: {source}")]
+    Sqlite {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// Written by a newer coordinator.
+    #[error(
+        "the coordinator database {path} has schema version {found}; this build knows up to {known}: run the newer coordinator"
+    )]
+    Newer {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        found: i64,
+        /// This build's newest.
+        known: i64,
+    },
+}
+
+/// An operator's role; each includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Read everything.
+    Viewer,
+    /// Also push bundles and drive rollouts.
+    Operator,
+    /// Also manage tokens and hosts.
+    Admin,
+}
+
+impl Role {
+    /// The role's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// Parses a role name.
+    pub fn parse(text: &str) -> Option<Role> {
+        [Role::Viewer, Role::Operator, Role::Admin]
+            .into_iter()
+            .find(|r| r.name() == text)
+    }
+}
+
+/// Why an enrollment token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnrollRefusal {
+    /// Never issued (or mistyped).
+    #[error("the enrollment token is not known; create one with `turnout token create --enroll`")]
+    Unknown,
+    /// Past its time to live.
+    #[error("the enrollment token expired; create a new one")]
+    Expired,
+    /// Used up.
+    #[error("the enrollment token has been used as many times as it allows; create a new one")]
+    UsedUp,
+}
+
+/// A host as the registry knows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// Its id.
+    pub id: HostId,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// When it enrolled.
+    pub enrolled_ms: u64,
+    /// When it was last heard from.
+    pub last_seen_ms: u64,
+    /// Its agent's version.
+    pub agent_version: Option<String>,
+    /// The negotiated protocol version.
+    pub proto: Option<u16>,
+    /// The negotiated capabilities.
+    pub capabilities: Option<CapabilitySet>,
+    /// Why its last hello was refused, if it was.
+    pub incompatible: Option<String>,
+    /// Its last report.
+    pub report: Option<Report>,
+    /// Its desired-state index.
+    pub desired_index: u64,
+}
+
+/// A stored bundle.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BundleRecord {
+    /// Its digest.
+    pub sha256: String,
+    /// Its name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// Its size.
+    pub size: u64,
+    /// When it was pushed.
+    pub created_ms: u64,
+}
+
+/// One line of the event log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Its position; grows by one for each line.
+    pub id: u64,
+    /// When.
+    pub at_ms: u64,
+    /// Who: `engine`, `operator:ROLE`, `host:ID`, `coordinator`.
+    pub actor: String,
+    /// The rollout concerned.
+    pub rollout: Option<String>,
+    /// The host concerned.
+    pub host: Option<String>,
+    /// What happened and why.
+    pub message: String,
+}
+
+/// The open store.
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Store({})", self.path.display())
+    }
+}
+
+/// A new random secret, `PREFIX_` plus 32 random bytes in URL-safe base64.
+pub fn new_secret(prefix: &str) -> String {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the system random source works");
+    format!(
+        "{prefix}_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
+}
+
+fn digest(secret: &str) -> String {
+    Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+impl Store {
+    /// Opens (creating and migrating) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store> {
+        let sqlite = |source| StoreError::Sqlite {
+            path: path.to_owned(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(sqlite)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(sqlite)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sqlite)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sqlite)?;
+        let known = MIGRATIONS.len() as i64;
+        let tx = conn.transaction().map_err(sqlite)?;
+        let found: i64 = tx
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(sqlite)?;
+        if found > known {
+            return Err(StoreError::Newer {
+                path: path.to_owned(),
+                found,
+                known,
+            });
+        }
+        for migration in &MIGRATIONS[found as usize..] {
+            tx.execute_batch(migration).map_err(sqlite)?;
+        }
+        tx.pragma_update(None, "user_version", known)
+            .map_err(sqlite)?;
+        tx.commit().map_err(sqlite)?;
+        Ok(Store {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Creates an operator token with `role`; returns the secret (shown once).
+    pub fn create_token(&self, role: Role, now: u64) -> Result<String> {
+        let secret = new_secret("tnt");
+        self.conn
+            .execute(
+                "INSERT INTO tokens (digest, kind, role, created_ms) VALUES (?1, 'operator', ?2, ?3)",
+                params![digest(&secret), role.name(), now as i64],
+            )
+            .map_err(self.err())?;
+        Ok(secret)
+    }
+
+    /// Whether any operator token exists (the server's `--init` makes the first).
+    pub fn has_tokens(&self) -> Result<bool> {
+        self.conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM tokens WHERE kind = 'operator')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(self.err())
+    }
+
+    /// The role of an operator token.
+    pub fn token_role(&self, secret: &str) -> Result<Option<Role>> {
+        let role: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT role FROM tokens WHERE digest = ?1 AND kind = 'operator'",
+                [digest(secret)],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.err())?;
+        Ok(role.as_deref().and_then(Role::parse))
+    }
+
+    /// Creates an enrollment token valid for `ttl_ms` and `uses` enrollments.
+    pub fn create_enroll_token(&self, ttl_ms: u64, uses: u32, now: u64) -> Result<String> {
+        let secret = new_secret("tne");
+        self.conn
+            .execute(
+                "INSERT INTO tokens (digest, kind, expires_ms, uses_left, created_ms) VALUES (?1, 'enroll', ?2, ?3, ?4)",
+                params![digest(&secret), (now + ttl_ms) as i64, uses, now as i64],
+            )
+            .map_err(self.err())?;
+        Ok(secret)
+    }
+
+    /// Enrolls (or re-keys) host `id` with an enrollment token.
+    pub fn enroll(
+        &mut self,
+        token: &str,
+        id: &HostId,
+        public_key: &str,
+        labels: &BTreeMap<String, String>,
+        now: u64,
+    ) -> Result<std::result::Result<(), EnrollRefusal>> {
+        let path = self.path.clone();
+        let sqlite = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(sqlite)?;
+        let row: Option<(i64, i64)> = tx
+            .query_row(
+                "SELECT expires_ms, uses_left FROM tokens WHERE digest = ?1 AND kind = 'enroll'",
+                [digest(token)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sqlite)?;
+        let refusal = match row {
+            None => Some(EnrollRefusal::Unknown),
+            Some((expires, _)) if (expires as u64) <= now => Some(EnrollRefusal::Expired),
+            Some((_, 0)) => Some(EnrollRefusal::UsedUp),
+            Some(_) => None,
+        };
+        if let Some(refusal) = refusal {
+            return Ok(Err(refusal));
+        }
+        tx.execute(
+            "UPDATE tokens SET uses_left = uses_left - 1 WHERE digest = ?1",
+            [digest(token)],
+        )
+        .map_err(sqlite)?;
+        tx.execute(
+            "INSERT INTO hosts (id, public_key, labels, enrolled_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (id) DO UPDATE SET public_key = excluded.public_key, labels = excluded.labels, enrolled_ms = excluded.enrolled_ms",
+            params![id.as_str(), public_key, serde_json::to_string(labels).expect("labels serialise"), now as i64],
+        )
+        .map_err(sqlite)?;
+        tx.commit().map_err(sqlite)?;
+        Ok(Ok(()))
+    }
+
+    /// An enrolled host's public key (PEM).
+    pub fn host_key(&self, id: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row("SELECT public_key FROM hosts WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// Records a hello: what the host runs and speaks, or why it was refused.
+    pub fn record_hello(
+        &self,
+        id: &HostId,
+        agent_version: &str,
+        labels: &BTreeMap<String, String>,
+        negotiated: Option<(u16, &CapabilitySet)>,
+        incompatible: Option<&str>,
+        now: u64,
+    ) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE hosts SET agent_version = ?2, labels = ?3, proto = ?4, capabilities = ?5, incompatible = ?6, last_seen_ms = ?7 WHERE id = ?1",
+                params![
+                    id.as_str(),
+                    agent_version,
+                    serde_json::to_string(labels).expect("labels serialise"),
+                    negotiated.map(|(v, _)| v),
+                    negotiated.map(|(_, c)| serde_json::to_string(c).expect("capabilities serialise")),
+                    incompatible,
+                    now as i64
+                ],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Records a report (and that the host was seen).
+    pub fn record_report(&self, report: &Report, now: u64) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE hosts SET report = ?2, last_seen_ms = ?3 WHERE id = ?1",
+                params![
+                    report.host.as_str(),
+                    serde_json::to_string(report).expect("reports serialise"),
+                    now as i64
+                ],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Marks a host as seen (a long poll counts).
+    pub fn touch(&self, id: &str, now: u64) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE hosts SET last_seen_ms = ?2 WHERE id = ?1",
+                params![id, now as i64],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Every host, by id.
+    pub fn hosts(&self) -> Result<Vec<HostRecord>> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT id, labels, enrolled_ms, last_seen_ms, agent_version, proto, capabilities, incompatible, report, desired_index FROM hosts ORDER BY id")
+            .map_err(self.err())?;
+        let rows = statement
+            .query_map([], |r| {
+                let json = |i: usize| -> rusqlite::Result<Option<String>> { r.get(i) };
+                Ok(HostRecord {
+                    id: r
+                        .get::<_, String>(0)?
+                        .parse()
+                        .expect("stored ids are valid"),
+                    labels: serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or_default(),
+                    enrolled_ms: r.get::<_, i64>(2)? as u64,
+                    last_seen_ms: r.get::<_, i64>(3)? as u64,
+                    agent_version: r.get(4)?,
+                    proto: r.get(5)?,
+                    capabilities: json(6)?.and_then(|t| serde_json::from_str(&t).ok()),
+                    incompatible: r.get(7)?,
+                    report: json(8)?.and_then(|t| serde_json::from_str(&t).ok()),
+                    desired_index: r.get::<_, i64>(9)? as u64,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(self.err())
+    }
+
+    /// Removes a host and its desired state; true if it existed.
+    pub fn forget_host(&self, id: &str) -> Result<bool> {
+        self.conn
+            .execute("DELETE FROM desired WHERE host = ?1", [id])
+            .map_err(self.err())?;
+        Ok(self
+            .conn
+            .execute("DELETE FROM hosts WHERE id = ?1", [id])
+            .map_err(self.err())?
+            > 0)
+    }
+
+    /// Sets one service's desired release on a host; returns the new index.
+    pub fn set_desired(
+        &self,
+        host: &HostId,
+        service: &ServiceName,
+        release: &ReleaseRef,
+        size: u64,
+        rollout: Option<&str>,
+    ) -> Result<u64> {
+        self.conn
+            .execute(
+                "INSERT INTO desired (host, service, release, size, rollout) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (host, service) DO UPDATE SET release = excluded.release, size = excluded.size, rollout = excluded.rollout",
+                params![host.as_str(), service.as_str(), serde_json::to_string(release).expect("releases serialise"), size as i64, rollout],
+            )
+            .map_err(self.err())?;
+        self.conn
+            .execute(
+                "UPDATE hosts SET desired_index = desired_index + 1 WHERE id = ?1",
+                [host.as_str()],
+            )
+            .map_err(self.err())?;
+        self.conn
+            .query_row(
+                "SELECT desired_index FROM hosts WHERE id = ?1",
+                [host.as_str()],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|i| i as u64)
+            .map_err(self.err())
+    }
+
+    /// A host's desired state.
+    pub fn desired(&self, host: &HostId) -> Result<DesiredState> {
+        let index: i64 = self
+            .conn
+            .query_row(
+                "SELECT desired_index FROM hosts WHERE id = ?1",
+                [host.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.err())?
+            .unwrap_or(0);
+        let mut statement = self.conn.prepare("SELECT service, release, size, rollout FROM desired WHERE host = ?1 ORDER BY service").map_err(self.err())?;
+        let services = statement
+            .query_map([host.as_str()], |r| {
+                Ok(DesiredService {
+                    service: r
+                        .get::<_, String>(0)?
+                        .parse()
+                        .expect("stored names are valid"),
+                    release: serde_json::from_str(&r.get::<_, String>(1)?)
+                        .expect("stored releases are valid"),
+                    size: r.get::<_, i64>(2)? as u64,
+                    urls: Vec::new(),
+                    rollout: r.get(3)?,
+                })
+            })
+            .map_err(self.err())?
+            .collect::<std::result::Result<_, _>>()
+            .map_err(self.err())?;
+        Ok(DesiredState {
+            host: host.clone(),
+            index: index as u64,
+            services,
+        })
+    }
+
+    /// Records a pushed bundle.
+    pub fn add_bundle(&self, record: &BundleRecord) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO bundles (sha256, name, version, size, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![record.sha256, record.name, record.version, record.size as i64, record.created_ms as i64],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Every stored bundle, newest first.
+    pub fn bundles(&self) -> Result<Vec<BundleRecord>> {
+        let mut statement = self.conn.prepare("SELECT sha256, name, version, size, created_ms FROM bundles ORDER BY created_ms DESC, name").map_err(self.err())?;
+        let rows = statement
+            .query_map([], |r| {
+                Ok(BundleRecord {
+                    sha256: r.get(0)?,
+                    name: r.get(1)?,
+                    version: r.get(2)?,
+                    size: r.get::<_, i64>(3)? as u64,
+                    created_ms: r.get::<_, i64>(4)? as u64,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(self.err())
+    }
+
+    /// Saves a rollout (insert or replace).
+    pub fn save_rollout(&self, rollout: &Rollout, now: u64) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO rollouts (id, service, finished, body, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (id) DO UPDATE SET finished = excluded.finished, body = excluded.body",
+                params![rollout.id, rollout.spec.service.as_str(), rollout.state.is_finished(), serde_json::to_string(rollout).expect("rollouts serialise"), now as i64],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Every rollout, oldest first.
+    pub fn rollouts(&self) -> Result<Vec<Rollout>> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT body FROM rollouts ORDER BY created_ms, id")
+            .map_err(self.err())?;
+        let rows = statement
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(self.err())?;
+        let mut out = Vec::new();
+        for body in rows {
+            out.push(
+                serde_json::from_str(&body.map_err(self.err())?)
+                    .expect("stored rollouts are valid"),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Appends to the event log; returns the line's id.
+    pub fn log(
+        &self,
+        at_ms: u64,
+        actor: &str,
+        rollout: Option<&str>,
+        host: Option<&str>,
+        message: &str,
+    ) -> Result<u64> {
+        self.conn
+            .execute(
+                "INSERT INTO events (at_ms, actor, rollout, host, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![at_ms as i64, actor, rollout, host, message],
+            )
+            .map_err(self.err())?;
+        Ok(self.conn.last_insert_rowid() as u64)
+    }
+
+    /// Event-log lines after `after`, optionally for one rollout, oldest first.
+    pub fn events(&self, after: u64, rollout: Option<&str>, limit: usize) -> Result<Vec<Event>> {
+        let mut statement = self
+            .conn
+            .prepare("SELECT id, at_ms, actor, rollout, host, message FROM events WHERE id > ?1 AND (?2 IS NULL OR rollout = ?2) ORDER BY id LIMIT ?3")
+            .map_err(self.err())?;
+        let rows = statement
+            .query_map(params![after as i64, rollout, limit as i64], |r| {
+                Ok(Event {
+                    id: r.get::<_, i64>(0)? as u64,
+                    at_ms: r.get::<_, i64>(1)? as u64,
+                    actor: r.get(2)?,
+                    rollout: r.get(3)?,
+                    host: r.get(4)?,
+                    message: r.get(5)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(self.err())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_stored_hashed_and_roles_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("c.db")).unwrap();
+        let token = store.create_token(Role::Operator, 1).unwrap();
+        assert_eq!(store.token_role(&token).unwrap(), Some(Role::Operator));
+        assert_eq!(store.token_role("tnt_nope").unwrap(), None);
+        let stored: String = store
+            .conn
+            .query_row("SELECT digest FROM tokens", [], |r| r.get(0))
+            .unwrap();
+        assert!(
+            !stored.contains(&token[4..]),
+            "the secret itself is never stored"
+        );
+    }
+
+    #[test]
+    fn enrollment_tokens_expire_and_run_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("c.db")).unwrap();
+        let token = store.create_enroll_token(1000, 1, 0).unwrap();
+        let host: HostId = "web-01".parse().unwrap();
+        assert_eq!(
+            store
+                .enroll(&token, &host, "KEY", &BTreeMap::new(), 10)
+                .unwrap(),
+            Ok(())
+        );
+        assert_eq!(
+            store
+                .enroll(&token, &host, "KEY", &BTreeMap::new(), 10)
+                .unwrap(),
+            Err(EnrollRefusal::UsedUp)
+        );
+        let late = store.create_enroll_token(1000, 5, 0).unwrap();
+        assert_eq!(
+            store
+                .enroll(&late, &host, "KEY", &BTreeMap::new(), 1000)
+                .unwrap(),
+            Err(EnrollRefusal::Expired)
+        );
+        assert_eq!(
+            store
+                .enroll("tne_x", &host, "KEY", &BTreeMap::new(), 0)
+                .unwrap(),
+            Err(EnrollRefusal::Unknown)
+        );
+    }
+
+    #[test]
+    fn desired_index_grows_with_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("c.db")).unwrap();
+        let token = store.create_enroll_token(1000, 1, 0).unwrap();
+        let host: HostId = "web-01".parse().unwrap();
+        store
+            .enroll(&token, &host, "KEY", &BTreeMap::new(), 0)
+            .unwrap()
+            .unwrap();
+        let release = ReleaseRef {
+            name: "web".into(),
+            version: "1.0.0".parse().unwrap(),
+            sha256: turnout_proto::Digest::from_bytes([1; 32]),
+        };
+        let service: ServiceName = "web".parse().unwrap();
+        assert_eq!(
+            store
+                .set_desired(&host, &service, &release, 10, Some("r-1"))
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            store
+                .set_desired(&host, &service, &release, 10, Some("r-1"))
+                .unwrap(),
+            2
+        );
+        let desired = store.desired(&host).unwrap();
+        assert_eq!((desired.index, desired.services.len()), (2, 1));
+        drop(store);
+        let again = Store::open(&dir.path().join("c.db")).unwrap();
+        assert_eq!(
+            again.desired(&host).unwrap().index,
+            2,
+            "migrating twice keeps the data"
+        );
+    }
+}
