@@ -6,9 +6,12 @@
 
 pub mod cli;
 pub mod cmd;
+pub mod coordinator;
 pub mod engine;
 pub mod exit;
 pub mod files;
+pub mod metrics;
+pub mod server;
 pub mod spec;
 pub mod store;
 

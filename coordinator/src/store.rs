@@ -276,6 +276,23 @@ impl Store {
         }
     }
 
+    /// Runs `f` in one transaction: everything it writes lands, or nothing.
+    pub fn atomically<T>(&self, f: impl FnOnce(&Store) -> Result<T>) -> Result<T> {
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(self.err())?;
+        match f(self) {
+            Ok(value) => {
+                self.conn.execute_batch("COMMIT").map_err(self.err())?;
+                Ok(value)
+            }
+            Err(err) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(err)
+            }
+        }
+    }
+
     /// Creates an operator token with `role`; returns the secret (shown once).
     pub fn create_token(&self, role: Role, now: u64) -> Result<String> {
         let secret = new_secret("tnt");

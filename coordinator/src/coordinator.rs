@@ -1,0 +1,561 @@
+//! The coordinator's logic, independent of HTTP: the registry, desired state
+//! and its watchers, rollouts driven through the pure engine, and the event
+//! log. The server (`server.rs`) is a thin layer of routes over this.
+//!
+//! Every engine step runs in one SQLite transaction with its actions (desired
+//! state changes, event-log lines) and the rollout's new state, so a
+//! coordinator killed at any moment restarts from a state where each host was
+//! either dispatched and recorded as such, or neither: no host is sent its
+//! release twice, none is skipped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+use turnout_proto::messages::{ErrorCode, OutcomeKind, ReleaseRef};
+use turnout_proto::trust::Trust;
+use turnout_proto::{HostId, ServiceName};
+
+use crate::engine::{self, Action, Fleet, HostView, Input, Rollout};
+use crate::metrics::Metrics;
+use crate::spec::{RawSpec, ReleaseSelector, RolloutSpec};
+use crate::store::{HostRecord, Store, StoreError};
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The coordinator's tunables.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// How often agents send a heartbeat report.
+    pub report_interval: Duration,
+    /// Missed intervals after which a host counts as offline.
+    pub offline_after: u32,
+    /// How far a signed request's timestamp may be from the coordinator's clock.
+    pub freshness: Duration,
+    /// The longest long poll.
+    pub max_wait: Duration,
+    /// How often rollouts are stepped when nothing wakes them earlier.
+    pub tick: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            report_interval: Duration::from_secs(10),
+            offline_after: 3,
+            freshness: Duration::from_secs(300),
+            max_wait: Duration::from_secs(60),
+            tick: Duration::from_millis(500),
+        }
+    }
+}
+
+/// An error with its HTTP status and wire code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: u16,
+    /// The wire code.
+    pub code: ErrorCode,
+    /// What was expected, what was found, what to do.
+    pub message: String,
+}
+
+impl ApiError {
+    /// A 400.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 400,
+            code: ErrorCode::BadRequest,
+            message: message.into(),
+        }
+    }
+
+    /// A 404.
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 404,
+            code: ErrorCode::NotFound,
+            message: message.into(),
+        }
+    }
+
+    /// A 409.
+    pub fn conflict(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 409,
+            code: ErrorCode::Conflict,
+            message: message.into(),
+        }
+    }
+
+    /// A 401.
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 401,
+            code: ErrorCode::Unauthorized,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> ApiError {
+        ApiError {
+            status: 500,
+            code: ErrorCode::Internal,
+            message: err.to_string(),
+        }
+    }
+}
+
+/// What `plan` shows, and `start` then does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlanView {
+    /// The rollout id the plan is for.
+    pub id: String,
+    /// The validated spec.
+    pub spec: RolloutSpec,
+    /// The release it moves to.
+    pub target: ReleaseRef,
+    /// The hosts of each wave, in dispatch order.
+    pub waves: Vec<Vec<HostId>>,
+    /// Hosts the selector matched but that cannot take part, and why.
+    pub excluded: BTreeMap<String, String>,
+}
+
+/// Signatures already seen inside the freshness window: replays.
+#[derive(Debug, Default)]
+struct Nonces {
+    seen: HashMap<Vec<u8>, u64>,
+}
+
+/// The coordinator.
+pub struct Coordinator {
+    store: Mutex<Store>,
+    trust: Trust,
+    bundles_dir: PathBuf,
+    settings: Settings,
+    desired: Mutex<HashMap<String, watch::Sender<u64>>>,
+    events: watch::Sender<u64>,
+    wake: Notify,
+    nonces: Mutex<Nonces>,
+    /// Request and refusal counters.
+    pub metrics: Metrics,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Coordinator({})", self.bundles_dir.display())
+    }
+}
+
+impl Coordinator {
+    /// Opens the coordinator's state in `state_dir` (database and bundle store).
+    pub fn open(
+        state_dir: &Path,
+        trust: Trust,
+        settings: Settings,
+    ) -> Result<Coordinator, anyhow::Error> {
+        let bundles_dir = state_dir.join("bundles");
+        std::fs::create_dir_all(&bundles_dir)?;
+        let store = Store::open(&state_dir.join("coordinator.db"))?;
+        let latest = store
+            .events(0, None, usize::MAX)?
+            .last()
+            .map_or(0, |e| e.id);
+        Ok(Coordinator {
+            store: Mutex::new(store),
+            trust,
+            bundles_dir,
+            settings,
+            desired: Mutex::new(HashMap::new()),
+            events: watch::channel(latest).0,
+            wake: Notify::new(),
+            nonces: Mutex::new(Nonces::default()),
+            metrics: Metrics::default(),
+        })
+    }
+
+    /// Runs `f` with the store.
+    pub fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> T) -> T {
+        f(&mut self.store.lock().expect("not poisoned"))
+    }
+
+    /// The trust bundles are checked against on push.
+    pub fn trust(&self) -> &Trust {
+        &self.trust
+    }
+
+    /// Where bundles are stored, by digest.
+    pub fn bundle_path(&self, sha256: &str) -> PathBuf {
+        self.bundles_dir.join(format!("{sha256}.tnt"))
+    }
+
+    /// The directory of the bundle store.
+    pub fn bundles_dir(&self) -> &Path {
+        &self.bundles_dir
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> Settings {
+        self.settings
+    }
+
+    /// Records `signature` as used; false if it was used before (a replay).
+    pub fn first_use(&self, signature: &[u8], now: u64) -> bool {
+        let mut nonces = self.nonces.lock().expect("not poisoned");
+        let window = self.settings.freshness.as_millis() as u64 * 2;
+        if nonces.seen.len() > 100_000 {
+            nonces.seen.retain(|_, at| now.saturating_sub(*at) < window);
+        }
+        nonces.seen.insert(signature.to_vec(), now).is_none()
+    }
+
+    /// A receiver that changes when `host`'s desired-state index does.
+    pub fn watch_desired(&self, host: &str, current: u64) -> watch::Receiver<u64> {
+        let mut watchers = self.desired.lock().expect("not poisoned");
+        watchers
+            .entry(host.to_owned())
+            .or_insert_with(|| watch::channel(current).0)
+            .subscribe()
+    }
+
+    fn notify_desired(&self, host: &str, index: u64) {
+        let watchers = self.desired.lock().expect("not poisoned");
+        if let Some(sender) = watchers.get(host) {
+            sender.send_replace(index);
+        }
+    }
+
+    /// A receiver that changes when the event log grows.
+    pub fn watch_events(&self) -> watch::Receiver<u64> {
+        self.events.subscribe()
+    }
+
+    /// Appends to the event log.
+    pub fn log(
+        &self,
+        actor: &str,
+        rollout: Option<&str>,
+        host: Option<&str>,
+        message: &str,
+    ) -> Result<(), ApiError> {
+        let id = self.with_store(|s| s.log(now_ms(), actor, rollout, host, message))?;
+        self.events.send_replace(id);
+        Ok(())
+    }
+
+    /// Wakes the rollout loop (a host reported).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Whether a host counts as online at `now`.
+    pub fn online(&self, host: &HostRecord, now: u64) -> bool {
+        let window = self.settings.report_interval.as_millis() as u64
+            * u64::from(self.settings.offline_after);
+        host.incompatible.is_none()
+            && host.last_seen_ms > 0
+            && now.saturating_sub(host.last_seen_ms) <= window
+    }
+
+    fn view(&self, host: &HostRecord, service: &ServiceName, now: u64) -> HostView {
+        let report = host
+            .report
+            .as_ref()
+            .and_then(|r| r.services.iter().find(|s| &s.service == service));
+        HostView {
+            online: self.online(host, now),
+            committed: report.and_then(|r| r.committed.clone()),
+            failed: report
+                .and_then(|r| r.last_outcome.as_ref())
+                .and_then(|o| match o.kind {
+                    OutcomeKind::Reverted
+                    | OutcomeKind::Rejected
+                    | OutcomeKind::Failed
+                    | OutcomeKind::Interrupted => {
+                        Some((o.release.clone(), format!("{}: {}", o.kind, o.reason)))
+                    }
+                    OutcomeKind::Committed | OutcomeKind::Unknown(_) => None,
+                }),
+        }
+    }
+
+    fn fleet(&self, rollout: &Rollout, hosts: &[HostRecord], now: u64) -> Fleet {
+        hosts
+            .iter()
+            .filter(|h| rollout.hosts.contains_key(&h.id))
+            .map(|h| (h.id.clone(), self.view(h, &rollout.spec.service, now)))
+            .collect()
+    }
+
+    /// Validates a spec and computes its cohorts, moving nothing.
+    pub fn plan(&self, raw: &RawSpec, id: Option<String>) -> Result<PlanView, ApiError> {
+        let spec = RolloutSpec::from_raw(raw).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let (bundles, hosts, rollouts) = self.with_store(|s| -> Result<_, StoreError> {
+            Ok((s.bundles()?, s.hosts()?, s.rollouts()?))
+        })?;
+        let bundle = bundles
+            .iter()
+            .find(|b| match &spec.release {
+                ReleaseSelector::Named { name, version } => b.name == *name && b.version == version.to_string(),
+                ReleaseSelector::Digest(d) => b.sha256 == d.as_str(),
+            })
+            .ok_or_else(|| ApiError::not_found(format!("release {} is not in the bundle store; push it first with `turnout bundle push FILE`", spec.release)))?;
+        if bundle.name != spec.service.as_str() {
+            return Err(ApiError::bad_request(format!(
+                "release {} {} is a bundle of {}, not of service {}",
+                bundle.name, bundle.version, bundle.name, spec.service
+            )));
+        }
+        let target = ReleaseRef {
+            name: bundle.name.clone(),
+            version: bundle.version.parse().expect("stored versions are valid"),
+            sha256: bundle.sha256.parse().expect("stored digests are valid"),
+        };
+        let mut eligible = Vec::new();
+        let mut excluded = BTreeMap::new();
+        for host in hosts.iter().filter(|h| spec.selects(&h.labels)) {
+            let runs_service = host
+                .report
+                .as_ref()
+                .is_some_and(|r| r.services.iter().any(|s| s.service == spec.service));
+            if let Some(why) = &host.incompatible {
+                excluded.insert(host.id.to_string(), format!("incompatible: {why}"));
+            } else if !runs_service {
+                excluded.insert(
+                    host.id.to_string(),
+                    format!("its agent does not manage service {}", spec.service),
+                );
+            } else {
+                eligible.push(host.id.clone());
+            }
+        }
+        if eligible.is_empty() {
+            let selector: Vec<String> = spec
+                .selector
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            return Err(ApiError::bad_request(format!(
+                "the selector {:?} matches no host that runs service {} ({} enrolled host(s), {} matched but cannot take part)",
+                selector.join(","),
+                spec.service,
+                hosts.len(),
+                excluded.len()
+            )));
+        }
+        let id = id.unwrap_or_else(|| {
+            let prefix = format!("{}-{}", spec.service, target.version);
+            let n = rollouts
+                .iter()
+                .filter(|r| r.id.starts_with(&prefix))
+                .count()
+                + 1;
+            format!("{prefix}-{n}")
+        });
+        let waves = engine::plan(&id, &spec, &eligible);
+        Ok(PlanView {
+            id,
+            spec,
+            target,
+            waves,
+            excluded,
+        })
+    }
+
+    /// Starts a rollout (one active rollout per service).
+    pub fn start(
+        &self,
+        raw: &RawSpec,
+        id: Option<String>,
+        actor: &str,
+    ) -> Result<Rollout, ApiError> {
+        let plan = self.plan(raw, id)?;
+        let now = now_ms();
+        let size = self
+            .with_store(|s| s.bundles())?
+            .into_iter()
+            .find(|b| b.sha256 == plan.target.sha256.as_str())
+            .map_or(0, |b| b.size);
+        let rollout = self.with_store(|store| {
+            let existing = store.rollouts()?;
+            if let Some(active) = existing
+                .iter()
+                .find(|r| r.spec.service == plan.spec.service && !r.state.is_finished())
+            {
+                return Ok(Err(ApiError::conflict(format!(
+                    "rollout {} of service {} is still {}; finish, abort or roll it back first",
+                    active.id,
+                    active.spec.service,
+                    active.state.name()
+                ))));
+            }
+            if existing.iter().any(|r| r.id == plan.id) {
+                return Ok(Err(ApiError::conflict(format!(
+                    "a rollout with id {} exists already",
+                    plan.id
+                ))));
+            }
+            let rollout = Rollout::new(
+                plan.id.clone(),
+                plan.spec.clone(),
+                plan.target.clone(),
+                size,
+                plan.waves.clone(),
+                now,
+            );
+            store.atomically(|s| {
+                s.save_rollout(&rollout, now)?;
+                s.log(
+                    now,
+                    actor,
+                    Some(&rollout.id),
+                    None,
+                    &format!(
+                        "started: {} to {} {}",
+                        rollout.spec.service, rollout.target.name, rollout.target.version
+                    ),
+                )?;
+                for (i, wave) in rollout.waves.iter().enumerate() {
+                    let hosts: Vec<&str> = wave.iter().map(HostId::as_str).collect();
+                    s.log(
+                        now,
+                        "engine",
+                        Some(&rollout.id),
+                        None,
+                        &format!("planned wave {}: {}", i + 1, hosts.join(", ")),
+                    )?;
+                }
+                Ok(())
+            })?;
+            Ok::<_, StoreError>(Ok(rollout))
+        })??;
+        self.step(&rollout.id, Input::Tick, actor)
+    }
+
+    /// Steps one rollout with `input`, applying its actions atomically.
+    pub fn step(&self, id: &str, input: Input, actor: &str) -> Result<Rollout, ApiError> {
+        let now = now_ms();
+        let mut notify = Vec::new();
+        let result = self.with_store(|store| -> Result<Result<Rollout, ApiError>, StoreError> {
+            let Some(rollout) = store.rollouts()?.into_iter().find(|r| r.id == id) else {
+                return Ok(Err(ApiError::not_found(format!(
+                    "no rollout {id}; `turnout rollout list` shows them"
+                ))));
+            };
+            let hosts = store.hosts()?;
+            let fleet = self.fleet(&rollout, &hosts, now);
+            let command = input != Input::Tick;
+            let (rollout, actions) = match engine::step(rollout, input.clone(), now, &fleet) {
+                Ok(next) => next,
+                Err(refused) => return Ok(Err(ApiError::conflict(refused.to_string()))),
+            };
+            store.atomically(|s| {
+                if command {
+                    s.log(
+                        now,
+                        actor,
+                        Some(id),
+                        None,
+                        &format!("{input:?} requested").to_lowercase(),
+                    )?;
+                }
+                for action in &actions {
+                    match action {
+                        Action::SetDesired { host, release } => {
+                            let index = s.set_desired(
+                                host,
+                                &rollout.spec.service,
+                                release,
+                                rollout.size,
+                                Some(id),
+                            )?;
+                            notify.push((host.to_string(), index));
+                        }
+                        Action::Log { host, message } => {
+                            s.log(
+                                now,
+                                "engine",
+                                Some(id),
+                                host.as_ref().map(HostId::as_str),
+                                message,
+                            )?;
+                        }
+                    }
+                }
+                s.save_rollout(&rollout, now)
+            })?;
+            Ok(Ok(rollout))
+        })?;
+        for (host, index) in notify {
+            self.notify_desired(&host, index);
+        }
+        let latest =
+            self.with_store(|s| s.events(self.events.borrow().to_owned(), None, usize::MAX))?;
+        if let Some(last) = latest.last() {
+            self.events.send_replace(last.id);
+        }
+        result
+    }
+
+    /// Steps every unfinished rollout once.
+    pub fn tick(&self) {
+        let active: Vec<String> = match self.with_store(|s| s.rollouts()) {
+            Ok(rollouts) => rollouts
+                .into_iter()
+                .filter(|r| !r.state.is_finished())
+                .map(|r| r.id)
+                .collect(),
+            Err(err) => {
+                eprintln!("turnout: reading rollouts: {err}");
+                return;
+            }
+        };
+        for id in active {
+            if let Err(err) = self.step(&id, Input::Tick, "engine") {
+                eprintln!("turnout: stepping rollout {id}: {err}");
+            }
+        }
+    }
+
+    /// Steps rollouts every tick, and at once when a host reports, until `shutdown`.
+    pub async fn run_rollouts(&self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = tokio::time::sleep(self.settings.tick) => {}
+                () = self.wake.notified() => {}
+            }
+            self.tick();
+        }
+    }
+
+    /// Every rollout.
+    pub fn rollouts(&self) -> Result<Vec<Rollout>, ApiError> {
+        Ok(self.with_store(|s| s.rollouts())?)
+    }
+
+    /// One rollout.
+    pub fn rollout(&self, id: &str) -> Result<Rollout, ApiError> {
+        self.rollouts()?
+            .into_iter()
+            .find(|r| r.id == id)
+            .ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "no rollout {id}; `turnout rollout list` shows them"
+                ))
+            })
+    }
+}
