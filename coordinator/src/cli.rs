@@ -37,6 +37,22 @@ pub enum Command {
     Verify(cmd::verify::Args),
     /// Show a bundle's manifest, files and signatures, trusting nothing.
     Inspect(cmd::inspect::Args),
+    /// Run the coordinator server.
+    Serve(cmd::serve::Args),
+    /// Create operator and enrollment tokens.
+    #[command(subcommand)]
+    Token(cmd::fleet::TokenCommand),
+    /// The fleet registry.
+    #[command(subcommand)]
+    Host(cmd::fleet::HostCommand),
+    /// The coordinator's bundle store.
+    #[command(subcommand)]
+    Bundle(cmd::fleet::BundleCommand),
+    /// Plan, start, watch and steer rollouts.
+    #[command(subcommand)]
+    Rollout(cmd::rollout::Command),
+    /// The event log: who did what, when and why.
+    Events(cmd::fleet::EventsArgs),
 }
 
 /// Runs one command; the returned value is the process's exit status.
@@ -57,5 +73,11 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Sign(args) => cmd::sign::run(&args),
         Command::Verify(args) => cmd::verify::run(&args),
         Command::Inspect(args) => cmd::inspect::run(&args),
+        Command::Serve(args) => cmd::serve::run(&args),
+        Command::Token(command) => cmd::fleet::token(command),
+        Command::Host(command) => cmd::fleet::host(command),
+        Command::Bundle(command) => cmd::fleet::bundle(command),
+        Command::Rollout(command) => cmd::rollout::run(command),
+        Command::Events(args) => cmd::fleet::events(&args),
     }
 }

@@ -7,6 +7,9 @@
 //! | 2    | the command line was wrong                                       |
 //! | 3    | an input file is invalid (key, trust file, payload directory)    |
 //! | 4    | verification refused a bundle or trust file                      |
+//! | 5    | the coordinator refused the credentials (401, 403)               |
+//! | 6    | the coordinator refused the request in its state (409)           |
+//! | 7    | a watched rollout finished without succeeding                    |
 
 use std::process::ExitCode;
 
@@ -31,6 +34,12 @@ pub enum Exit {
     Input = 3,
     /// A bundle or trust file was refused by verification.
     Rejected = 4,
+    /// The coordinator refused the credentials.
+    Denied = 5,
+    /// The coordinator refused the request in the current state.
+    Refused = 6,
+    /// A watched rollout finished without succeeding.
+    Unsuccessful = 7,
 }
 
 impl From<Exit> for ExitCode {
@@ -56,6 +65,20 @@ pub fn classify(err: &anyhow::Error) -> Exit {
                 | TrustError::NotSelfSigned(_) => Exit::Rejected,
                 _ => Exit::Input,
             };
+        }
+        if let Some(crate::client::ClientError::Api { status, .. }) =
+            cause.downcast_ref::<crate::client::ClientError>()
+        {
+            return match status {
+                401 | 403 => Exit::Denied,
+                409 => Exit::Refused,
+                422 => Exit::Rejected,
+                400..=499 => Exit::Input,
+                _ => Exit::Failure,
+            };
+        }
+        if cause.is::<crate::spec::SpecError>() {
+            return Exit::Input;
         }
         if cause.is::<KeyError>() || cause.is::<ManifestError>() || cause.is::<InputError>() {
             return Exit::Input;

@@ -5,6 +5,7 @@
 //! exit code; everything it runs lives here so that tests can drive it.
 
 pub mod cli;
+pub mod client;
 pub mod cmd;
 pub mod coordinator;
 pub mod engine;

@@ -1,8 +1,12 @@
 //! One module per `turnout` subcommand: its arguments and its `run`.
 
+pub mod fleet;
 pub mod inspect;
 pub mod keygen;
 pub mod pack;
+pub mod remote;
+pub mod rollout;
+pub mod serve;
 pub mod sign;
 pub mod trust;
 pub mod verify;

@@ -1,0 +1,147 @@
+//! The operator CLI's HTTP client for the coordinator's API (blocking: a CLI
+//! makes one request at a time).
+
+use std::io::Read;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use turnout_proto::messages::ErrorBody;
+
+/// Why a call to the coordinator failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The coordinator could not be reached.
+    #[error(
+        "cannot reach the coordinator at {url}: {detail}; is `turnout serve` running there? (--coordinator / TURNOUT_COORDINATOR)"
+    )]
+    Connect {
+        /// The URL.
+        url: String,
+        /// Why.
+        detail: String,
+    },
+    /// The coordinator answered with an error.
+    #[error("{message} (HTTP {status})")]
+    Api {
+        /// The HTTP status.
+        status: u16,
+        /// The coordinator's message.
+        message: String,
+    },
+    /// The answer was not what the API promises.
+    #[error("unexpected answer from the coordinator: {0}")]
+    Decode(String),
+}
+
+/// A client for one coordinator, with an optional operator token.
+#[derive(Debug, Clone)]
+pub struct Client {
+    agent: ureq::Agent,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    /// A client for the coordinator at `base` (e.g. `http://127.0.0.1:7400`).
+    pub fn new(base: &str, token: Option<String>) -> Client {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build();
+        Client {
+            agent: config.into(),
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn finish<T: DeserializeOwned>(
+        &self,
+        url: &str,
+        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<T, ClientError> {
+        let mut response = result.map_err(|e| ClientError::Connect {
+            url: url.to_owned(),
+            detail: e.to_string(),
+        })?;
+        let status = response.status().as_u16();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_vec()
+            .map_err(|e| ClientError::Decode(e.to_string()))?;
+        if status >= 400 {
+            let message = turnout_proto::decode::<ErrorBody>(&body)
+                .map(|e| e.body.message)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            return Err(ClientError::Api { status, message });
+        }
+        let body = if body.is_empty() {
+            b"null".to_vec()
+        } else {
+            body
+        };
+        serde_json::from_slice(&body).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    fn auth(&self) -> Option<String> {
+        self.token.as_ref().map(|t| format!("Bearer {t}"))
+    }
+
+    /// GET `path`.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = self.url(path);
+        let mut request = self.agent.get(&url);
+        if let Some(auth) = self.auth() {
+            request = request.header("Authorization", auth);
+        }
+        self.finish(&url, request.call())
+    }
+
+    /// POST `body` as JSON to `path`.
+    pub fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<T, ClientError> {
+        let url = self.url(path);
+        let mut request = self.agent.post(&url);
+        if let Some(auth) = self.auth() {
+            request = request.header("Authorization", auth);
+        }
+        self.finish(&url, request.send_json(body))
+    }
+
+    /// POST the bytes of `reader` to `path`.
+    pub fn post_stream<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        reader: &mut dyn Read,
+    ) -> Result<T, ClientError> {
+        let url = self.url(path);
+        let mut request = self
+            .agent
+            .post(&url)
+            .header("Content-Type", "application/octet-stream");
+        if let Some(auth) = self.auth() {
+            request = request.header("Authorization", auth);
+        }
+        self.finish(&url, request.send(ureq::SendBody::from_reader(reader)))
+    }
+
+    /// DELETE `path`.
+    pub fn delete(&self, path: &str) -> Result<(), ClientError> {
+        let url = self.url(path);
+        let mut request = self.agent.delete(&url);
+        if let Some(auth) = self.auth() {
+            request = request.header("Authorization", auth);
+        }
+        self.finish::<serde_json::Value>(&url, request.call())
+            .map(drop)
+    }
+}

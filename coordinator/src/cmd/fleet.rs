@@ -1,0 +1,232 @@
+//! `turnout token`, `turnout host`, `turnout bundle` and `turnout events`.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use serde_json::{Value, json};
+
+use crate::cmd::remote::{Remote, when};
+use crate::exit::Exit;
+use crate::files::{self, human_bytes};
+
+/// `turnout token …`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create an operator token, or an enrollment token for hosts.
+    Create {
+        /// An enrollment token (for `turnout-agent enroll`) instead of an operator token.
+        #[arg(long)]
+        enroll: bool,
+        /// The operator token's role: viewer, operator or admin.
+        #[arg(long, default_value = "viewer", conflicts_with = "enroll")]
+        role: String,
+        /// How long an enrollment token stays valid.
+        #[arg(long, default_value = "1h")]
+        ttl: humantime::Duration,
+        /// How many hosts may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+/// `turnout host …`.
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// List enrolled hosts: state, agent, protocol, labels, last seen.
+    List {
+        /// Only hosts with these labels, e.g. role=web,region=eu-1.
+        #[arg(long)]
+        selector: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Remove a host from the registry (it must enroll again).
+    Forget {
+        /// The host.
+        host: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+/// `turnout bundle …`.
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Upload a bundle; the coordinator verifies it against its trust file first.
+    Push {
+        /// The bundle.
+        file: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List stored bundles.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+/// Arguments of `turnout events`.
+#[derive(Debug, clap::Args)]
+pub struct EventsArgs {
+    /// Only this rollout's events.
+    #[arg(long)]
+    pub rollout: Option<String>,
+    /// Keep printing new events as they come.
+    #[arg(long)]
+    pub follow: bool,
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// Runs a token command.
+pub fn token(command: TokenCommand) -> anyhow::Result<Exit> {
+    let TokenCommand::Create {
+        enroll,
+        role,
+        ttl,
+        uses,
+        remote,
+    } = command;
+    let body = json!({"enroll": enroll, "role": role, "ttl_secs": ttl.as_secs(), "uses": uses});
+    let answer: Value = remote.client().post("/v1/tokens", &body)?;
+    if !remote.print_json(&answer)? {
+        println!("{}", answer["token"].as_str().unwrap_or_default());
+    }
+    Ok(Exit::Success)
+}
+
+/// Runs a host command.
+pub fn host(command: HostCommand) -> anyhow::Result<Exit> {
+    match command {
+        HostCommand::List { selector, remote } => {
+            let path = match &selector {
+                Some(s) => format!("/v1/hosts?selector={}", s.replace(' ', "")),
+                None => "/v1/hosts".into(),
+            };
+            let hosts: Vec<Value> = remote.client().get(&path)?;
+            if remote.print_json(&hosts)? {
+                return Ok(Exit::Success);
+            }
+            println!(
+                "{:<24} {:<13} {:<9} {:<6} {:<20} {}",
+                "HOST", "STATE", "AGENT", "PROTO", "LAST SEEN", "LABELS"
+            );
+            for h in &hosts {
+                let labels: Vec<String> = h["labels"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                println!(
+                    "{:<24} {:<13} {:<9} {:<6} {:<20} {}",
+                    h["id"].as_str().unwrap_or_default(),
+                    h["state"].as_str().unwrap_or_default(),
+                    h["agent_version"].as_str().unwrap_or("-"),
+                    h["proto"].as_u64().map_or("-".into(), |p| format!("v{p}")),
+                    h["last_seen_ms"]
+                        .as_u64()
+                        .filter(|t| *t > 0)
+                        .map_or("never".into(), when),
+                    labels.join(",")
+                );
+                if let Some(why) = h["incompatible"].as_str() {
+                    println!("  refused: {why}");
+                }
+            }
+            Ok(Exit::Success)
+        }
+        HostCommand::Forget { host, remote } => {
+            remote.client().delete(&format!("/v1/hosts/{host}"))?;
+            println!("forgot host {host}");
+            Ok(Exit::Success)
+        }
+    }
+}
+
+/// Runs a bundle command.
+pub fn bundle(command: BundleCommand) -> anyhow::Result<Exit> {
+    match command {
+        BundleCommand::Push { file, remote } => {
+            let mut reader =
+                std::fs::File::open(&file).map_err(|source| files::InputError::Read {
+                    path: file.clone(),
+                    source,
+                })?;
+            let record: Value = remote.client().post_stream("/v1/bundles", &mut reader)?;
+            if !remote.print_json(&record)? {
+                println!(
+                    "pushed {} {} ({}, sha256 {})",
+                    record["name"].as_str().unwrap_or_default(),
+                    record["version"].as_str().unwrap_or_default(),
+                    human_bytes(record["size"].as_u64().unwrap_or(0)),
+                    record["sha256"].as_str().unwrap_or_default()
+                );
+            }
+            Ok(Exit::Success)
+        }
+        BundleCommand::List { remote } => {
+            let bundles: Vec<Value> = remote.client().get("/v1/bundles")?;
+            if !remote.print_json(&bundles)? {
+                println!(
+                    "{:<16} {:<12} {:>10}  {:<20} SHA256",
+                    "NAME", "VERSION", "SIZE", "PUSHED"
+                );
+                for b in &bundles {
+                    println!(
+                        "{:<16} {:<12} {:>10}  {:<20} {}",
+                        b["name"].as_str().unwrap_or_default(),
+                        b["version"].as_str().unwrap_or_default(),
+                        human_bytes(b["size"].as_u64().unwrap_or(0)),
+                        when(b["created_ms"].as_u64().unwrap_or(0)),
+                        b["sha256"].as_str().unwrap_or_default()
+                    );
+                }
+            }
+            Ok(Exit::Success)
+        }
+    }
+}
+
+/// Prints one event line.
+pub fn print_event(event: &Value) {
+    println!(
+        "{} {:<14} {:<18} {}",
+        when(event["at_ms"].as_u64().unwrap_or(0)),
+        event["actor"].as_str().unwrap_or_default(),
+        event["host"].as_str().unwrap_or("-"),
+        event["message"].as_str().unwrap_or_default()
+    );
+}
+
+/// Runs `turnout events`.
+pub fn events(args: &EventsArgs) -> anyhow::Result<Exit> {
+    let client = args.remote.client();
+    let mut after = 0;
+    loop {
+        let mut path = format!("/v1/events?after={after}");
+        if let Some(r) = &args.rollout {
+            path.push_str(&format!("&rollout={r}"));
+        }
+        if args.follow {
+            path.push_str("&wait=30s");
+        }
+        let events: Vec<Value> = client.get(&path)?;
+        for event in &events {
+            if args.remote.json {
+                println!("{}", serde_json::to_string(event)?);
+            } else {
+                print_event(event);
+            }
+            after = event["id"].as_u64().unwrap_or(after);
+        }
+        if !args.follow {
+            return Ok(Exit::Success);
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! `turnout serve`: the coordinator server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::coordinator::{Coordinator, Settings, now_ms};
+use crate::exit::Exit;
+use crate::files;
+use crate::store::Role;
+
+/// Arguments of `turnout serve`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// A config file (TOML) with any of: listen, state_dir, trust,
+    /// report_interval, offline_after. Flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The address to listen on.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Where the database and bundle store live.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// The trust file pushed bundles are checked against.
+    #[arg(long)]
+    pub trust: Option<PathBuf>,
+    /// How often agents report (their heartbeat).
+    #[arg(long)]
+    pub report_interval: Option<humantime::Duration>,
+    /// Missed report intervals after which a host counts as offline.
+    #[arg(long)]
+    pub offline_after: Option<u32>,
+    /// Print a first admin token (once) if none exists yet.
+    #[arg(long)]
+    pub init: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    state_dir: Option<PathBuf>,
+    trust: Option<PathBuf>,
+    report_interval: Option<String>,
+    offline_after: Option<u32>,
+}
+
+/// Serves until SIGTERM or Ctrl-C.
+pub fn run(args: &Args) -> anyhow::Result<Exit> {
+    let file: FileConfig = match &args.config {
+        None => FileConfig::default(),
+        Some(path) => toml::from_str(&String::from_utf8(files::read(path)?)?).map_err(|e| {
+            files::InputError::Invalid {
+                path: path.clone(),
+                detail: e.to_string(),
+            }
+        })?,
+    };
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| "127.0.0.1:7400".parse().expect("valid"));
+    let state_dir = args
+        .state_dir
+        .clone()
+        .or(file.state_dir)
+        .unwrap_or_else(|| "/var/lib/turnout-coordinator".into());
+    let trust_path = args
+        .trust
+        .clone()
+        .or(file.trust)
+        .unwrap_or_else(|| "/etc/turnout/trust.json".into());
+    let mut settings = Settings::default();
+    if let Some(interval) = args.report_interval.map(Into::into).or(file
+        .report_interval
+        .as_deref()
+        .map(humantime::parse_duration)
+        .transpose()?)
+    {
+        settings.report_interval = interval;
+    }
+    if let Some(n) = args.offline_after.or(file.offline_after) {
+        settings.offline_after = n;
+    }
+    let trust = files::trust_file(&trust_path)?.trust;
+    std::fs::create_dir_all(&state_dir)?;
+    let coordinator = Arc::new(Coordinator::open(&state_dir, trust, settings)?);
+    if args.init {
+        if coordinator.with_store(|s| s.has_tokens())? {
+            eprintln!(
+                "turnout: an operator token exists already; create more with `turnout token create`"
+            );
+        } else {
+            let token = coordinator.with_store(|s| s.create_token(Role::Admin, now_ms()))?;
+            println!("admin token (shown once, keep it safe): {token}");
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        eprintln!(
+            "turnout: coordinator listening on http://{}, state in {}",
+            listener.local_addr()?,
+            state_dir.display()
+        );
+        crate::server::serve(coordinator, listener, shutdown()).await
+    })?;
+    Ok(Exit::Success)
+}
+
+async fn shutdown() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    eprintln!("turnout: shutting down");
+}
