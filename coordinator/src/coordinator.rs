@@ -230,6 +230,12 @@ impl Coordinator {
             .subscribe()
     }
 
+    /// How many long polls are waiting on `host`'s desired state right now.
+    pub fn waiting(&self, host: &str) -> usize {
+        let watchers = self.desired.lock().expect("not poisoned");
+        watchers.get(host).map_or(0, watch::Sender::receiver_count)
+    }
+
     fn notify_desired(&self, host: &str, index: u64) {
         let watchers = self.desired.lock().expect("not poisoned");
         if let Some(sender) = watchers.get(host) {

@@ -1,5 +1,6 @@
-//! The `turnout` binary as an operator uses it: real files, real processes,
-//! exit codes and messages; and interop with keys and signatures from openssl.
+//! The bundle tools (`keygen`, `trust`, `pack`, `sign`, `verify`, `inspect`) as an
+//! operator uses them: real files, real processes, exit codes and messages;
+//! and interop with keys and signatures from openssl.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

@@ -1,0 +1,394 @@
+//! The coordinator's HTTP API with scripted fake agents: enrollment, signed
+//! requests and their refusals, the long poll, roles, bad reports, and
+//! rollouts across a fleet that obeys its desired state.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use turnout::coordinator::Settings;
+use turnout::engine::{Rollout, State};
+use turnout_proto::messages::{Incompatible, ReleaseRef, Welcome};
+use turnout_proto::{ProtoRange, ProtoVersion};
+
+use crate::fake::{FakeAgent, Server, now_ms, wait_for};
+
+fn settings() -> Settings {
+    Settings {
+        tick: Duration::from_millis(50),
+        ..Settings::default()
+    }
+}
+
+#[test]
+fn a_host_enrolls_negotiates_and_reports() {
+    let server = Server::start(settings());
+    let token = server.enroll_token(1);
+    let mut agent = FakeAgent::new(&server.url, "web-01", 1);
+    assert_eq!(agent.enroll(&token, &[("role", "web")]).status, 200);
+    let second = FakeAgent::new(&server.url, "web-02", 2);
+    let used_up = second.enroll(&token, &[]);
+    assert_eq!(used_up.status, 401);
+    assert!(
+        used_up.text().contains("used as many times as it allows"),
+        "{}",
+        used_up.text()
+    );
+
+    let hello = agent.hello();
+    assert_eq!(hello.status, 200, "{}", hello.text());
+    let welcome = turnout_proto::decode::<Welcome>(&hello.body).unwrap().body;
+    assert_eq!(
+        welcome.capabilities,
+        turnout_proto::CapabilitySet::all_known()
+    );
+    assert_eq!(agent.report(None).status, 204);
+    let hosts: Vec<Value> = server.client(Some(&server.admin)).get("/v1/hosts").unwrap();
+    assert_eq!(hosts[0]["id"], "web-01");
+    assert_eq!(hosts[0]["state"], "online");
+    assert_eq!(hosts[0]["proto"], 1);
+}
+
+#[test]
+fn bad_signatures_stale_timestamps_replays_and_unknown_hosts_are_refused_and_counted() {
+    let server = Server::start(settings());
+    let agent = FakeAgent::new(&server.url, "web-01", 1);
+    assert_eq!(agent.enroll(&server.enroll_token(1), &[]).status, 200);
+    let path = "/v1/agent/desired?index=0";
+
+    let impostor = turnout_proto::keys::SecretKey::from_seed([66; 32]);
+    let answer = agent.signed_as(&impostor, now_ms(), "GET", path, b"");
+    assert_eq!(answer.status, 401);
+    assert!(
+        answer
+            .text()
+            .contains("does not verify with host web-01's enrolled key"),
+        "{}",
+        answer.text()
+    );
+
+    let answer = agent.signed_as(&agent.key, now_ms() - 3_600_000, "GET", path, b"");
+    assert_eq!(answer.status, 401);
+    assert!(
+        answer.text().contains("check the host's clock"),
+        "{}",
+        answer.text()
+    );
+
+    let ts = now_ms();
+    assert_eq!(
+        agent.signed_as(&agent.key, ts, "GET", path, b"").status,
+        200
+    );
+    let replay = agent.signed_as(&agent.key, ts, "GET", path, b"");
+    assert_eq!(replay.status, 401);
+    assert!(replay.text().contains("a replay"), "{}", replay.text());
+
+    let stranger = FakeAgent::new(&server.url, "db-09", 3);
+    let answer = stranger.signed("GET", path, b"");
+    assert_eq!(answer.status, 401);
+    assert!(
+        answer.text().contains("host db-09 is not enrolled"),
+        "{}",
+        answer.text()
+    );
+
+    let metrics = &server.coordinator.metrics;
+    for reason in [
+        "host_signature",
+        "host_stale",
+        "host_replay",
+        "host_unknown",
+    ] {
+        assert_eq!(metrics.auth_failures(reason), 1, "{reason}");
+    }
+    let text = agent.raw("GET", "/metrics", None, b"").text();
+    assert!(
+        text.contains("turnout_auth_failures_total{reason=\"host_replay\"} 1"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_desired_state_change_reaches_a_waiting_long_poll_at_once() {
+    let server = Server::start(settings());
+    let token = server.enroll_token(1);
+    let v1 = server.push_release("1.0.0");
+    let v2 = server.push_release("2.0.0");
+    let agent = FakeAgent::join(&server.url, "web-01", 1, &token, &v1);
+    let index = agent.desired(0, "0s").index;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let state = agent.desired(index, "30s");
+        tx.send(Instant::now()).unwrap();
+        state
+    });
+    wait_for(
+        "the long poll to park on the server",
+        Duration::from_secs(10),
+        || server.coordinator.waiting("web-01") > 0,
+    );
+    let started = Instant::now();
+    let _: Rollout = server
+        .client(Some(&server.admin))
+        .post(
+            "/v1/rollouts",
+            &json!({"spec": {"service": "web", "release": "web@2.0.0"}}),
+        )
+        .unwrap();
+    let answered = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the long poll answered");
+    let latency = answered.duration_since(started);
+    let state = waiter.join().unwrap();
+    assert_eq!(state.services[0].release, v2);
+    assert!(state.index > index);
+    eprintln!("long-poll latency from rollout start to answer: {latency:?}");
+    assert!(
+        latency < Duration::from_secs(2),
+        "the poll answered after {latency:?}, not at once"
+    );
+}
+
+#[test]
+fn roles_gate_the_operator_api() {
+    let server = Server::start(settings());
+    let admin = server.client(Some(&server.admin));
+    let viewer: Value = admin
+        .post("/v1/tokens", &json!({"role": "viewer"}))
+        .unwrap();
+    let viewer = server.client(viewer["token"].as_str());
+    let operator: Value = admin
+        .post("/v1/tokens", &json!({"role": "operator"}))
+        .unwrap();
+    let operator = server.client(operator["token"].as_str());
+
+    assert!(viewer.get::<Value>("/v1/hosts").is_ok());
+    let err = viewer
+        .post::<Value>("/v1/rollouts", &json!({"spec": {}}))
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("this needs role operator; the token has role viewer (HTTP 403)"),
+        "{err}"
+    );
+    let err = operator
+        .post::<Value>("/v1/tokens", &json!({"role": "admin"}))
+        .unwrap_err();
+    assert!(err.to_string().contains("needs role admin"), "{err}");
+    let err = server
+        .client(None)
+        .get::<Value>("/v1/rollouts")
+        .unwrap_err();
+    assert!(err.to_string().contains("no operator token"), "{err}");
+    let err = server
+        .client(Some("tnt_forged"))
+        .get::<Value>("/v1/rollouts")
+        .unwrap_err();
+    assert!(err.to_string().contains("(HTTP 401)"), "{err}");
+}
+
+#[test]
+fn a_malformed_or_oversized_report_is_refused_counted_and_changes_nothing() {
+    let server = Server::start(settings());
+    let v1 = server.push_release("1.0.0");
+    let mut agent = FakeAgent::join(&server.url, "web-01", 1, &server.enroll_token(1), &v1);
+    let before: Vec<Value> = server.client(Some(&server.admin)).get("/v1/hosts").unwrap();
+
+    let answer = agent.signed(
+        "POST",
+        "/v1/agent/report",
+        br#"{"proto":1,"host":"web-01","seq":"many"}"#,
+    );
+    assert_eq!(answer.status, 400);
+    assert!(answer.text().contains("invalid `seq`"), "{}", answer.text());
+    let huge = vec![b' '; 2 << 20];
+    let answer = agent.signed("POST", "/v1/agent/report", &huge);
+    assert_eq!(answer.status, 413, "{}", answer.text());
+    let after: Vec<Value> = server.client(Some(&server.admin)).get("/v1/hosts").unwrap();
+    assert_eq!(before[0]["report"], after[0]["report"]);
+    assert!(
+        agent
+            .raw("GET", "/metrics", None, b"")
+            .text()
+            .contains("turnout_bad_reports_total 2")
+    );
+    agent.committed = None;
+}
+
+#[test]
+fn an_agent_with_no_common_version_is_refused_with_both_ranges_and_listed() {
+    let server = Server::start(settings());
+    let agent = FakeAgent::new(&server.url, "web-07", 7);
+    assert_eq!(agent.enroll(&server.enroll_token(1), &[]).status, 200);
+    let future =
+        ProtoRange::new(ProtoVersion::new(5).unwrap(), ProtoVersion::new(7).unwrap()).unwrap();
+    let answer = agent.hello_with(future, &[]);
+    assert_eq!(answer.status, 409);
+    let refusal = turnout_proto::decode::<Incompatible>(&answer.body)
+        .unwrap()
+        .body;
+    assert!(
+        refusal
+            .to_string()
+            .contains("the agent speaks v5-v7, the coordinator (turnout 0.1.0) speaks v1"),
+        "{refusal}"
+    );
+    let hosts: Vec<Value> = server.client(Some(&server.admin)).get("/v1/hosts").unwrap();
+    assert_eq!(hosts[0]["state"], "incompatible");
+    assert!(
+        hosts[0]["incompatible"]
+            .as_str()
+            .unwrap()
+            .contains("upgrade the coordinator")
+    );
+}
+
+/// Moves every fake agent to its desired release, except `bad` ones, which
+/// report that release as failed.
+fn obey(agents: &mut [FakeAgent], bad: &[&str]) {
+    for agent in agents.iter_mut() {
+        let desired = agent.desired(0, "0s");
+        let Some(wanted) = desired.services.first().map(|s| s.release.clone()) else {
+            continue;
+        };
+        if agent.committed.as_ref() == Some(&wanted) {
+            assert_eq!(agent.report(None).status, 204);
+        } else if bad.contains(&agent.host.as_str()) && wanted.version.major == 2 {
+            assert_eq!(
+                agent
+                    .report(Some((&wanted, "check http failed 3 times in a row")))
+                    .status,
+                204
+            );
+        } else {
+            agent.committed = Some(wanted);
+            assert_eq!(agent.report(None).status, 204);
+        }
+    }
+}
+
+fn fleet(server: &Server, n: usize) -> (Vec<FakeAgent>, ReleaseRef) {
+    let token = server.enroll_token(n as u32);
+    let v1 = server.push_release("1.0.0");
+    server.push_release("2.0.0");
+    let agents = (0..n)
+        .map(|i| {
+            FakeAgent::join(
+                &server.url,
+                &format!("web-{i:02}"),
+                i as u8 + 10,
+                &token,
+                &v1,
+            )
+        })
+        .collect();
+    (agents, v1)
+}
+
+fn rollout_state(server: &Server, id: &str) -> Rollout {
+    server
+        .client(Some(&server.admin))
+        .get(&format!("/v1/rollouts/{id}"))
+        .unwrap()
+}
+
+#[test]
+fn a_rollout_moves_the_fleet_wave_by_wave_and_logs_its_cohorts() {
+    let server = Server::start(settings());
+    let (mut agents, _) = fleet(&server, 6);
+    let admin = server.client(Some(&server.admin));
+    let plan: Value = admin.post("/v1/rollouts/plan", &json!({"spec": {"service": "web", "release": "web@2.0.0", "waves": ["1", "50%", "100%"], "max_parallel": 2}})).unwrap();
+    let started: Rollout = admin.post("/v1/rollouts", &json!({"spec": {"service": "web", "release": "web@2.0.0", "waves": ["1", "50%", "100%"], "max_parallel": 2}})).unwrap();
+    assert_eq!(
+        serde_json::to_value(&started.waves).unwrap(),
+        plan["waves"],
+        "start follows the plan it showed"
+    );
+    wait_for("the rollout to succeed", Duration::from_secs(30), || {
+        obey(&mut agents, &[]);
+        rollout_state(&server, &started.id).state == State::Succeeded
+    });
+    assert!(
+        agents
+            .iter()
+            .all(|a| a.committed.as_ref().unwrap().version.major == 2)
+    );
+    let events: Vec<Value> = admin
+        .get(&format!("/v1/events?rollout={}", started.id))
+        .unwrap();
+    let messages: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    assert!(
+        messages.iter().any(|m| m.starts_with("planned wave 1: ")),
+        "{messages:#?}"
+    );
+    assert!(
+        messages.iter().any(|m| m.starts_with("succeeded")),
+        "{messages:#?}"
+    );
+
+    // One active rollout per service; mistakes are clear.
+    let err = admin
+        .post::<Value>(
+            "/v1/rollouts",
+            &json!({"spec": {"service": "web", "release": "web@9.9.9"}}),
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("release web@9.9.9 is not in the bundle store"),
+        "{err}"
+    );
+    let err = admin
+        .post::<Value>(
+            "/v1/rollouts",
+            &json!({"spec": {"service": "web", "release": "web@1.0.0", "selector": "role=db"}}),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("matches no host"), "{err}");
+}
+
+#[test]
+fn a_failing_canary_rolls_back_and_only_one_rollout_runs_per_service() {
+    let server = Server::start(settings());
+    let (mut agents, v1) = fleet(&server, 4);
+    let admin = server.client(Some(&server.admin));
+    let rollout: Rollout = admin
+        .post(
+            "/v1/rollouts",
+            &json!({"spec": {"service": "web", "release": "web@2.0.0", "promote": "manual"}}),
+        )
+        .unwrap();
+    let canary = rollout.waves[0][0].to_string();
+    let err = admin
+        .post::<Value>(
+            "/v1/rollouts",
+            &json!({"spec": {"service": "web", "release": "web@2.0.0"}}),
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(&format!(
+            "rollout {} of service web is still running",
+            rollout.id
+        )),
+        "{err}"
+    );
+    wait_for(
+        "the canary's failure to roll the rollout back",
+        Duration::from_secs(30),
+        || {
+            obey(&mut agents, &[canary.as_str()]);
+            rollout_state(&server, &rollout.id).state == State::RolledBack
+        },
+    );
+    assert!(
+        agents.iter().all(|a| a.committed.as_ref() == Some(&v1)),
+        "no host outside the canary moved"
+    );
+    let err = admin
+        .post::<Value>(&format!("/v1/rollouts/{}/promote", rollout.id), &json!({}))
+        .unwrap_err();
+    assert!(err.to_string().contains("(HTTP 409)"), "{err}");
+}

@@ -1,0 +1,352 @@
+//! Test doubles: a coordinator in this process on port 0, and a scripted
+//! fake agent that speaks the real protocol with signed requests.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use turnout::coordinator::{Coordinator, Settings};
+use turnout::store::Role;
+use turnout_proto::keys::SecretKey;
+use turnout_proto::messages::{
+    DesiredState, Health, Hello, ReleaseRef, Report, ServiceReport, ServiceState,
+};
+use turnout_proto::{CapabilitySet, HostId, SUPPORTED, encode, request_auth};
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Polls `condition` every 20 ms until it holds or `within` passes.
+#[track_caller]
+pub(crate) fn wait_for(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A coordinator served in this process on 127.0.0.1:0.
+pub(crate) struct Server {
+    pub(crate) url: String,
+    pub(crate) admin: String,
+    pub(crate) coordinator: Arc<Coordinator>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub(crate) dir: tempfile::TempDir,
+}
+
+impl Server {
+    pub(crate) fn start(settings: Settings) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretKey::from_seed([9; 32]);
+        let trust =
+            turnout_proto::trust::Trust::new(1, 1, SystemTime::UNIX_EPOCH, vec![key.public()])
+                .unwrap();
+        let coordinator = Arc::new(Coordinator::open(dir.path(), trust, settings).unwrap());
+        let admin = coordinator
+            .with_store(|s| s.create_token(Role::Admin, now_ms()))
+            .unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let c = coordinator.clone();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                ready_tx.send(listener.local_addr().unwrap()).unwrap();
+                turnout::server::serve(c, listener, async move {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        let addr = ready_rx.recv().unwrap();
+        Server {
+            url: format!("http://{addr}"),
+            admin,
+            coordinator,
+            stop: Some(stop),
+            thread: Some(thread),
+            dir,
+        }
+    }
+
+    /// A release signed by the coordinator's trusted key, pushed to its store.
+    pub(crate) fn push_release(&self, version: &str) -> ReleaseRef {
+        let bundle = demo_bundle(self.dir.path(), version);
+        let client = turnout::client::Client::new(&self.url, Some(self.admin.clone()));
+        let record: Value = client
+            .post_stream("/v1/bundles", &mut std::fs::File::open(&bundle).unwrap())
+            .unwrap();
+        ReleaseRef {
+            name: "web".into(),
+            version: version.parse().unwrap(),
+            sha256: record["sha256"].as_str().unwrap().parse().unwrap(),
+        }
+    }
+
+    pub(crate) fn client(&self, token: Option<&str>) -> turnout::client::Client {
+        turnout::client::Client::new(&self.url, token.map(str::to_owned))
+    }
+
+    pub(crate) fn enroll_token(&self, uses: u32) -> String {
+        let answer: Value = self
+            .client(Some(&self.admin))
+            .post("/v1/tokens", &json!({"enroll": true, "uses": uses}))
+            .unwrap();
+        answer["token"].as_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A one-file bundle of `web` at `version`, signed with the test trust's key.
+pub(crate) fn demo_bundle(dir: &Path, version: &str) -> std::path::PathBuf {
+    use sha2::{Digest as _, Sha256};
+    use turnout_proto::manifest::{FileEntry, Manifest, Mode, PayloadPath, Timestamp};
+    let data = format!("#!/bin/sh\necho web {version}\n").into_bytes();
+    let manifest = Manifest {
+        format: 1,
+        name: "web".parse().unwrap(),
+        version: version.parse().unwrap(),
+        created: Timestamp(SystemTime::now()),
+        expires: None,
+        entry: PayloadPath::new("bin/web").unwrap(),
+        files: vec![FileEntry {
+            path: PayloadPath::new("bin/web").unwrap(),
+            size: data.len() as u64,
+            sha256: turnout_proto::Digest::from_bytes(Sha256::digest(&data).into()),
+            mode: Mode::new(0o755).unwrap(),
+        }],
+        links: vec![],
+        provides: vec![],
+        requires: vec![],
+        extra: BTreeMap::new(),
+    };
+    let bytes = serde_json::to_vec_pretty(&manifest).unwrap();
+    let key = SecretKey::from_seed([9; 32]);
+    let signature = turnout_proto::signature::SignatureEntry {
+        key_id: key.public().id().clone(),
+        sig: key.sign(&bytes),
+    };
+    let path = dir.join(format!("web-{version}.tnt"));
+    let mut writer = turnout_proto::bundle::BundleWriter::new(
+        std::fs::File::create(&path).unwrap(),
+        &bytes,
+        &[signature],
+    )
+    .unwrap();
+    writer
+        .file(
+            &PayloadPath::new("bin/web").unwrap(),
+            Mode::new(0o755).unwrap(),
+            data.len() as u64,
+            &data[..],
+        )
+        .unwrap();
+    writer.finish().unwrap();
+    path
+}
+
+/// What an HTTP call answered.
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) body: Vec<u8>,
+}
+
+impl Answer {
+    pub(crate) fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A scripted agent: real protocol, real signatures, no slots.
+pub(crate) struct FakeAgent {
+    pub(crate) host: HostId,
+    pub(crate) key: SecretKey,
+    url: String,
+    http: ureq::Agent,
+    pub(crate) committed: Option<ReleaseRef>,
+    seq: u64,
+}
+
+impl FakeAgent {
+    pub(crate) fn new(url: &str, host: &str, seed: u8) -> FakeAgent {
+        let http = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        FakeAgent {
+            host: host.parse().unwrap(),
+            key: SecretKey::from_seed([seed; 32]),
+            url: url.to_owned(),
+            http,
+            committed: None,
+            seq: 0,
+        }
+    }
+
+    /// Sends a request signed with `key` at time `ts`.
+    pub(crate) fn signed_as(
+        &self,
+        key: &SecretKey,
+        ts: u64,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Answer {
+        let header = request_auth::sign(key, &self.host, method, path, ts, body);
+        self.raw(method, path, Some(header), body)
+    }
+
+    pub(crate) fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        auth: Option<String>,
+        body: &[u8],
+    ) -> Answer {
+        let url = format!("{}{path}", self.url);
+        let result = match method {
+            "GET" => {
+                let mut r = self.http.get(&url);
+                if let Some(a) = auth {
+                    r = r.header("Authorization", a);
+                }
+                r.call()
+            }
+            _ => {
+                let mut r = self
+                    .http
+                    .post(&url)
+                    .header("Content-Type", "application/json");
+                if let Some(a) = auth {
+                    r = r.header("Authorization", a);
+                }
+                r.send(body)
+            }
+        };
+        let mut response = result.unwrap();
+        Answer {
+            status: response.status().as_u16(),
+            body: response.body_mut().read_to_vec().unwrap(),
+        }
+    }
+
+    pub(crate) fn signed(&self, method: &str, path: &str, body: &[u8]) -> Answer {
+        self.signed_as(&self.key, now_ms(), method, path, body)
+    }
+
+    pub(crate) fn enroll(&self, token: &str, labels: &[(&str, &str)]) -> Answer {
+        let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+        let body = json!({"token": token, "host": self.host, "public_key": self.key.public().to_pem(), "labels": labels});
+        self.raw("POST", "/v1/enroll", None, body.to_string().as_bytes())
+    }
+
+    pub(crate) fn hello_with(
+        &self,
+        range: turnout_proto::ProtoRange,
+        labels: &[(&str, &str)],
+    ) -> Answer {
+        let hello = Hello {
+            agent_version: "0.1.0".into(),
+            proto_range: range,
+            capabilities: CapabilitySet::all_known(),
+            host: self.host.clone(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            facts: BTreeMap::new(),
+        };
+        self.signed("POST", "/v1/agent/hello", &encode(SUPPORTED.max(), &hello))
+    }
+
+    pub(crate) fn hello(&self) -> Answer {
+        self.hello_with(SUPPORTED, &[("role", "web")])
+    }
+
+    /// Reports service `web` as committed on `self.committed`, or failed on `failed`.
+    pub(crate) fn report(&mut self, failed: Option<(&ReleaseRef, &str)>) -> Answer {
+        self.seq += 1;
+        let report = Report {
+            host: self.host.clone(),
+            seq: self.seq,
+            desired_index: 0,
+            services: vec![ServiceReport {
+                service: "web".parse().unwrap(),
+                state: ServiceState::Idle,
+                active_slot: None,
+                committed: self.committed.clone(),
+                other: None,
+                target: None,
+                health: Health::Healthy,
+                last_outcome: failed.map(|(release, reason)| turnout_proto::messages::Outcome {
+                    kind: turnout_proto::messages::OutcomeKind::Reverted,
+                    release: release.clone(),
+                    reason: reason.into(),
+                    at_ms: now_ms(),
+                }),
+                last_error: None,
+            }],
+        };
+        self.signed(
+            "POST",
+            "/v1/agent/report",
+            &encode(SUPPORTED.max(), &report),
+        )
+    }
+
+    pub(crate) fn desired(&self, index: u64, wait: &str) -> DesiredState {
+        let answer = self.signed(
+            "GET",
+            &format!("/v1/agent/desired?index={index}&wait={wait}"),
+            b"",
+        );
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        turnout_proto::decode::<DesiredState>(&answer.body)
+            .unwrap()
+            .body
+    }
+
+    /// Enrolls, says hello and reports the release it runs.
+    pub(crate) fn join(
+        url: &str,
+        host: &str,
+        seed: u8,
+        token: &str,
+        runs: &ReleaseRef,
+    ) -> FakeAgent {
+        let mut agent = FakeAgent::new(url, host, seed);
+        assert_eq!(agent.enroll(token, &[("role", "web")]).status, 200);
+        assert_eq!(agent.hello().status, 200);
+        agent.committed = Some(runs.clone());
+        assert_eq!(agent.report(None).status, 204);
+        agent
+    }
+}

@@ -1,0 +1,5 @@
+//! The `turnout` crate's integration tests (one test binary, one module per area).
+
+mod api;
+mod bundle_tools;
+mod fake;
