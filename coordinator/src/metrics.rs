@@ -9,6 +9,9 @@ use std::time::Duration;
 /// Upper bounds of the request-latency histogram, in seconds.
 const BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5, 30.0];
 
+/// A gauge computed at scrape time: its name, labels and value.
+pub type Gauge<'a> = (&'a str, Vec<(&'a str, String)>, f64);
+
 /// Request counts and latencies by route, and refusals by reason.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -70,7 +73,7 @@ impl Metrics {
     }
 
     /// Renders the counters, then `gauges` (name, labels, value) computed by the caller.
-    pub fn render(&self, gauges: &[(&str, Vec<(&str, String)>, f64)]) -> String {
+    pub fn render(&self, gauges: &[Gauge<'_>]) -> String {
         let inner = self.inner.lock().expect("not poisoned");
         let mut out = String::new();
         out.push_str("# TYPE turnout_http_requests_total counter\n");

@@ -119,7 +119,7 @@ pub async fn serve(
             c.run_rollouts(async move {
                 let _ = rx.wait_for(|s| *s).await;
             })
-            .await
+            .await;
         })
     };
     let result = axum::serve(listener, router(coordinator))
@@ -834,7 +834,7 @@ async fn metrics(State(c): State<Shared>) -> Result<Response, ApiError> {
     let now = now_ms();
     let hosts = c.with_store(|s| s.hosts())?;
     let rollouts = c.rollouts()?;
-    let mut gauges: Vec<(&str, Vec<(&str, String)>, f64)> = Vec::new();
+    let mut gauges: Vec<crate::metrics::Gauge<'_>> = Vec::new();
     let mut by_state: BTreeMap<&str, f64> = BTreeMap::new();
     let mut by_version: BTreeMap<(String, String), f64> = BTreeMap::new();
     for h in &hosts {

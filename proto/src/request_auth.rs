@@ -78,16 +78,16 @@ impl HostAuth {
                     host = Some(
                         v.parse::<HostId>()
                             .map_err(|e| MalformedAuth(e.to_string()))?,
-                    )
+                    );
                 }
                 Some(("ts", v)) => {
                     ts = Some(
                         v.parse::<u64>()
                             .map_err(|_| MalformedAuth(format!("ts {v:?} is not a number")))?,
-                    )
+                    );
                 }
                 Some(("sig", v)) => {
-                    sig = Some(RawSignature::try_from(v.to_owned()).map_err(MalformedAuth)?)
+                    sig = Some(RawSignature::try_from(v.to_owned()).map_err(MalformedAuth)?);
                 }
                 _ => return Err(MalformedAuth(format!("unexpected part {part:?}"))),
             }

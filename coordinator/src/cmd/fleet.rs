@@ -111,8 +111,8 @@ pub fn host(command: HostCommand) -> anyhow::Result<Exit> {
                 return Ok(Exit::Success);
             }
             println!(
-                "{:<24} {:<13} {:<9} {:<6} {:<20} {}",
-                "HOST", "STATE", "AGENT", "PROTO", "LAST SEEN", "LABELS"
+                "{:<24} {:<13} {:<9} {:<6} {:<20} LABELS",
+                "HOST", "STATE", "AGENT", "PROTO", "LAST SEEN"
             );
             for h in &hosts {
                 let labels: Vec<String> = h["labels"]

@@ -253,8 +253,8 @@ pub fn run(command: Command) -> anyhow::Result<Exit> {
             let rollouts: Vec<Rollout> = remote.client().get("/v1/rollouts")?;
             if !remote.print_json(&rollouts)? {
                 println!(
-                    "{:<28} {:<10} {:<14} {:<8} {}",
-                    "ID", "SERVICE", "STATE", "HOSTS", "RELEASE"
+                    "{:<28} {:<10} {:<14} {:<8} RELEASE",
+                    "ID", "SERVICE", "STATE", "HOSTS"
                 );
                 for r in &rollouts {
                     println!(

@@ -3,3 +3,4 @@
 mod api;
 mod bundle_tools;
 mod fake;
+mod sigkill;
