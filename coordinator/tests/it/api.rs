@@ -392,3 +392,197 @@ fn a_failing_canary_rolls_back_and_only_one_rollout_runs_per_service() {
         .unwrap_err();
     assert!(err.to_string().contains("(HTTP 409)"), "{err}");
 }
+
+#[test]
+fn a_bundle_failing_the_trust_check_is_refused_and_not_stored() {
+    let server = Server::start(settings());
+    let dir = tempfile::tempdir().unwrap();
+    // Signed by a key the coordinator's trust file does not list.
+    let bundle = {
+        let path = crate::fake::demo_bundle(dir.path(), "6.6.6");
+        let bytes = std::fs::read(&path).unwrap();
+        let other = turnout_proto::keys::SecretKey::from_seed([77; 32]);
+        let head = turnout_proto::bundle::read_head(&bytes[..], &turnout_proto::Limits::default())
+            .unwrap();
+        let signature = turnout_proto::signature::SignatureEntry {
+            key_id: other.public().id().clone(),
+            sig: other.sign(&head.manifest_bytes),
+        };
+        turnout_proto::bundle::rewrite_signatures(
+            &bytes[..],
+            std::fs::File::create(&path).unwrap(),
+            &[signature],
+            &turnout_proto::Limits::default(),
+        )
+        .unwrap();
+        path
+    };
+    let err = server
+        .client(Some(&server.admin))
+        .post_stream::<Value>("/v1/bundles", &mut std::fs::File::open(&bundle).unwrap())
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("bundle refused: the manifest is signed by key"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("(HTTP 422)"), "{err}");
+    let stored: Vec<Value> = server
+        .client(Some(&server.admin))
+        .get("/v1/bundles")
+        .unwrap();
+    assert!(stored.is_empty());
+    let files: Vec<_> = std::fs::read_dir(server.coordinator.bundles_dir())
+        .unwrap()
+        .collect();
+    assert!(files.is_empty(), "the refused upload left {files:?}");
+}
+
+#[test]
+fn bundles_download_whole_or_by_range() {
+    let server = Server::start(settings());
+    let release = server.push_release("1.0.0");
+    let agent = FakeAgent::join(&server.url, "web-01", 1, &server.enroll_token(1), &release);
+    let path = format!("/v1/bundles/{}", release.sha256);
+    let whole = agent.signed("GET", &path, b"");
+    assert_eq!(whole.status, 200);
+    let on_disk = std::fs::read(server.coordinator.bundle_path(release.sha256.as_str())).unwrap();
+    assert_eq!(whole.body, on_disk);
+
+    let url = format!("{}{path}", server.url);
+    let http: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let ranged = |range: &str| {
+        let mut response = http
+            .get(&url)
+            .header("Authorization", format!("Bearer {}", server.admin))
+            .header("Range", range)
+            .call()
+            .unwrap();
+        let status = response.status().as_u16();
+        let content_range = response
+            .headers()
+            .get("content-range")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (
+            status,
+            content_range,
+            response.body_mut().read_to_vec().unwrap(),
+        )
+    };
+    let (status, content_range, body) = ranged("bytes=100-199");
+    assert_eq!((status, body.as_slice()), (206, &on_disk[100..200]));
+    assert_eq!(
+        content_range.unwrap(),
+        format!("bytes 100-199/{}", on_disk.len())
+    );
+    let (status, _, body) = ranged("bytes=1000-");
+    assert_eq!(
+        (status, body.as_slice()),
+        (206, &on_disk[1000..]),
+        "resuming from an offset"
+    );
+    let (status, content_range, _) = ranged(&format!("bytes={}-", on_disk.len() + 5));
+    assert_eq!(status, 416);
+    assert_eq!(content_range.unwrap(), format!("bytes */{}", on_disk.len()));
+}
+
+#[test]
+fn the_rollout_cli_plans_starts_and_watches_to_the_end() {
+    let server = Server::start(settings());
+    let (mut agents, _) = fleet(&server, 3);
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
+            .args(args)
+            .env("TURNOUT_COORDINATOR", &server.url)
+            .env("TURNOUT_TOKEN", &server.admin)
+            .output()
+            .unwrap()
+    };
+    let plan = cli(&[
+        "rollout",
+        "plan",
+        "--service",
+        "web",
+        "--release",
+        "web@2.0.0",
+        "--waves",
+        "1,100%",
+    ]);
+    let text = String::from_utf8_lossy(&plan.stdout);
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    assert!(
+        text.contains("rollout web-2.0.0-1: web to web 2.0.0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("wave 1 (1 host(s))") && text.contains("wave 2 (2 host(s))"),
+        "{text}"
+    );
+
+    let bad = cli(&[
+        "rollout",
+        "start",
+        "--service",
+        "web",
+        "--release",
+        "web@2.0.0",
+        "--waves",
+        "1,lots",
+        "--on-failure",
+        "shrug",
+    ]);
+    assert_eq!(bad.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("2 problem(s)") && err.contains("waves[1]") && err.contains("on_failure"),
+        "{err}"
+    );
+
+    let start = cli(&[
+        "rollout",
+        "start",
+        "--service",
+        "web",
+        "--release",
+        "web@2.0.0",
+        "--waves",
+        "1,100%",
+    ]);
+    assert!(
+        start.status.success(),
+        "{}",
+        String::from_utf8_lossy(&start.stderr)
+    );
+    let watcher = std::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
+        .args(["rollout", "watch", "web-2.0.0-1"])
+        .env("TURNOUT_COORDINATOR", &server.url)
+        .env("TURNOUT_TOKEN", &server.admin)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let watcher_pid = watcher.id();
+    wait_for("the fleet to move", Duration::from_secs(30), || {
+        obey(&mut agents, &[]);
+        rollout_state(&server, "web-2.0.0-1").state == State::Succeeded
+    });
+    let out = watcher.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "watch {watcher_pid}: {text}");
+    assert!(
+        text.contains("dispatched 2.0.0") && text.contains("succeeded"),
+        "{text}"
+    );
+    let status = cli(&["rollout", "status", "web-2.0.0-1"]);
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("wave 2 (2 host(s)): 2 done"),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+}
