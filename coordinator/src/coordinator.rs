@@ -148,6 +148,7 @@ pub struct Coordinator {
     desired: Mutex<HashMap<String, watch::Sender<u64>>>,
     events: watch::Sender<u64>,
     wake: Notify,
+    stopping: watch::Sender<bool>,
     nonces: Mutex<Nonces>,
     /// Request and refusal counters.
     pub metrics: Metrics,
@@ -181,6 +182,7 @@ impl Coordinator {
             desired: Mutex::new(HashMap::new()),
             events: watch::channel(latest).0,
             wake: Notify::new(),
+            stopping: watch::channel(false).0,
             nonces: Mutex::new(Nonces::default()),
             metrics: Metrics::default(),
         })
@@ -259,6 +261,17 @@ impl Coordinator {
         let id = self.with_store(|s| s.log(now_ms(), actor, rollout, host, message))?;
         self.events.send_replace(id);
         Ok(())
+    }
+
+    /// Tells long polls to answer now: the server is shutting down.
+    pub fn stop_waiting(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves when the server starts shutting down.
+    pub async fn stopped(&self) {
+        let mut stopping = self.stopping.subscribe();
+        let _ = stopping.wait_for(|s| *s).await;
     }
 
     /// Wakes the rollout loop (a host reported).
