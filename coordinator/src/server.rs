@@ -122,9 +122,12 @@ pub async fn serve(
             .await;
         })
     };
+    let c = coordinator.clone();
     let result = axum::serve(listener, router(coordinator))
         .with_graceful_shutdown(async move {
             shutdown.await;
+            // Parked long polls answer now, so shutdown does not wait out their waits.
+            c.stop_waiting();
             let _ = stop_tx.send(true);
         })
         .await;
@@ -369,7 +372,10 @@ async fn desired(
     .min(c.settings().max_wait);
     if current.index <= query.index && !wait.is_zero() {
         let mut changes = c.watch_desired(host.as_str(), current.index);
-        let _ = tokio::time::timeout(wait, changes.wait_for(|index| *index > query.index)).await;
+        tokio::select! {
+            _ = tokio::time::timeout(wait, changes.wait_for(|index| *index > query.index)) => {}
+            () = c.stopped() => {}
+        }
     }
     let state = c.with_store(|s| s.desired(&host))?;
     Ok((
@@ -819,11 +825,13 @@ async fn events(
     let mut found = c.with_store(|s| s.events(query.after, query.rollout.as_deref(), 1000))?;
     let deadline = tokio::time::Instant::now() + wait;
     while found.is_empty() && tokio::time::Instant::now() < deadline {
-        if tokio::time::timeout_at(deadline, changes.changed())
-            .await
-            .is_err()
-        {
-            break;
+        tokio::select! {
+            changed = tokio::time::timeout_at(deadline, changes.changed()) => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            () = c.stopped() => break,
         }
         found = c.with_store(|s| s.events(query.after, query.rollout.as_deref(), 1000))?;
     }

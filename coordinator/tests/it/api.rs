@@ -586,3 +586,24 @@ fn the_rollout_cli_plans_starts_and_watches_to_the_end() {
         String::from_utf8_lossy(&status.stdout)
     );
 }
+
+#[test]
+fn shutting_down_does_not_wait_out_parked_long_polls() {
+    let server = Server::start(settings());
+    let release = server.push_release("1.0.0");
+    let agent = FakeAgent::join(&server.url, "web-01", 1, &server.enroll_token(1), &release);
+    let index = agent.desired(0, "0s").index;
+    let poll = std::thread::spawn(move || agent.desired(index, "60s"));
+    wait_for("the long poll to park", Duration::from_secs(10), || {
+        server.coordinator.waiting("web-01") > 0
+    });
+    let started = Instant::now();
+    drop(server);
+    let state = poll.join().unwrap();
+    assert_eq!(state.index, index, "answered with the unchanged state");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?} with a 60 s poll parked",
+        started.elapsed()
+    );
+}
