@@ -81,6 +81,18 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         unpack_to: Option<PathBuf>,
     },
+    /// Enroll this host with a coordinator: make its key, register it.
+    Enroll {
+        /// The coordinator's URL.
+        #[arg(long)]
+        coordinator: String,
+        /// An enrollment token (`turnout token create --enroll`).
+        #[arg(long, env = "TURNOUT_ENROLL_TOKEN")]
+        token: String,
+        /// The host's id (default: its hostname).
+        #[arg(long)]
+        host: Option<String>,
+    },
     /// Show this build's version, protocol versions and capabilities.
     Version {
         /// Print JSON instead of text.
@@ -133,6 +145,32 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
             runtime()?.block_on(daemon::run(agent, shutdown_signal()))?;
             Ok(Exit::Success)
         }
+        Command::Enroll {
+            coordinator,
+            token,
+            host,
+        } => {
+            let config = Config::load(&cli.config)?;
+            let host = match host {
+                Some(h) => h,
+                None => std::fs::read_to_string("/proc/sys/kernel/hostname")?
+                    .trim()
+                    .to_owned(),
+            };
+            let host: turnout_proto::HostId = host.parse()?;
+            let identity = crate::link::Identity::enroll(
+                &config.state_dir,
+                &coordinator,
+                &token,
+                &host,
+                &config.labels,
+            )?;
+            println!(
+                "enrolled host {} with {}; `turnout-agent run` follows it now",
+                identity.host, identity.coordinator
+            );
+            Ok(Exit::Success)
+        }
         Command::Status { json } => {
             let config = Config::load(&cli.config)?;
             let statuses = match ask(&config, &Request::Status)? {
@@ -140,10 +178,20 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
                 Some(other) => return answered(other, json),
                 None => {
                     let _lock = daemon::lock(&config.state_dir)?;
-                    let agent = Agent::open(config)?;
+                    let agent = Agent::open(config.clone())?;
                     runtime()?.block_on(agent.status())?
                 }
             };
+            if !json {
+                if let Some(Response::Link(link)) = ask(&config, &Request::Link)? {
+                    println!(
+                        "coordinator: {} {}{}",
+                        link.coordinator.as_deref().unwrap_or("-"),
+                        link.state,
+                        link.detail.map(|d| format!(": {d}")).unwrap_or_default()
+                    );
+                }
+            }
             print_status(&statuses, json)?;
             Ok(Exit::Success)
         }
@@ -248,6 +296,10 @@ fn answered(response: Response, json: bool) -> anyhow::Result<Exit> {
         }
         Response::Status(statuses) => {
             print_status(&statuses, json)?;
+            Ok(Exit::Success)
+        }
+        Response::Link(link) => {
+            println!("{}", serde_json::to_string_pretty(&link)?);
             Ok(Exit::Success)
         }
         Response::Error { message, exit } => {

@@ -46,6 +46,8 @@ pub enum Request {
         /// The service.
         service: String,
     },
+    /// The coordinator link's state.
+    Link,
 }
 
 /// The daemon's answer.
@@ -56,6 +58,8 @@ pub enum Response {
     Status(Vec<ServiceStatus>),
     /// Answer to `install` or `rollback`.
     Done(OperationResult),
+    /// Answer to `link`.
+    Link(crate::link::LinkStatus),
     /// The request failed.
     Error {
         /// What went wrong.
@@ -145,6 +149,9 @@ pub async fn handle(agent: &Agent, request: Request) -> Response {
             .await
             .map(Response::Done),
         Request::Rollback { service } => agent.rollback(&service).await.map(Response::Done),
+        Request::Link => Ok(Response::Link(
+            agent.link().lock().expect("not poisoned").clone(),
+        )),
     };
     result.unwrap_or_else(|err| Response::Error {
         message: err.to_string(),

@@ -85,6 +85,21 @@ pub async fn run(
         agent.config().services.len(),
         socket.display()
     );
+    let link = match crate::link::Identity::load(&agent.config().state_dir) {
+        Ok(Some(identity)) => {
+            eprintln!(
+                "turnout-agent: host {} following the coordinator at {}",
+                identity.host, identity.coordinator
+            );
+            let link = crate::link::Link::new(Arc::clone(&agent), identity, agent.link());
+            Some(tokio::spawn(link.run()))
+        }
+        Ok(None) => None,
+        Err(err) => {
+            eprintln!("turnout-agent: cannot load the host identity ({err}); running standalone");
+            None
+        }
+    };
     let monitors: Vec<_> = agent
         .service_names()
         .into_iter()
@@ -95,6 +110,9 @@ pub async fn run(
         .collect();
     control::serve(Arc::clone(&agent), listener, shutdown).await;
     monitors.iter().for_each(tokio::task::JoinHandle::abort);
+    if let Some(link) = link {
+        link.abort();
+    }
     eprintln!("turnout-agent: stopping");
     agent.stop_exec_services().await;
     let _ = std::fs::remove_file(&socket);

@@ -12,6 +12,7 @@ pub mod demo_service;
 pub mod exit;
 pub mod health;
 pub mod journal;
+pub mod link;
 pub mod machine;
 pub mod service;
 pub mod slots;

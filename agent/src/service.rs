@@ -204,6 +204,8 @@ pub struct Agent {
     monitored: Mutex<BTreeMap<String, (Health, Option<String>)>>,
     /// Whether monitors run (in the daemon); then they alone judge health.
     monitoring: std::sync::atomic::AtomicBool,
+    /// The coordinator link's state, for `status`.
+    link: Arc<Mutex<crate::link::LinkStatus>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -262,7 +264,17 @@ impl Agent {
             limits: Limits::default(),
             monitored: Mutex::new(BTreeMap::new()),
             monitoring: std::sync::atomic::AtomicBool::new(false),
+            link: Arc::new(Mutex::new(crate::link::LinkStatus {
+                coordinator: None,
+                state: "standalone".into(),
+                detail: None,
+            })),
         })
+    }
+
+    /// The coordinator link's state, shared with the link task.
+    pub fn link(&self) -> Arc<Mutex<crate::link::LinkStatus>> {
+        Arc::clone(&self.link)
     }
 
     /// The config the agent runs with.

@@ -1,0 +1,671 @@
+//! The agent's link to its coordinator: enrollment, the handshake, the
+//! desired-state long poll, convergence and reports.
+//!
+//! The link never touches a running service by itself: it only asks the
+//! install cycle ([`Agent::install`], [`Agent::rollback`]) for what the
+//! desired state says, and every decision of that cycle (bake, revert) stands.
+//! When the coordinator is unreachable or refuses the handshake, services
+//! keep running as they are and the link retries with exponential backoff
+//! and full jitter (1 s doubling to 5 min), so a fleet cut off together does
+//! not return together.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use turnout_proto::keys::SecretKey;
+use turnout_proto::messages::{
+    DesiredService, DesiredState, Health, Hello, Incompatible, Outcome, OutcomeKind, Report,
+    ServiceReport, ServiceState, Welcome,
+};
+use turnout_proto::{Capability, CapabilitySet, HostId, encode, request_auth};
+
+use crate::service::{Agent, ServiceStatus, now_ms};
+
+/// The host's identity: its key, its id, and its coordinator.
+#[derive(Debug)]
+pub struct Identity {
+    /// The host's id in the fleet.
+    pub host: HostId,
+    /// Its ed25519 key (`STATE_DIR/identity.pem`, mode 0600).
+    pub key: SecretKey,
+    /// The coordinator's base URL.
+    pub coordinator: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Enrolled {
+    host: HostId,
+    coordinator: String,
+}
+
+/// Why the link failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The coordinator could not be reached.
+    #[error("cannot reach the coordinator at {url}: {detail}")]
+    Unreachable {
+        /// Where.
+        url: String,
+        /// Why.
+        detail: String,
+    },
+    /// The coordinator answered with an error.
+    #[error("the coordinator refused {what}: HTTP {status}: {message}")]
+    Refused {
+        /// The request.
+        what: String,
+        /// The status.
+        status: u16,
+        /// Its message.
+        message: String,
+    },
+    /// No common protocol version.
+    #[error("{0}")]
+    Incompatible(Incompatible),
+    /// Local files.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Identity {
+    /// The identity in `state_dir`, if the host enrolled.
+    pub fn load(state_dir: &Path) -> Result<Option<Identity>, LinkError> {
+        let io = |what: &str| {
+            let what = what.to_owned();
+            move |source| LinkError::Io { what, source }
+        };
+        let Ok(enrolled) = std::fs::read(state_dir.join("coordinator.json")) else {
+            return Ok(None);
+        };
+        let enrolled: Enrolled = serde_json::from_slice(&enrolled).map_err(|e| LinkError::Io {
+            what: "reading coordinator.json".into(),
+            source: std::io::Error::other(e),
+        })?;
+        let pem = std::fs::read_to_string(state_dir.join("identity.pem"))
+            .map_err(io("reading identity.pem"))?;
+        let key = SecretKey::from_pem(&pem).map_err(|e| LinkError::Io {
+            what: "reading identity.pem".into(),
+            source: std::io::Error::other(e),
+        })?;
+        Ok(Some(Identity {
+            host: enrolled.host,
+            key,
+            coordinator: enrolled.coordinator,
+        }))
+    }
+
+    /// Makes the host's key (once) and enrolls it with a token.
+    pub fn enroll(
+        state_dir: &Path,
+        coordinator: &str,
+        token: &str,
+        host: &HostId,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Identity, LinkError> {
+        let io = |what: &str| {
+            let what = what.to_owned();
+            move |source| LinkError::Io { what, source }
+        };
+        std::fs::create_dir_all(state_dir).map_err(io("creating the state directory"))?;
+        let key_path = state_dir.join("identity.pem");
+        let key = match std::fs::read_to_string(&key_path) {
+            Ok(pem) => SecretKey::from_pem(&pem).map_err(|e| LinkError::Io {
+                what: "reading identity.pem".into(),
+                source: std::io::Error::other(e),
+            })?,
+            Err(_) => {
+                let mut seed = [0u8; 32];
+                getrandom::fill(&mut seed).map_err(|e| LinkError::Io {
+                    what: "the random source".into(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                let key = SecretKey::from_seed(seed);
+                write_private(&key_path, key.to_pem().as_bytes())
+                    .map_err(io("writing identity.pem"))?;
+                key
+            }
+        };
+        let coordinator = coordinator.trim_end_matches('/').to_owned();
+        let body = serde_json::json!({"token": token, "host": host, "public_key": key.public().to_pem(), "labels": labels});
+        let (status, answer) = http(
+            &coordinator,
+            "POST",
+            "/v1/enroll",
+            None,
+            body.to_string().as_bytes(),
+        )?;
+        if status != 200 {
+            return Err(LinkError::Refused {
+                what: "the enrollment".into(),
+                status,
+                message: error_message(&answer),
+            });
+        }
+        let enrolled = serde_json::to_vec_pretty(&Enrolled {
+            host: host.clone(),
+            coordinator: coordinator.clone(),
+        })
+        .expect("serialises");
+        std::fs::write(state_dir.join("coordinator.json"), enrolled)
+            .map_err(io("writing coordinator.json"))?;
+        Ok(Identity {
+            host: host.clone(),
+            key,
+            coordinator,
+        })
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+fn error_message(body: &[u8]) -> String {
+    turnout_proto::decode::<turnout_proto::messages::ErrorBody>(body)
+        .map(|e| e.body.message)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned())
+}
+
+fn client() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(90)))
+        .build()
+        .into()
+}
+
+/// One HTTP request; returns the status and the body.
+fn http(
+    base: &str,
+    method: &str,
+    path: &str,
+    auth: Option<String>,
+    body: &[u8],
+) -> Result<(u16, Vec<u8>), LinkError> {
+    let url = format!("{base}{path}");
+    let agent = client();
+    let result = if method == "GET" {
+        let mut request = agent.get(&url);
+        if let Some(auth) = auth {
+            request = request.header("Authorization", auth);
+        }
+        request.call()
+    } else {
+        let mut request = agent.post(&url).header("Content-Type", "application/json");
+        if let Some(auth) = auth {
+            request = request.header("Authorization", auth);
+        }
+        request.send(body)
+    };
+    let mut response = result.map_err(|e| LinkError::Unreachable {
+        url: base.to_owned(),
+        detail: e.to_string(),
+    })?;
+    let status = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(8 << 20)
+        .read_to_vec()
+        .map_err(|e| LinkError::Unreachable {
+            url: base.to_owned(),
+            detail: e.to_string(),
+        })?;
+    Ok((status, body))
+}
+
+/// What `status` shows about the link.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LinkStatus {
+    /// The coordinator, when enrolled.
+    pub coordinator: Option<String>,
+    /// `connected`, `refused`, `unreachable`, `standalone`.
+    pub state: String,
+    /// Why, when not connected.
+    pub detail: Option<String>,
+}
+
+/// The running link.
+pub struct Link {
+    agent: Arc<Agent>,
+    identity: Identity,
+    status: Arc<Mutex<LinkStatus>>,
+    cache: PathBuf,
+}
+
+/// This agent's offer; tests may narrow it with `TURNOUT_AGENT_TEST_PROTO=MIN-MAX`
+/// and `TURNOUT_AGENT_TEST_WITHOUT=capability,…` to model older agents.
+pub fn offer() -> turnout_proto::Offer {
+    let mut offer = crate::offer();
+    if let Ok(range) = std::env::var("TURNOUT_AGENT_TEST_PROTO") {
+        let parsed = range.split_once('-').and_then(|(a, b)| {
+            let version = |s: &str| {
+                s.parse::<u16>()
+                    .ok()
+                    .and_then(turnout_proto::ProtoVersion::new)
+            };
+            turnout_proto::ProtoRange::new(version(a)?, version(b)?)
+        });
+        if let Some(range) = parsed {
+            offer.range = range;
+        }
+    }
+    if let Ok(without) = std::env::var("TURNOUT_AGENT_TEST_WITHOUT") {
+        for name in without.split(',') {
+            offer.capabilities.remove(&Capability::from(name.trim()));
+        }
+    }
+    offer
+}
+
+impl Link {
+    /// A link for `agent` as `identity`; `status` is shared with `turnout-agent status`.
+    pub fn new(agent: Arc<Agent>, identity: Identity, status: Arc<Mutex<LinkStatus>>) -> Link {
+        let cache = agent.config().state_dir.join("cache");
+        Link {
+            agent,
+            identity,
+            status,
+            cache,
+        }
+    }
+
+    fn set(&self, state: &str, detail: Option<String>) {
+        let mut status = self.status.lock().expect("not poisoned");
+        status.coordinator = Some(self.identity.coordinator.clone());
+        status.state = state.to_owned();
+        status.detail = detail;
+    }
+
+    async fn call(
+        &self,
+        method: &'static str,
+        path: String,
+        body: Vec<u8>,
+    ) -> Result<(u16, Vec<u8>), LinkError> {
+        let header = request_auth::sign(
+            &self.identity.key,
+            &self.identity.host,
+            method,
+            &path,
+            now_ms(),
+            &body,
+        );
+        let base = self.identity.coordinator.clone();
+        tokio::task::spawn_blocking(move || http(&base, method, &path, Some(header), &body))
+            .await
+            .expect("the request does not panic")
+    }
+
+    /// Runs until the task is dropped: handshake, then converge and report.
+    pub async fn run(self) {
+        let mut failures = 0u32;
+        loop {
+            let result = match self.hello().await {
+                Ok(welcome) => {
+                    failures = 0;
+                    self.set("connected", None);
+                    self.session(&welcome).await
+                }
+                Err(err) => Err(err),
+            };
+            let err = result.expect_err("a session only ends with an error");
+            match &err {
+                LinkError::Incompatible(refusal) => {
+                    self.set("refused", Some(refusal.to_string()));
+                    eprintln!(
+                        "turnout-agent: the coordinator refused this agent: {refusal}; services keep running as they are"
+                    );
+                }
+                other => {
+                    self.set("unreachable", Some(other.to_string()));
+                    eprintln!("turnout-agent: {other}; services keep running, retrying");
+                }
+            }
+            failures = failures.saturating_add(1);
+            tokio::time::sleep(backoff(failures)).await;
+        }
+    }
+
+    async fn hello(&self) -> Result<Welcome, LinkError> {
+        let offer = offer();
+        let hello = Hello {
+            agent_version: crate::VERSION.into(),
+            proto_range: offer.range,
+            capabilities: offer.capabilities,
+            host: self.identity.host.clone(),
+            labels: self.agent.config().labels.clone(),
+            facts: BTreeMap::new(),
+        };
+        let (status, body) = self
+            .call(
+                "POST",
+                "/v1/agent/hello".into(),
+                encode(offer.range.min(), &hello),
+            )
+            .await?;
+        match status {
+            200 => turnout_proto::decode::<Welcome>(&body)
+                .map(|e| e.body)
+                .map_err(|e| LinkError::Refused {
+                    what: "the hello".into(),
+                    status,
+                    message: e.to_string(),
+                }),
+            409 => {
+                let refusal = turnout_proto::decode::<Incompatible>(&body).map_err(|e| {
+                    LinkError::Refused {
+                        what: "the hello".into(),
+                        status,
+                        message: e.to_string(),
+                    }
+                })?;
+                Err(LinkError::Incompatible(refusal.body))
+            }
+            _ => Err(LinkError::Refused {
+                what: "the hello".into(),
+                status,
+                message: error_message(&body),
+            }),
+        }
+    }
+
+    async fn session(&self, welcome: &Welcome) -> Result<(), LinkError> {
+        let interval = Duration::from_millis(welcome.report_interval_ms.max(100));
+        let long_poll = welcome.capabilities.contains(&Capability::LongPoll);
+        let mut index = 0;
+        self.report().await?;
+        loop {
+            let path = if long_poll {
+                format!(
+                    "/v1/agent/desired?index={index}&wait={}ms",
+                    interval.as_millis()
+                )
+            } else {
+                format!("/v1/agent/desired?index={index}")
+            };
+            let (status, body) = self.call("GET", path, Vec::new()).await?;
+            if status != 200 {
+                return Err(LinkError::Refused {
+                    what: "the desired-state poll".into(),
+                    status,
+                    message: error_message(&body),
+                });
+            }
+            let desired: DesiredState =
+                turnout_proto::decode(&body)
+                    .map(|e| e.body)
+                    .map_err(|e| LinkError::Refused {
+                        what: "the desired state".into(),
+                        status,
+                        message: e.to_string(),
+                    })?;
+            index = desired.index;
+            for service in &desired.services {
+                if self.converge(service, &welcome.capabilities).await? {
+                    self.report().await?;
+                }
+            }
+            self.report().await?;
+            if !long_poll {
+                tokio::time::sleep(interval).await;
+            }
+        }
+    }
+
+    /// Moves one service toward its desired release; true if it acted.
+    async fn converge(
+        &self,
+        desired: &DesiredService,
+        capabilities: &CapabilitySet,
+    ) -> Result<bool, LinkError> {
+        let name = desired.service.as_str();
+        let Some(status) = self.status_of(name).await else {
+            return Ok(false);
+        };
+        let want = &desired.release;
+        if status
+            .committed
+            .as_ref()
+            .is_some_and(|c| c.sha256 == want.sha256)
+            || status.state != "idle"
+        {
+            return Ok(false);
+        }
+        // A release that failed here is reported, not retried in a loop.
+        if status.last_outcome.as_ref().is_some_and(|o| {
+            o.release.as_ref().is_some_and(|r| r.sha256 == want.sha256)
+                && o.kind != OutcomeKind::Committed
+        }) {
+            return Ok(false);
+        }
+        let rollback = status
+            .other
+            .as_ref()
+            .is_some_and(|o| o.sha256 == want.sha256)
+            && capabilities.contains(&Capability::SlotRollback);
+        let result = if rollback {
+            self.agent.rollback(name).await
+        } else {
+            let bundle = match self
+                .download(desired, capabilities.contains(&Capability::RangeDownload))
+                .await
+            {
+                Ok(path) => path,
+                Err(err) => {
+                    eprintln!(
+                        "turnout-agent: {name}: downloading {} {}: {err}",
+                        want.name, want.version
+                    );
+                    return Err(err);
+                }
+            };
+            self.agent.install(name, &bundle, None).await
+        };
+        match result {
+            Ok(result) => eprintln!("turnout-agent: {}", result.summary),
+            Err(err) => eprintln!("turnout-agent: {name}: {err}"),
+        }
+        Ok(true)
+    }
+
+    async fn status_of(&self, name: &str) -> Option<ServiceStatus> {
+        self.agent
+            .status()
+            .await
+            .ok()?
+            .into_iter()
+            .find(|s| s.service == name)
+    }
+
+    /// Fetches a bundle into the cache, resuming a partial download, and
+    /// checks its sha256 before handing it to the install cycle.
+    async fn download(&self, desired: &DesiredService, resume: bool) -> Result<PathBuf, LinkError> {
+        let sha = desired.release.sha256.to_string();
+        let io = |what: String| move |source| LinkError::Io { what, source };
+        std::fs::create_dir_all(&self.cache).map_err(io("creating the bundle cache".into()))?;
+        let done = self.cache.join(format!("{sha}.tnt"));
+        if done.exists() {
+            return Ok(done);
+        }
+        let part = self.cache.join(format!("{sha}.part"));
+        let have = if resume {
+            std::fs::metadata(&part).map_or(0, |m| m.len())
+        } else {
+            0
+        };
+        let path = format!("/v1/bundles/{sha}");
+        let header = request_auth::sign(
+            &self.identity.key,
+            &self.identity.host,
+            "GET",
+            &path,
+            now_ms(),
+            b"",
+        );
+        let url = format!("{}{path}", self.identity.coordinator);
+        let part_for_blocking = part.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), LinkError> {
+            let mut request = client().get(&url).header("Authorization", header);
+            if have > 0 {
+                request = request.header("Range", format!("bytes={have}-"));
+            }
+            let mut response = request.call().map_err(|e| LinkError::Unreachable {
+                url: url.clone(),
+                detail: e.to_string(),
+            })?;
+            let status = response.status().as_u16();
+            if status != 200 && status != 206 {
+                let body = response.body_mut().read_to_vec().unwrap_or_default();
+                return Err(LinkError::Refused {
+                    what: "the bundle download".into(),
+                    status,
+                    message: error_message(&body),
+                });
+            }
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(status == 206)
+                .write(true)
+                .truncate(status == 200)
+                .open(&part_for_blocking)
+                .map_err(|source| LinkError::Io {
+                    what: "writing the download".into(),
+                    source,
+                })?;
+            let mut reader = response.body_mut().with_config().limit(u64::MAX).reader();
+            let mut buffer = vec![0; 256 * 1024];
+            loop {
+                let n = reader
+                    .read(&mut buffer)
+                    .map_err(|e| LinkError::Unreachable {
+                        url: url.clone(),
+                        detail: e.to_string(),
+                    })?;
+                if n == 0 {
+                    break;
+                }
+                file.write_all(&buffer[..n])
+                    .map_err(|source| LinkError::Io {
+                        what: "writing the download".into(),
+                        source,
+                    })?;
+            }
+            file.sync_all().map_err(|source| LinkError::Io {
+                what: "writing the download".into(),
+                source,
+            })
+        })
+        .await
+        .expect("the download does not panic")?;
+        let mut hasher = Sha256::new();
+        let mut file = std::fs::File::open(&part).map_err(io("reading the download".into()))?;
+        std::io::copy(&mut file, &mut hasher).map_err(io("reading the download".into()))?;
+        let got = turnout_proto::Digest::from_bytes(hasher.finalize().into());
+        if got.as_str() != sha {
+            let _ = std::fs::remove_file(&part);
+            return Err(LinkError::Io {
+                what: format!("the download of {sha}"),
+                source: std::io::Error::other(format!(
+                    "its sha256 is {got}: corrupt or swapped; discarded"
+                )),
+            });
+        }
+        std::fs::rename(&part, &done).map_err(io("finishing the download".into()))?;
+        self.prune_cache(&done);
+        Ok(done)
+    }
+
+    /// Keeps the three newest bundles in the cache.
+    fn prune_cache(&self, keep: &Path) {
+        let Ok(entries) = std::fs::read_dir(&self.cache) else {
+            return;
+        };
+        let mut bundles: Vec<(std::time::SystemTime, PathBuf)> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "tnt") && e.path() != keep)
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        bundles.sort();
+        let excess = bundles.len().saturating_sub(2);
+        for (_, path) in bundles.into_iter().take(excess) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    async fn report(&self) -> Result<(), LinkError> {
+        let statuses = self.agent.status().await.unwrap_or_default();
+        let report = Report {
+            host: self.identity.host.clone(),
+            seq: now_ms(),
+            desired_index: 0,
+            services: statuses.iter().map(service_report).collect(),
+        };
+        let (status, body) = self
+            .call(
+                "POST",
+                "/v1/agent/report".into(),
+                encode(turnout_proto::SUPPORTED.min(), &report),
+            )
+            .await?;
+        if status != 204 {
+            return Err(LinkError::Refused {
+                what: "the report".into(),
+                status,
+                message: error_message(&body),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn service_report(s: &ServiceStatus) -> ServiceReport {
+    ServiceReport {
+        service: s.service.parse().expect("configured names are valid"),
+        state: ServiceState::from(s.state.as_str()),
+        active_slot: s.active_slot.map(crate::slots::Slot::wire),
+        committed: s.committed.clone(),
+        other: s.other.clone(),
+        target: s.target.clone(),
+        health: s.health.clone(),
+        last_outcome: s.last_outcome.as_ref().and_then(|o| {
+            Some(Outcome {
+                kind: o.kind.clone(),
+                release: o.release.clone()?,
+                reason: o.reason.clone(),
+                at_ms: o.at_ms,
+            })
+        }),
+        last_error: (s.health == Health::Unhealthy)
+            .then(|| s.health_detail.clone())
+            .flatten(),
+    }
+}
+
+/// Exponential backoff with full jitter: a random wait up to 2^n s, capped at 5 min.
+pub fn backoff(failures: u32) -> Duration {
+    let ceiling = Duration::from_secs(1u64 << failures.min(8).saturating_sub(1))
+        .min(Duration::from_secs(300));
+    let mut byte = [0u8; 2];
+    let _ = getrandom::fill(&mut byte);
+    let fraction = f64::from(u16::from_le_bytes(byte)) / f64::from(u16::MAX);
+    ceiling.mul_f64(fraction.max(0.05))
+}
