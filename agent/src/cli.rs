@@ -182,15 +182,13 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
                     runtime()?.block_on(agent.status())?
                 }
             };
-            if !json {
-                if let Some(Response::Link(link)) = ask(&config, &Request::Link)? {
-                    println!(
-                        "coordinator: {} {}{}",
-                        link.coordinator.as_deref().unwrap_or("-"),
-                        link.state,
-                        link.detail.map(|d| format!(": {d}")).unwrap_or_default()
-                    );
-                }
+            if !json && let Some(Response::Link(link)) = ask(&config, &Request::Link)? {
+                println!(
+                    "coordinator: {} {}{}",
+                    link.coordinator.as_deref().unwrap_or("-"),
+                    link.state,
+                    link.detail.map(|d| format!(": {d}")).unwrap_or_default()
+                );
             }
             print_status(&statuses, json)?;
             Ok(Exit::Success)

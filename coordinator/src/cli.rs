@@ -53,6 +53,15 @@ pub enum Command {
     Rollout(cmd::rollout::Command),
     /// The event log: who did what, when and why.
     Events(cmd::fleet::EventsArgs),
+    /// Show the whole system on this machine: a coordinator, agents, three rollouts.
+    Demo(crate::demo::Args),
+    /// Run the agent's command line from this binary (`turnout agent run`, …).
+    #[command(hide = true)]
+    Agent {
+        /// The agent's arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 /// Runs one command; the returned value is the process's exit status.
@@ -79,5 +88,18 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Bundle(command) => cmd::fleet::bundle(command),
         Command::Rollout(command) => cmd::rollout::run(command),
         Command::Events(args) => cmd::fleet::events(&args),
+        Command::Demo(args) => crate::demo::run(&args),
+        Command::Agent { args } => {
+            use clap::Parser as _;
+            let cli = turnout_agent::cli::Cli::parse_from(
+                std::iter::once(std::ffi::OsString::from("turnout-agent")).chain(args),
+            );
+            // The agent's own exit codes, so systemd units and scripts see the same contract.
+            let exit = turnout_agent::cli::run(cli).unwrap_or_else(|err| {
+                eprintln!("turnout-agent: {err:#}");
+                turnout_agent::exit::classify(&err)
+            });
+            std::process::exit(exit as i32);
+        }
     }
 }

@@ -164,6 +164,35 @@ fn walk(root: &Path, dir: &Path, items: &mut BTreeMap<PayloadPath, Item>) -> any
 
 /// Packs, signs and writes the bundle.
 pub fn run(args: &Args) -> anyhow::Result<Exit> {
+    let keys = args
+        .keys
+        .iter()
+        .map(|path| files::secret_key(path))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (manifest, out, signatures) = pack(args, &keys)?;
+    let size = fs::metadata(&out)?.len();
+    println!(
+        "packed {} {}: {} files, {} payload, bundle {} ({}), {}",
+        manifest.name,
+        manifest.version,
+        manifest.files.len(),
+        human_bytes(manifest.payload_bytes()),
+        out.display(),
+        human_bytes(size),
+        match signatures {
+            0 => "unsigned".to_owned(),
+            n => format!("{n} signature(s)"),
+        }
+    );
+    Ok(Exit::Success)
+}
+
+/// Packs `args.dir` into a bundle signed by `keys`; returns the manifest,
+/// where the bundle went, and how many signatures it has.
+pub fn pack(
+    args: &Args,
+    keys: &[turnout_proto::keys::SecretKey],
+) -> anyhow::Result<(Manifest, PathBuf, usize)> {
     let meta = fs::metadata(&args.dir).map_err(|source| InputError::Read {
         path: args.dir.clone(),
         source,
@@ -200,8 +229,7 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
     let manifest_bytes = serde_json::to_vec_pretty(&manifest)?;
 
     let mut signatures = Vec::new();
-    for path in &args.keys {
-        let key = files::secret_key(path)?;
+    for key in keys {
         signatures.push(SignatureEntry {
             key_id: key.public().id().clone(),
             sig: key.sign(&manifest_bytes),
@@ -241,22 +269,7 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
     }
     writer.finish()?.flush()?;
     pending.commit(true)?;
-
-    let size = fs::metadata(&out)?.len();
-    println!(
-        "packed {} {}: {} files, {} payload, bundle {} ({}), {}",
-        manifest.name,
-        manifest.version,
-        manifest.files.len(),
-        human_bytes(manifest.payload_bytes()),
-        out.display(),
-        human_bytes(size),
-        match signatures.len() {
-            0 => "unsigned".to_owned(),
-            n => format!("{n} signature(s)"),
-        }
-    );
-    Ok(Exit::Success)
+    Ok((manifest, out, signatures.len()))
 }
 
 struct HashingReader<R> {
