@@ -10,7 +10,9 @@
 //! after = "5s"             # fail-after: healthy this long, then 503; slow-start: delay before listening
 //! ```
 //!
-//! `GET /healthz` answers `200 ok VERSION` or `503 unhealthy VERSION`.
+//! `GET /healthz` answers `200 ok VERSION` or `503 unhealthy VERSION`. For
+//! fleet tests, `TURNOUT_DEMO_UNHEALTHY=2.0.0,…` in the environment makes
+//! this host's copy of those versions unhealthy.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -71,7 +73,13 @@ pub fn run(behaviour_file: &Path, port: u16) -> anyhow::Result<()> {
             behaviour_file.display()
         )
     })?;
-    let behaviour: Behaviour = toml::from_str(&text)?;
+    let mut behaviour: Behaviour = toml::from_str(&text)?;
+    // Fault injection for fleet tests: this host's copy of these versions is unhealthy.
+    if let Ok(versions) = std::env::var("TURNOUT_DEMO_UNHEALTHY")
+        && versions.split(',').any(|v| v.trim() == behaviour.version)
+    {
+        behaviour.mode = Mode::Unhealthy;
+    }
     let started = Instant::now();
     let after = behaviour.after.unwrap_or(Duration::from_secs(5));
     match behaviour.mode {

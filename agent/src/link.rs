@@ -470,6 +470,18 @@ impl Link {
                 .await
             {
                 Ok(path) => path,
+                Err(LinkError::Io { what, source }) if what.starts_with("the download of") => {
+                    // What was served is not what was asked for: refuse it once, and say so.
+                    let reason = format!("bundle rejected: {what}: {source}");
+                    eprintln!("turnout-agent: {name}: {reason}");
+                    let _ = self.agent.record_outcome(
+                        name,
+                        OutcomeKind::Rejected,
+                        want.clone(),
+                        reason,
+                    );
+                    return Ok(true);
+                }
                 Err(err) => {
                     eprintln!(
                         "turnout-agent: {name}: downloading {} {}: {err}",

@@ -444,6 +444,31 @@ impl Agent {
         self.result(name, before)
     }
 
+    /// Records an outcome that never reached the install cycle (a download
+    /// that failed its digest), so status and reports carry it.
+    pub fn record_outcome(
+        &self,
+        name: &str,
+        kind: OutcomeKind,
+        release: ReleaseRef,
+        reason: String,
+    ) -> Result<(), AgentError> {
+        self.service(name)?;
+        let state = self.state(name)?;
+        let now = now_ms();
+        let record = HistoryEntry {
+            kind,
+            release: Some(release),
+            reason,
+            at_ms: now,
+        };
+        self.journal
+            .lock()
+            .expect("not poisoned")
+            .persist(name, &state, &[record], now)?;
+        Ok(())
+    }
+
     fn history_len(&self, name: &str) -> Result<Option<HistoryEntry>, AgentError> {
         Ok(self
             .journal

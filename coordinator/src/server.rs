@@ -363,7 +363,11 @@ async fn desired(
     let now = now_ms();
     c.with_store(|s| s.touch(host.as_str(), now))?;
     let current = c.with_store(|s| s.desired(&host))?;
-    let wait = match &query.wait {
+    // Only an agent that agreed to long polls is kept waiting.
+    let long_poll = c
+        .with_store(|s| s.host_capabilities(host.as_str()))?
+        .is_some_and(|caps| caps.contains(&turnout_proto::Capability::LongPoll));
+    let wait = match query.wait.as_ref().filter(|_| long_poll) {
         None => Duration::ZERO,
         Some(text) => humantime::parse_duration(text).map_err(|e| {
             ApiError::bad_request(format!("wait={text:?}: expected a duration like 30s ({e})"))

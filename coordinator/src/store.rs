@@ -399,6 +399,18 @@ impl Store {
             .map_err(self.err())
     }
 
+    /// The capabilities a host negotiated in its last hello.
+    pub fn host_capabilities(&self, id: &str) -> Result<Option<CapabilitySet>> {
+        let text: Option<Option<String>> = self
+            .conn
+            .query_row("SELECT capabilities FROM hosts WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(self.err())?;
+        Ok(text.flatten().and_then(|t| serde_json::from_str(&t).ok()))
+    }
+
     /// Records a hello: what the host runs and speaks, or why it was refused.
     pub fn record_hello(
         &self,

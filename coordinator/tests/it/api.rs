@@ -610,12 +610,32 @@ fn shutting_down_does_not_wait_out_parked_long_polls() {
 
 #[test]
 fn the_demo_runs_the_whole_story_and_cleans_up() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_turnout")).args(["demo", "--hosts", "3"]).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
+        .args(["demo", "--hosts", "3"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    for line in ["Rollout 1: install web 1.0.0", "=> succeeded", "failed: reverted: check http", "=> rolled_back", "every host runs 2.0.0"] {
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "Rollout 1: install web 1.0.0",
+        "=> succeeded",
+        "failed: reverted: check http",
+        "=> rolled_back",
+        "every host runs 2.0.0",
+    ] {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
     }
-    let dir = text.lines().find_map(|l| l.strip_prefix("==> Turnout demo in ")).and_then(|l| l.split(':').next()).unwrap();
-    assert!(!std::path::Path::new(dir).exists(), "the demo left {dir} behind");
+    let dir = text
+        .lines()
+        .find_map(|l| l.strip_prefix("==> Turnout demo in "))
+        .and_then(|l| l.split(':').next())
+        .unwrap();
+    assert!(
+        !std::path::Path::new(dir).exists(),
+        "the demo left {dir} behind"
+    );
 }
