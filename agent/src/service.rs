@@ -1013,9 +1013,22 @@ fn stage_blocking(
         match stage::unpack(reader, trust, SystemTime::now(), limits, &dir.unpack_path()) {
             Ok(done) => done,
             Err(StageError::Bundle(err)) if err.is_refusal() => {
+                // Named by its digest (what the coordinator asked for); the
+                // name and version are the bundle's own claim, read untrusted.
+                let claimed = File::open(bundle)
+                    .ok()
+                    .and_then(|f| turnout_proto::bundle::read_head(BufReader::new(f), limits).ok());
+                let release = ReleaseRef {
+                    name: claimed
+                        .as_ref()
+                        .map_or_else(|| name.to_owned(), |h| h.manifest.name.to_string()),
+                    version: claimed
+                        .map_or_else(|| semver::Version::new(0, 0, 0), |h| h.manifest.version),
+                    sha256: digest,
+                };
                 return Err(Box::new((
                     OutcomeKind::Rejected,
-                    None,
+                    Some(release),
                     format!("bundle rejected: {err}"),
                 )));
             }

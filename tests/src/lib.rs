@@ -1,4 +1,524 @@
-//! Shared helpers for the workspace end-to-end tests in `tests/tests/`.
-//!
-//! Empty for now: the fleet harness (real processes on loopback) arrives with
-//! the end-to-end issue.
+//! The fleet harness for the workspace end-to-end tests: a coordinator as a
+//! child process (`turnout serve`), agents as child processes (`turnout agent
+//! run`, exec supervisor, the demo service), signed demo releases, and a TCP
+//! proxy that can cut one host off. Everything listens on 127.0.0.1 only.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+use turnout::client::Client;
+use turnout::engine::Rollout;
+use turnout_proto::bundle::BundleWriter;
+use turnout_proto::keys::SecretKey;
+use turnout_proto::manifest::{FileEntry, Manifest, Mode, PayloadPath, Timestamp};
+use turnout_proto::signature::SignatureEntry;
+use turnout_proto::trust::{Trust, TrustFile};
+
+/// The `turnout` binary built beside this test (one binary runs both sides).
+pub fn turnout_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let bin = dir.join("turnout");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo test --workspace` (or `cargo build --bin turnout`) first",
+        bin.display()
+    );
+    bin
+}
+
+/// Polls `condition` every 50 ms until it holds or `within` passes.
+#[track_caller]
+pub fn wait_for(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A free port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn signal(child: &Child, signal: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
+}
+
+/// A TCP proxy in front of the coordinator that can cut a host off and let it back.
+pub struct Proxy {
+    /// The port agents behind it use.
+    pub port: u16,
+    cut: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    /// Forwards 127.0.0.1:(new port) to 127.0.0.1:`target`.
+    pub fn start(target: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (cut, open) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(Mutex::new(Vec::<TcpStream>::new())),
+        );
+        let (c, o) = (cut.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                if c.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection is refused mid-handshake
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                o.lock()
+                    .unwrap()
+                    .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, cut, open }
+    }
+
+    /// Cuts every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for stream in self.open.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+/// One agent host.
+pub struct Host {
+    /// Its id.
+    pub id: String,
+    /// Its demo service's port.
+    pub port: u16,
+    config: PathBuf,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    /// The proxy between it and the coordinator, when it has one.
+    pub proxy: Option<Proxy>,
+}
+
+impl Host {
+    /// The version its service answers with now.
+    pub fn served(&self) -> Option<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        stream
+            .write_all(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+            .ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).ok()?;
+        text.split("\r\n\r\n").nth(1).map(|b| b.trim().to_owned())
+    }
+
+    /// `turnout agent status --json` for its service.
+    pub fn status(&self) -> Value {
+        let out = Command::new(turnout_bin())
+            .args(["agent", "status", "--json"])
+            .env("TURNOUT_AGENT_CONFIG", &self.config)
+            .output()
+            .unwrap();
+        let all: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        all[0].clone()
+    }
+
+    /// Starts its agent with `extra` environment.
+    pub fn start(&mut self, extra: &[(&str, &str)]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.config.with_file_name("agent.log"))
+            .unwrap();
+        let mut command = Command::new(turnout_bin());
+        command
+            .args(["agent", "run"])
+            .env("TURNOUT_AGENT_CONFIG", &self.config)
+            .stdout(Stdio::null())
+            .stderr(log);
+        command.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        command.envs(extra.iter().copied());
+        self.child = Some(command.spawn().unwrap());
+        let socket = self.config.with_file_name("state").join("agent.sock");
+        wait_for(
+            &format!("{}'s agent to start", self.id),
+            Duration::from_secs(20),
+            || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+        );
+    }
+
+    /// Kills its agent with SIGKILL (its service process group lives on).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// The agent's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.config.with_file_name("agent.log")).unwrap_or_default()
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, nix::sys::signal::Signal::SIGTERM);
+            let _ = child.wait();
+        }
+        let pidfile = self
+            .config
+            .with_file_name("state")
+            .join("services/web/exec.pid");
+        if let Some(pid) = std::fs::read_to_string(pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// How to build a fleet.
+pub struct Options {
+    /// How many hosts.
+    pub hosts: usize,
+    /// The agents' bake: all checks green this long.
+    pub min_healthy: &'static str,
+    /// Environment for host `i` (0-based).
+    pub env: Box<dyn Fn(usize) -> Vec<(String, String)>>,
+    /// Hosts reaching the coordinator through a [`Proxy`].
+    pub proxied: Vec<usize>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            hosts: 3,
+            min_healthy: "300ms",
+            env: Box::new(|_| Vec::new()),
+            proxied: Vec::new(),
+        }
+    }
+}
+
+/// A coordinator and its hosts.
+pub struct Fleet {
+    /// Everything lives here.
+    pub dir: tempfile::TempDir,
+    /// The coordinator's URL.
+    pub url: String,
+    /// An admin token.
+    pub admin: String,
+    port: u16,
+    coordinator: Option<Child>,
+    /// The hosts.
+    pub hosts: Vec<Host>,
+    key: SecretKey,
+}
+
+impl Fleet {
+    /// Starts a coordinator, pushes web 1.0.0, 2.0.0 and 3.0.0 (unhealthy),
+    /// enrolls and starts the hosts, and waits until every host reported.
+    pub fn start(options: Options) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SecretKey::from_seed([3; 32]);
+        let trust = Trust::new(1, 1, SystemTime::UNIX_EPOCH, vec![key.public()]).unwrap();
+        std::fs::write(
+            dir.path().join("trust.json"),
+            TrustFile::unsigned(trust).to_bytes(),
+        )
+        .unwrap();
+        let port = free_port();
+        let mut fleet = Fleet {
+            url: format!("http://127.0.0.1:{port}"),
+            admin: String::new(),
+            port,
+            coordinator: None,
+            hosts: Vec::new(),
+            key,
+            dir,
+        };
+        fleet.admin = fleet.start_coordinator(true).unwrap();
+        for (version, mode) in [
+            ("1.0.0", "healthy"),
+            ("2.0.0", "healthy"),
+            ("3.0.0", "unhealthy"),
+        ] {
+            fleet.push(&fleet.bundle(version, mode, &fleet.key));
+        }
+        let token: Value = fleet
+            .client()
+            .post(
+                "/v1/tokens",
+                &json!({"enroll": true, "uses": options.hosts}),
+            )
+            .unwrap();
+        for i in 0..options.hosts {
+            let id = format!("host-{i:02}");
+            let home = fleet.dir.path().join(&id);
+            std::fs::create_dir_all(&home).unwrap();
+            let service_port = free_port();
+            let config = home.join("agent.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "state_dir = \"{}\"\ntrust = \"{}\"\nlabels = {{ role = \"web\" }}\n[[service]]\nname = \"web\"\nsupervisor = \"exec\"\nexec = [\"bin/web\", \"--port\", \"{service_port}\"]\nstop_timeout = \"2s\"\n[service.bake]\nmin_healthy = \"{}\"\ndeadline = \"15s\"\n[[service.check]]\nkind = \"http\"\nurl = \"http://127.0.0.1:{service_port}/healthz\"\ninterval = \"100ms\"\nfailure = 3\n",
+                    home.join("state").display(),
+                    fleet.dir.path().join("trust.json").display(),
+                    options.min_healthy
+                ),
+            )
+            .unwrap();
+            let proxy = options.proxied.contains(&i).then(|| Proxy::start(port));
+            let via = proxy.as_ref().map_or(fleet.url.clone(), |p| {
+                format!("http://127.0.0.1:{}", p.port)
+            });
+            let enrolled = Command::new(turnout_bin())
+                .args([
+                    "agent",
+                    "enroll",
+                    "--coordinator",
+                    &via,
+                    "--token",
+                    token["token"].as_str().unwrap(),
+                    "--host",
+                    &id,
+                ])
+                .env("TURNOUT_AGENT_CONFIG", &config)
+                .output()
+                .unwrap();
+            assert!(
+                enrolled.status.success(),
+                "{}",
+                String::from_utf8_lossy(&enrolled.stderr)
+            );
+            let mut host = Host {
+                id,
+                port: service_port,
+                config,
+                env: (options.env)(i),
+                child: None,
+                proxy,
+            };
+            host.start(&[]);
+            fleet.hosts.push(host);
+        }
+        fleet.wait_reported();
+        fleet
+    }
+
+    /// Waits until every compatible host is online and has reported.
+    pub fn wait_reported(&self) {
+        wait_for("every host to report", Duration::from_secs(30), || {
+            let hosts: Vec<Value> = self.client().get("/v1/hosts").unwrap_or_default();
+            hosts.len() == self.hosts.len()
+                && hosts.iter().all(|h| {
+                    h["state"] == "incompatible"
+                        || (h["state"] == "online" && !h["report"].is_null())
+                })
+        });
+    }
+
+    /// (Re)starts the coordinator on the same database; returns the admin token on `init`.
+    pub fn start_coordinator(&mut self, init: bool) -> Option<String> {
+        let mut command = Command::new(turnout_bin());
+        command
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--report-interval",
+                "500ms",
+                "--state-dir",
+            ])
+            .arg(self.dir.path().join("coordinator"))
+            .arg("--trust")
+            .arg(self.dir.path().join("trust.json"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if init {
+            command.arg("--init");
+        }
+        let mut child = command.spawn().unwrap();
+        let token = init.then(|| {
+            let mut line = String::new();
+            BufReader::new(child.stdout.as_mut().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            line.trim().rsplit(' ').next().unwrap().to_owned()
+        });
+        self.coordinator = Some(child);
+        wait_for("the coordinator to listen", Duration::from_secs(20), || {
+            TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+        });
+        token
+    }
+
+    /// Kills the coordinator with SIGKILL.
+    pub fn kill_coordinator(&mut self) {
+        if let Some(mut child) = self.coordinator.take() {
+            signal(&child, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// An admin client.
+    pub fn client(&self) -> Client {
+        Client::new(&self.url, Some(self.admin.clone()))
+    }
+
+    /// A one-script demo release of `web` signed by `key`.
+    pub fn bundle(&self, version: &str, mode: &str, key: &SecretKey) -> PathBuf {
+        let script = format!("#!/bin/sh\nexec \"{}\" agent demo-service --behaviour \"$(dirname \"$0\")/../behaviour.toml\" \"$@\"\n", turnout_bin().display()).into_bytes();
+        let behaviour = format!("version = \"{version}\"\nmode = \"{mode}\"\n").into_bytes();
+        let files = [
+            ("behaviour.toml", 0o644, behaviour),
+            ("bin/web", 0o755, script),
+        ];
+        let manifest = Manifest {
+            format: 1,
+            name: "web".parse().unwrap(),
+            version: version.parse().unwrap(),
+            created: Timestamp(SystemTime::now()),
+            expires: None,
+            entry: PayloadPath::new("bin/web").unwrap(),
+            files: files
+                .iter()
+                .map(|(p, m, d)| FileEntry {
+                    path: PayloadPath::new(p).unwrap(),
+                    size: d.len() as u64,
+                    sha256: turnout_proto::Digest::from_bytes(Sha256::digest(d).into()),
+                    mode: Mode::new(*m).unwrap(),
+                })
+                .collect(),
+            links: vec![],
+            provides: vec![],
+            requires: vec![],
+            extra: BTreeMap::new(),
+        };
+        let bytes = serde_json::to_vec_pretty(&manifest).unwrap();
+        let signature = SignatureEntry {
+            key_id: key.public().id().clone(),
+            sig: key.sign(&bytes),
+        };
+        let path = self
+            .dir
+            .path()
+            .join(format!("web-{version}-{mode}-{}.tnt", key.public().id()));
+        let mut writer =
+            BundleWriter::new(std::fs::File::create(&path).unwrap(), &bytes, &[signature]).unwrap();
+        for (p, m, d) in &files {
+            writer
+                .file(
+                    &PayloadPath::new(p).unwrap(),
+                    Mode::new(*m).unwrap(),
+                    d.len() as u64,
+                    &d[..],
+                )
+                .unwrap();
+        }
+        writer.finish().unwrap();
+        path
+    }
+
+    /// Pushes a bundle through the API.
+    pub fn push(&self, bundle: &Path) -> Value {
+        self.client()
+            .post_stream("/v1/bundles", &mut std::fs::File::open(bundle).unwrap())
+            .unwrap()
+    }
+
+    /// Starts a rollout of `spec`; returns its id.
+    pub fn rollout(&self, spec: Value) -> String {
+        let rollout: Rollout = self
+            .client()
+            .post("/v1/rollouts", &json!({"spec": spec}))
+            .unwrap();
+        rollout.id
+    }
+
+    /// The rollout `id` now.
+    pub fn get(&self, id: &str) -> Rollout {
+        self.client().get(&format!("/v1/rollouts/{id}")).unwrap()
+    }
+
+    /// Waits until rollout `id` is in state `name`.
+    #[track_caller]
+    pub fn wait_state(&self, id: &str, name: &str, within: Duration) -> Rollout {
+        wait_for(&format!("rollout {id} to be {name}"), within, || {
+            self.get(id).state.name() == name
+        });
+        self.get(id)
+    }
+
+    /// The event-log messages of rollout `id`, as `host message`.
+    pub fn events(&self, id: &str) -> Vec<String> {
+        let events: Vec<Value> = self
+            .client()
+            .get(&format!("/v1/events?rollout={id}"))
+            .unwrap();
+        events
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} {}",
+                    e["host"].as_str().unwrap_or("-"),
+                    e["message"].as_str().unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
+    /// Installs web `version` on every host through a rollout.
+    pub fn install_everywhere(&self, version: &str) {
+        let id = self.rollout(json!({"service": "web", "release": format!("web@{version}"), "waves": ["100%"], "max_parallel": self.hosts.len()}));
+        self.wait_state(&id, "succeeded", Duration::from_secs(40));
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for host in &mut self.hosts {
+            host.stop();
+        }
+        self.kill_coordinator();
+    }
+}

@@ -1,0 +1,6 @@
+//! Workspace end-to-end tests (one test binary): the build's agent and
+//! coordinator agree on the protocol, and fleets of real processes on
+//! loopback survive the faults of a real fleet.
+
+mod fleet;
+mod handshake;
