@@ -323,21 +323,31 @@ fn print_status(statuses: &[ServiceStatus], json: bool) -> anyhow::Result<()> {
         r.as_ref().map_or("-".to_owned(), |r| r.version.to_string())
     };
     for s in statuses {
-        println!(
-            "{}: {}, committed {} in {}, other slot {}, health {}{}",
-            s.service,
-            s.state,
-            version(&s.committed),
-            s.active_slot.map_or("-", |slot| slot.name()),
-            version(&s.other),
+        let slot = s.active_slot.map_or("-", |slot| slot.name());
+        let health = format!(
+            "health {}{}",
             s.health,
             s.health_detail
                 .as_ref()
                 .map(|d| format!(" ({d})"))
                 .unwrap_or_default()
         );
-        if let Some(target) = &s.target {
-            println!("  in flight: {} {}", target.name, target.version);
+        match &s.target {
+            // In flight: the active slot holds the release on trial, not the committed one.
+            Some(target) if s.state != "idle" => println!(
+                "{}: {} {} in {slot}, committed {} in the other slot, {health}",
+                s.service,
+                s.state,
+                target.version,
+                version(&s.committed)
+            ),
+            _ => println!(
+                "{}: {}, committed {} in {slot}, other slot {}, {health}",
+                s.service,
+                s.state,
+                version(&s.committed),
+                version(&s.other)
+            ),
         }
         if let Some(last) = &s.last_outcome {
             let when =

@@ -139,6 +139,19 @@ struct Nonces {
     seen: HashMap<Vec<u8>, u64>,
 }
 
+/// How an operator's command reads in the event log.
+fn requested(input: &Input) -> String {
+    match input {
+        Input::Tick => "tick".into(),
+        Input::Pause => "pause requested".into(),
+        Input::Resume => "resume requested".into(),
+        Input::Promote => "promotion requested".into(),
+        Input::Abort => "abort requested".into(),
+        Input::Rollback { all_at_once: false } => "rollback requested".into(),
+        Input::Rollback { all_at_once: true } => "rollback requested, all hosts at once".into(),
+    }
+}
+
 /// The coordinator.
 pub struct Coordinator {
     store: Mutex<Store>,
@@ -482,13 +495,7 @@ impl Coordinator {
             };
             store.atomically(|s| {
                 if command {
-                    s.log(
-                        now,
-                        actor,
-                        Some(id),
-                        None,
-                        &format!("{input:?} requested").to_lowercase(),
-                    )?;
+                    s.log(now, actor, Some(id), None, &requested(&input))?;
                 }
                 for action in &actions {
                     match action {
