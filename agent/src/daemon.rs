@@ -108,7 +108,13 @@ pub async fn run(
             tokio::spawn(async move { agent.monitor(&name).await })
         })
         .collect();
+    crate::notify::notify(&format!("READY=1\nSTATUS={}", agent.status_line()));
+    let watchdog = tokio::spawn(crate::notify::keep_watchdog());
+    let freeze = tokio::spawn(crate::notify::freeze_switch());
     control::serve(Arc::clone(&agent), listener, shutdown).await;
+    crate::notify::notify("STOPPING=1\nSTATUS=stopping");
+    watchdog.abort();
+    freeze.abort();
     monitors.iter().for_each(tokio::task::JoinHandle::abort);
     if let Some(link) = link {
         link.abort();

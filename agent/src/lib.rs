@@ -14,6 +14,7 @@ pub mod health;
 pub mod journal;
 pub mod link;
 pub mod machine;
+pub mod notify;
 pub mod service;
 pub mod slots;
 pub mod stage;

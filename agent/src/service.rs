@@ -272,6 +272,37 @@ impl Agent {
         })
     }
 
+    /// One line for `systemctl status`: each service's release and state,
+    /// e.g. `web 1.4.2 committed; idle`.
+    pub fn status_line(&self) -> String {
+        let parts: Vec<String> = self
+            .services
+            .keys()
+            .map(|name| match self.state(name) {
+                Ok(State::Idle { committed: Some(c) }) => {
+                    format!("{name} {} committed; idle", c.version)
+                }
+                Ok(State::Idle { committed: None }) => format!("{name}: nothing installed"),
+                Ok(state) => format!(
+                    "{name} {} committed; {} {}",
+                    state
+                        .committed()
+                        .map_or("-".to_owned(), |c| c.version.to_string()),
+                    state.name(),
+                    state
+                        .target()
+                        .map_or(String::new(), |t| t.version.to_string())
+                ),
+                Err(err) => format!("{name}: {err}"),
+            })
+            .collect();
+        if parts.is_empty() {
+            "no services configured".into()
+        } else {
+            parts.join(" | ")
+        }
+    }
+
     /// The coordinator link's state, shared with the link task.
     pub fn link(&self) -> Arc<Mutex<crate::link::LinkStatus>> {
         Arc::clone(&self.link)
@@ -550,6 +581,7 @@ impl Agent {
                 .persist(name, &state, &records, now)?;
             let at_rest = matches!(state, State::Idle { committed: Some(_) });
             service.at_rest.store(at_rest, Ordering::SeqCst);
+            crate::notify::notify(&format!("STATUS={}", self.status_line()));
             for effect in effects {
                 events.extend(
                     self.perform(name, service, &state, effect, bundle.as_ref())

@@ -123,6 +123,13 @@ pub async fn serve(
         })
     };
     let c = coordinator.clone();
+    if let Ok(address) = listener.local_addr() {
+        turnout_agent::notify::notify(&format!(
+            "READY=1\nSTATUS=coordinator listening on {address}"
+        ));
+    }
+    let watchdog = tokio::spawn(turnout_agent::notify::keep_watchdog());
+    let freeze = tokio::spawn(turnout_agent::notify::freeze_switch());
     let result = axum::serve(listener, router(coordinator))
         .with_graceful_shutdown(async move {
             shutdown.await;
@@ -131,6 +138,9 @@ pub async fn serve(
             let _ = stop_tx.send(true);
         })
         .await;
+    turnout_agent::notify::notify("STOPPING=1");
+    watchdog.abort();
+    freeze.abort();
     let _ = engine.await;
     result
 }
