@@ -93,6 +93,13 @@ pub enum Command {
         #[arg(long)]
         host: Option<String>,
     },
+    /// Install this agent as a systemd service: binary, unit, tmpfiles entry,
+    /// an example config (kept if one exists), then `systemctl daemon-reload`.
+    InstallUnit {
+        /// Install under this root instead of `/` (for images; skips systemctl).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
     /// Show this build's version, protocol versions and capabilities.
     Version {
         /// Print JSON instead of text.
@@ -121,6 +128,10 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
             } else {
                 println!("{offer}");
             }
+            Ok(Exit::Success)
+        }
+        Command::InstallUnit { root } => {
+            crate::install::install(&root)?;
             Ok(Exit::Success)
         }
         Command::DemoService { behaviour, port } => {

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod demo_service;
 pub mod exit;
 pub mod health;
+pub mod install;
 pub mod journal;
 pub mod link;
 pub mod machine;
