@@ -30,6 +30,15 @@ pub struct Cli {
     /// The agent's config file.
     #[arg(long, global = true, env = "TURNOUT_AGENT_CONFIG", default_value = DEFAULT_PATH)]
     pub config: PathBuf,
+    /// How the daemon writes its log lines to stderr.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "TURNOUT_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: crate::log::LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -120,6 +129,7 @@ pub enum Command {
 
 /// Runs one command; the returned value is the process's exit status.
 pub fn run(cli: Cli) -> anyhow::Result<Exit> {
+    crate::log::set_format(cli.log_format);
     match cli.command {
         Command::Version { json } => {
             let offer = crate::offer();

@@ -70,7 +70,7 @@ pub async fn run(
     for (name, result) in agent.recover_all().await {
         if let Err(err) = result {
             // One broken service must not keep the others unmanaged.
-            eprintln!("turnout-agent: {name}: recovery failed: {err}");
+            crate::log!("{name}: recovery failed: {err}");
         }
     }
     let socket = agent.config().state_dir.join(SOCKET);
@@ -80,23 +80,24 @@ pub async fn run(
     }
     let listener = UnixListener::bind(&socket)?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
-    eprintln!(
-        "turnout-agent: ready: {} service(s), control socket {}",
+    crate::log!(
+        "ready: {} service(s), control socket {}",
         agent.config().services.len(),
         socket.display()
     );
     let link = match crate::link::Identity::load(&agent.config().state_dir) {
         Ok(Some(identity)) => {
-            eprintln!(
-                "turnout-agent: host {} following the coordinator at {}",
-                identity.host, identity.coordinator
+            crate::log!(
+                "host {} following the coordinator at {}",
+                identity.host,
+                identity.coordinator
             );
             let link = crate::link::Link::new(Arc::clone(&agent), identity, agent.link());
             Some(tokio::spawn(link.run()))
         }
         Ok(None) => None,
         Err(err) => {
-            eprintln!("turnout-agent: cannot load the host identity ({err}); running standalone");
+            crate::log!("cannot load the host identity ({err}); running standalone");
             None
         }
     };
@@ -119,7 +120,7 @@ pub async fn run(
     if let Some(link) = link {
         link.abort();
     }
-    eprintln!("turnout-agent: stopping");
+    crate::log!("stopping");
     agent.stop_exec_services().await;
     let _ = std::fs::remove_file(&socket);
     Ok(())

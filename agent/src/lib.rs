@@ -14,6 +14,7 @@ pub mod health;
 pub mod install;
 pub mod journal;
 pub mod link;
+pub mod log;
 pub mod machine;
 pub mod notify;
 pub mod service;

@@ -331,13 +331,13 @@ impl Link {
             match &err {
                 LinkError::Incompatible(refusal) => {
                     self.set("refused", Some(refusal.to_string()));
-                    eprintln!(
-                        "turnout-agent: the coordinator refused this agent: {refusal}; services keep running as they are"
+                    crate::log!(
+                        "the coordinator refused this agent: {refusal}; services keep running as they are"
                     );
                 }
                 other => {
                     self.set("unreachable", Some(other.to_string()));
-                    eprintln!("turnout-agent: {other}; services keep running, retrying");
+                    crate::log!("{other}; services keep running, retrying");
                 }
             }
             failures = failures.saturating_add(1);
@@ -473,7 +473,7 @@ impl Link {
                 Err(LinkError::Io { what, source }) if what.starts_with("the download of") => {
                     // What was served is not what was asked for: refuse it once, and say so.
                     let reason = format!("bundle rejected: {what}: {source}");
-                    eprintln!("turnout-agent: {name}: {reason}");
+                    crate::log!("{name}: {reason}");
                     let _ = self.agent.record_outcome(
                         name,
                         OutcomeKind::Rejected,
@@ -483,18 +483,15 @@ impl Link {
                     return Ok(true);
                 }
                 Err(err) => {
-                    eprintln!(
-                        "turnout-agent: {name}: downloading {} {}: {err}",
-                        want.name, want.version
-                    );
+                    crate::log!("{name}: downloading {} {}: {err}", want.name, want.version);
                     return Err(err);
                 }
             };
             self.agent.install(name, &bundle, None).await
         };
         match result {
-            Ok(result) => eprintln!("turnout-agent: {}", result.summary),
-            Err(err) => eprintln!("turnout-agent: {name}: {err}"),
+            Ok(result) => crate::log!("{}", result.summary),
+            Err(err) => crate::log!("{name}: {err}"),
         }
         Ok(true)
     }

@@ -63,7 +63,10 @@ pub async fn freeze_switch() {
     };
     loop {
         if std::path::Path::new(&path).exists() {
-            eprintln!("turnout: the test freeze switch is set; wedging the main loop");
+            crate::log::line(
+                "turnout",
+                "the test freeze switch is set; wedging the main loop",
+            );
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
             }

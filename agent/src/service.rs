@@ -681,9 +681,7 @@ impl Agent {
                     (State::Switching { .. }, Ok(())) => vec![Event::Switched { at_ms: now_ms() }],
                     (State::Switching { .. }, Err(reason)) => vec![Event::Unhealthy { reason }],
                     (_, Err(reason)) => {
-                        eprintln!(
-                            "turnout-agent: {name}: restarting after the revert failed: {reason}"
-                        );
+                        crate::log!("{name}: restarting after the revert failed: {reason}");
                         vec![Event::Reverted]
                     }
                     (_, Ok(())) => {
@@ -703,8 +701,8 @@ impl Agent {
                                 version: release.version.to_string(),
                             })?;
                     if service.dir.active() != Some(slot) {
-                        eprintln!(
-                            "turnout-agent: {name}: current did not point at the committed {}; repaired",
+                        crate::log!(
+                            "{name}: current did not point at the committed {}; repaired",
                             release.version
                         );
                         service
@@ -764,9 +762,7 @@ impl Agent {
             match health::probe_all(&service.config.checks, &service.supervisor).await {
                 None => return,
                 Some(failing) if tokio::time::Instant::now() >= deadline => {
-                    eprintln!(
-                        "turnout-agent: {name}: the restored release is not healthy either: {failing}"
-                    );
+                    crate::log!("{name}: the restored release is not healthy either: {failing}");
                     return;
                 }
                 Some(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,

@@ -279,7 +279,7 @@ impl Exec {
             }
             let n = this.restarts.fetch_add(1, Ordering::SeqCst) + 1;
             let delay = Duration::from_secs(1 << (n - 1).min(5)).min(Duration::from_secs(30));
-            eprintln!(
+            crate::log!(
                 "[{}] exited unexpectedly ({}); restarting in {}s (restart {n})",
                 this.service,
                 status.map_or_else(|e| e.to_string(), |s| s.to_string()),
@@ -290,7 +290,7 @@ impl Exec {
                 return;
             }
             if let Err(err) = this.start(launch) {
-                eprintln!("[{}] {err}", this.service);
+                crate::log!("[{}] {err}", this.service);
             }
         });
         Ok(())
@@ -330,7 +330,7 @@ impl Exec {
         let group = Pid::from_raw(pid);
         // Only a group still led by that pid: killpg fails with ESRCH otherwise.
         if killpg(group, Signal::SIGTERM).is_ok() {
-            eprintln!(
+            crate::log!(
                 "[{}] stopping process group {pid} left by a previous agent",
                 self.service
             );
@@ -348,6 +348,6 @@ impl Exec {
 async fn forward(service: String, stream: impl tokio::io::AsyncRead + Unpin) {
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        eprintln!("[{service}] {line}");
+        crate::log!("[{service}] {line}");
     }
 }

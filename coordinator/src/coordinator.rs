@@ -544,13 +544,13 @@ impl Coordinator {
                 .map(|r| r.id)
                 .collect(),
             Err(err) => {
-                eprintln!("turnout: reading rollouts: {err}");
+                turnout_agent::log::line("turnout", &format!("reading rollouts: {err}"));
                 return;
             }
         };
         for id in active {
             if let Err(err) = self.step(&id, Input::Tick, "engine") {
-                eprintln!("turnout: stepping rollout {id}: {err}");
+                turnout_agent::log::line("turnout", &format!("stepping rollout {id}: {err}"));
             }
         }
     }

@@ -179,3 +179,22 @@ fn health_is_watched_at_rest_and_status_shows_it() {
         "health at rest is reported, not acted on: the coordinator decides"
     );
 }
+
+#[test]
+fn the_daemon_logs_json_lines_when_asked() {
+    let mut host = Host::new("300ms");
+    let v1 = host.bundle("1.0.0", "healthy");
+    host.start_daemon(&[("TURNOUT_LOG_FORMAT", "json")]);
+    assert_eq!(host.install(&v1).0, 0);
+    host.stop_daemon();
+    let log = host.daemon_log();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines.len() >= 3, "{log}");
+    for line in lines {
+        let entry: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert_eq!(entry["program"], "turnout-agent", "{line}");
+        assert!(entry["ts"].as_str().unwrap().ends_with('Z'), "{line}");
+    }
+    assert!(log.contains(r#""msg":"[web] demo service 1.0.0 listening"#), "{log}");
+}

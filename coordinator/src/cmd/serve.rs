@@ -36,6 +36,9 @@ pub struct Args {
     /// Print a first admin token (once) if none exists yet.
     #[arg(long)]
     pub init: bool,
+    /// How log lines are written to stderr.
+    #[arg(long, value_enum, env = "TURNOUT_LOG_FORMAT", default_value = "text")]
+    pub log_format: turnout_agent::log::LogFormat,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -50,6 +53,7 @@ struct FileConfig {
 
 /// Serves until SIGTERM or Ctrl-C.
 pub fn run(args: &Args) -> anyhow::Result<Exit> {
+    turnout_agent::log::set_format(args.log_format);
     let file: FileConfig = match &args.config {
         None => FileConfig::default(),
         Some(path) => toml::from_str(&String::from_utf8(files::read(path)?)?).map_err(|e| {
@@ -90,8 +94,9 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
     let coordinator = Arc::new(Coordinator::open(&state_dir, trust, settings)?);
     if args.init {
         if coordinator.with_store(|s| s.has_tokens())? {
-            eprintln!(
-                "turnout: an operator token exists already; create more with `turnout token create`"
+            turnout_agent::log::line(
+                "turnout",
+                "an operator token exists already; create more with `turnout token create`",
             );
         } else {
             let token = coordinator.with_store(|s| s.create_token(Role::Admin, now_ms()))?;
@@ -104,10 +109,13 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
         .build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen).await?;
-        eprintln!(
-            "turnout: coordinator listening on http://{}, state in {}",
-            listener.local_addr()?,
-            state_dir.display()
+        turnout_agent::log::line(
+            "turnout",
+            &format!(
+                "coordinator listening on http://{}, state in {}",
+                listener.local_addr()?,
+                state_dir.display()
+            ),
         );
         crate::server::serve(coordinator, listener, shutdown()).await
     })?;
@@ -121,5 +129,5 @@ async fn shutdown() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    eprintln!("turnout: shutting down");
+    turnout_agent::log::line("turnout", "shutting down");
 }
