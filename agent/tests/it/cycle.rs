@@ -196,5 +196,8 @@ fn the_daemon_logs_json_lines_when_asked() {
         assert_eq!(entry["program"], "turnout-agent", "{line}");
         assert!(entry["ts"].as_str().unwrap().ends_with('Z'), "{line}");
     }
-    assert!(log.contains(r#""msg":"[web] demo service 1.0.0 listening"#), "{log}");
+    assert!(
+        log.contains(r#""msg":"[web] demo service 1.0.0 listening"#),
+        "{log}"
+    );
 }
