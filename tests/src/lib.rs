@@ -3,6 +3,8 @@
 //! run`, exec supervisor, the demo service), signed demo releases, and a TCP
 //! proxy that can cut one host off. Everything listens on 127.0.0.1 only.
 
+pub mod http;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};

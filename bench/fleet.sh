@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Benchmark: the coordinator under a simulated fleet (performance issue,
+# scenario 1, steady state). Starts a release `turnout serve` with a 10 s
+# report interval, then `turnout-sim` with HOSTS simulated hosts that report
+# and long-poll every 10 s for DURATION, and prints the simulator's summary:
+# coordinator CPU and RSS over the window, report latency p50/p99, errors.
+#
+#   bash bench/fleet.sh                      # 10,000 hosts for 120 s
+#   HOSTS=500 DURATION=20s bash bench/fleet.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+HOSTS=${HOSTS:-10000}
+DURATION=${DURATION:-120s}
+work=$(pwd)/target/bench/fleet
+rm -rf "$work" && mkdir -p "$work"
+cargo build --release --quiet --bin turnout --bin turnout-sim
+bin=$(pwd)/target/release
+"$bin/turnout" keygen --out "$work/k" >/dev/null
+"$bin/turnout" trust init --key "$work/k.pub.pem" --threshold 1 --out "$work/trust.json" >/dev/null
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+ulimit -n "$(ulimit -Hn)"
+"$bin/turnout" serve --listen "127.0.0.1:$port" --state-dir "$work/coordinator" --trust "$work/trust.json" --report-interval 10s --init > "$work/serve.out" 2> "$work/serve.log" &
+serve=$!
+trap 'kill $serve 2>/dev/null; wait $serve 2>/dev/null || true' EXIT
+for _ in $(seq 100); do grep -q tnt_ "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
+token=$(grep -o 'tnt_[A-Za-z0-9_-]*' "$work/serve.out")
+"$bin/turnout-sim" --coordinator "http://127.0.0.1:$port" --token "$token" --hosts "$HOSTS" --duration "$DURATION" \
+    --coordinator-pid "$serve" --json "$work/summary.json"
