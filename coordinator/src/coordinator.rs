@@ -163,6 +163,9 @@ pub struct Coordinator {
     wake: Notify,
     stopping: watch::Sender<bool>,
     nonces: Mutex<Nonces>,
+    /// Parsed public keys of enrolled hosts: parsing one decompresses a curve
+    /// point, too costly to do on every signed request.
+    keys: Mutex<HashMap<String, turnout_proto::keys::PublicKey>>,
     /// Request and refusal counters.
     pub metrics: Metrics,
 }
@@ -196,6 +199,7 @@ impl Coordinator {
             events: watch::channel(latest).0,
             wake: Notify::new(),
             stopping: watch::channel(false).0,
+            keys: Mutex::new(HashMap::new()),
             nonces: Mutex::new(Nonces::default()),
             metrics: Metrics::default(),
         })
@@ -224,6 +228,31 @@ impl Coordinator {
     /// The settings.
     pub fn settings(&self) -> Settings {
         self.settings
+    }
+
+    /// An enrolled host's public key, from the cache or the store.
+    pub fn host_key(&self, host: &str) -> Result<Option<turnout_proto::keys::PublicKey>, ApiError> {
+        if let Some(key) = self.keys.lock().expect("not poisoned").get(host) {
+            return Ok(Some(key.clone()));
+        }
+        let Some(pem) = self.with_store(|s| s.host_key(host))? else {
+            return Ok(None);
+        };
+        let key = turnout_proto::keys::PublicKey::from_pem(&pem).map_err(|e| ApiError {
+            status: 500,
+            code: ErrorCode::Internal,
+            message: e.to_string(),
+        })?;
+        self.keys
+            .lock()
+            .expect("not poisoned")
+            .insert(host.to_owned(), key.clone());
+        Ok(Some(key))
+    }
+
+    /// Drops a host's cached key (it re-enrolled, or was forgotten).
+    pub fn forget_key(&self, host: &str) {
+        self.keys.lock().expect("not poisoned").remove(host);
     }
 
     /// Records `signature` as used; false if it was used before (a replay).

@@ -211,21 +211,14 @@ fn authenticate_host(
             ),
         ));
     }
-    let key = c
-        .with_store(|s| s.host_key(auth.host.as_str()))?
-        .ok_or_else(|| {
-            refuse(
-                "host_unknown",
-                format!(
-                    "host {} is not enrolled; enroll it with `turnout-agent enroll`",
-                    auth.host
-                ),
-            )
-        })?;
-    let key = turnout_proto::keys::PublicKey::from_pem(&key).map_err(|e| ApiError {
-        status: 500,
-        code: ErrorCode::Internal,
-        message: e.to_string(),
+    let key = c.host_key(auth.host.as_str())?.ok_or_else(|| {
+        refuse(
+            "host_unknown",
+            format!(
+                "host {} is not enrolled; enroll it with `turnout-agent enroll`",
+                auth.host
+            ),
+        )
     })?;
     let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
     if !auth.verifies(&key, method.as_str(), path, body) {
@@ -276,6 +269,7 @@ async fn enroll(State(c): State<Shared>, body: Bytes) -> Result<Response, ApiErr
         c.metrics.auth_failure("enroll");
         return Err(ApiError::unauthorized(refusal.to_string()));
     }
+    c.forget_key(request.host.as_str());
     c.log(
         &format!("host:{}", request.host),
         None,
@@ -680,6 +674,7 @@ async fn forget_host(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let role = operator(&c, &headers, Role::Admin)?;
+    c.forget_key(&id);
     if !c.with_store(|s| s.forget_host(&id))? {
         return Err(ApiError::not_found(format!("no host {id}")));
     }

@@ -392,10 +392,8 @@ impl Store {
     /// An enrolled host's public key (PEM).
     pub fn host_key(&self, id: &str) -> Result<Option<String>> {
         self.conn
-            .query_row("SELECT public_key FROM hosts WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
-            .optional()
+            .prepare_cached("SELECT public_key FROM hosts WHERE id = ?1")
+            .and_then(|mut statement| statement.query_row([id], |r| r.get(0)).optional())
             .map_err(self.err())
     }
 
@@ -441,14 +439,14 @@ impl Store {
     /// Records a report (and that the host was seen).
     pub fn record_report(&self, report: &Report, now: u64) -> Result<()> {
         self.conn
-            .execute(
-                "UPDATE hosts SET report = ?2, last_seen_ms = ?3 WHERE id = ?1",
-                params![
+            .prepare_cached("UPDATE hosts SET report = ?2, last_seen_ms = ?3 WHERE id = ?1")
+            .and_then(|mut statement| {
+                statement.execute(params![
                     report.host.as_str(),
                     serde_json::to_string(report).expect("reports serialise"),
                     now as i64
-                ],
-            )
+                ])
+            })
             .map_err(self.err())?;
         Ok(())
     }
@@ -456,10 +454,8 @@ impl Store {
     /// Marks a host as seen (a long poll counts).
     pub fn touch(&self, id: &str, now: u64) -> Result<()> {
         self.conn
-            .execute(
-                "UPDATE hosts SET last_seen_ms = ?2 WHERE id = ?1",
-                params![id, now as i64],
-            )
+            .prepare_cached("UPDATE hosts SET last_seen_ms = ?2 WHERE id = ?1")
+            .and_then(|mut statement| statement.execute(params![id, now as i64]))
             .map_err(self.err())?;
         Ok(())
     }
@@ -468,7 +464,7 @@ impl Store {
     pub fn hosts(&self) -> Result<Vec<HostRecord>> {
         let mut statement = self
             .conn
-            .prepare("SELECT id, labels, enrolled_ms, last_seen_ms, agent_version, proto, capabilities, incompatible, report, desired_index FROM hosts ORDER BY id")
+            .prepare_cached("SELECT id, labels, enrolled_ms, last_seen_ms, agent_version, proto, capabilities, incompatible, report, desired_index FROM hosts ORDER BY id")
             .map_err(self.err())?;
         let rows = statement
             .query_map([], |r| {
@@ -550,7 +546,7 @@ impl Store {
             .optional()
             .map_err(self.err())?
             .unwrap_or(0);
-        let mut statement = self.conn.prepare("SELECT service, release, size, rollout FROM desired WHERE host = ?1 ORDER BY service").map_err(self.err())?;
+        let mut statement = self.conn.prepare_cached("SELECT service, release, size, rollout FROM desired WHERE host = ?1 ORDER BY service").map_err(self.err())?;
         let services = statement
             .query_map([host.as_str()], |r| {
                 Ok(DesiredService {
@@ -588,7 +584,7 @@ impl Store {
 
     /// Every stored bundle, newest first.
     pub fn bundles(&self) -> Result<Vec<BundleRecord>> {
-        let mut statement = self.conn.prepare("SELECT sha256, name, version, size, created_ms FROM bundles ORDER BY created_ms DESC, name").map_err(self.err())?;
+        let mut statement = self.conn.prepare_cached("SELECT sha256, name, version, size, created_ms FROM bundles ORDER BY created_ms DESC, name").map_err(self.err())?;
         let rows = statement
             .query_map([], |r| {
                 Ok(BundleRecord {
@@ -620,7 +616,7 @@ impl Store {
     pub fn rollouts(&self) -> Result<Vec<Rollout>> {
         let mut statement = self
             .conn
-            .prepare("SELECT body FROM rollouts ORDER BY created_ms, id")
+            .prepare_cached("SELECT body FROM rollouts ORDER BY created_ms, id")
             .map_err(self.err())?;
         let rows = statement
             .query_map([], |r| r.get::<_, String>(0))
@@ -657,7 +653,7 @@ impl Store {
     pub fn events(&self, after: u64, rollout: Option<&str>, limit: usize) -> Result<Vec<Event>> {
         let mut statement = self
             .conn
-            .prepare("SELECT id, at_ms, actor, rollout, host, message FROM events WHERE id > ?1 AND (?2 IS NULL OR rollout = ?2) ORDER BY id LIMIT ?3")
+            .prepare_cached("SELECT id, at_ms, actor, rollout, host, message FROM events WHERE id > ?1 AND (?2 IS NULL OR rollout = ?2) ORDER BY id LIMIT ?3")
             .map_err(self.err())?;
         let rows = statement
             .query_map(params![after as i64, rollout, limit as i64], |r| {

@@ -639,3 +639,30 @@ fn the_demo_runs_the_whole_story_and_cleans_up() {
         "the demo left {dir} behind"
     );
 }
+
+#[test]
+fn a_re_enrolled_host_is_known_by_its_new_key_at_once() {
+    let server = Server::start(settings());
+    let old = FakeAgent::new(&server.url, "web-01", 1);
+    assert_eq!(old.enroll(&server.enroll_token(1), &[]).status, 200);
+    assert_eq!(
+        old.signed("GET", "/v1/agent/desired?index=0", b"").status,
+        200,
+        "caches the first key"
+    );
+    // The host is reinstalled: same id, new key.
+    let new = FakeAgent::new(&server.url, "web-01", 2);
+    assert_eq!(new.enroll(&server.enroll_token(1), &[]).status, 200);
+    assert_eq!(
+        new.signed("GET", "/v1/agent/desired?index=0", b"").status,
+        200,
+        "the new key works"
+    );
+    let answer = old.signed("GET", "/v1/agent/desired?index=0", b"");
+    assert_eq!(answer.status, 401, "the old key no longer does");
+    assert!(
+        answer.text().contains("does not verify"),
+        "{}",
+        answer.text()
+    );
+}
