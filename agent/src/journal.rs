@@ -228,28 +228,49 @@ impl Journal {
 }
 
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), JournalError> {
-    let sqlite = |source| JournalError::Sqlite {
-        path: path.to_owned(),
-        source,
-    };
-    let known = MIGRATIONS.len() as i64;
-    let tx = conn.transaction().map_err(sqlite)?;
-    let found: i64 = tx
-        .query_row("PRAGMA user_version", [], |row| row.get(0))
-        .map_err(sqlite)?;
-    if found > known {
-        return Err(JournalError::Newer {
+    match run_migrations(conn, MIGRATIONS) {
+        Ok(Migrated::Current) => Ok(()),
+        Ok(Migrated::Newer { found, known }) => Err(JournalError::Newer {
             path: path.to_owned(),
             found,
             known,
-        });
+        }),
+        Err(source) => Err(JournalError::Sqlite {
+            path: path.to_owned(),
+            source,
+        }),
     }
-    for migration in &MIGRATIONS[found as usize..] {
-        tx.execute_batch(migration).map_err(sqlite)?;
+}
+
+/// What [`run_migrations`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migrated {
+    /// The schema is at the newest version this build knows.
+    Current,
+    /// The database was written by a newer build; nothing was changed.
+    Newer {
+        /// Its `user_version`.
+        found: i64,
+        /// The newest this build knows.
+        known: i64,
+    },
+}
+
+/// Applies append-only `migrations` keyed by `PRAGMA user_version`, in one
+/// transaction; shared by the agent's journal and the coordinator's store.
+pub fn run_migrations(conn: &mut Connection, migrations: &[&str]) -> rusqlite::Result<Migrated> {
+    let known = migrations.len() as i64;
+    let tx = conn.transaction()?;
+    let found: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if found > known {
+        return Ok(Migrated::Newer { found, known });
     }
-    tx.pragma_update(None, "user_version", known)
-        .map_err(sqlite)?;
-    tx.commit().map_err(sqlite)
+    for migration in &migrations[found as usize..] {
+        tx.execute_batch(migration)?;
+    }
+    tx.pragma_update(None, "user_version", known)?;
+    tx.commit()?;
+    Ok(Migrated::Current)
 }
 
 #[cfg(test)]

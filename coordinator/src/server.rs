@@ -349,6 +349,17 @@ async fn hello(
     }
 }
 
+/// A long poll's `wait=` (a duration like `30s`), capped at `max`; none is zero.
+fn wait_param(text: Option<&String>, max: Duration) -> Result<Duration, ApiError> {
+    let Some(text) = text else {
+        return Ok(Duration::ZERO);
+    };
+    let wait = humantime::parse_duration(text).map_err(|e| {
+        ApiError::bad_request(format!("wait={text:?}: expected a duration like 30s ({e})"))
+    })?;
+    Ok(wait.min(max))
+}
+
 #[derive(Deserialize)]
 struct DesiredQuery {
     #[serde(default)]
@@ -371,13 +382,10 @@ async fn desired(
     let long_poll = c
         .with_store(|s| s.host_capabilities(host.as_str()))?
         .is_some_and(|caps| caps.contains(&turnout_proto::Capability::LongPoll));
-    let wait = match query.wait.as_ref().filter(|_| long_poll) {
-        None => Duration::ZERO,
-        Some(text) => humantime::parse_duration(text).map_err(|e| {
-            ApiError::bad_request(format!("wait={text:?}: expected a duration like 30s ({e})"))
-        })?,
-    }
-    .min(c.settings().max_wait);
+    let wait = wait_param(
+        query.wait.as_ref().filter(|_| long_poll),
+        c.settings().max_wait,
+    )?;
     if current.index <= query.index && !wait.is_zero() {
         let mut changes = c.watch_desired(host.as_str(), current.index);
         tokio::select! {
@@ -824,12 +832,7 @@ async fn events(
     Query(query): Query<EventsQuery>,
 ) -> Result<Response, ApiError> {
     operator(&c, &headers, Role::Viewer)?;
-    let wait = match &query.wait {
-        None => Duration::ZERO,
-        Some(text) => humantime::parse_duration(text)
-            .map_err(|e| ApiError::bad_request(format!("wait={text:?}: {e}")))?,
-    }
-    .min(c.settings().max_wait);
+    let wait = wait_param(query.wait.as_ref(), c.settings().max_wait)?;
     let mut changes = c.watch_events();
     let mut found = c.with_store(|s| s.events(query.after, query.rollout.as_deref(), 1000))?;
     let deadline = tokio::time::Instant::now() + wait;

@@ -245,24 +245,16 @@ impl Store {
             .map_err(sqlite)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(sqlite)?;
-        let known = MIGRATIONS.len() as i64;
-        let tx = conn.transaction().map_err(sqlite)?;
-        let found: i64 = tx
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(sqlite)?;
-        if found > known {
-            return Err(StoreError::Newer {
-                path: path.to_owned(),
-                found,
-                known,
-            });
+        match turnout_agent::journal::run_migrations(&mut conn, MIGRATIONS).map_err(sqlite)? {
+            turnout_agent::journal::Migrated::Current => {}
+            turnout_agent::journal::Migrated::Newer { found, known } => {
+                return Err(StoreError::Newer {
+                    path: path.to_owned(),
+                    found,
+                    known,
+                });
+            }
         }
-        for migration in &MIGRATIONS[found as usize..] {
-            tx.execute_batch(migration).map_err(sqlite)?;
-        }
-        tx.pragma_update(None, "user_version", known)
-            .map_err(sqlite)?;
-        tx.commit().map_err(sqlite)?;
         Ok(Store {
             conn,
             path: path.to_owned(),
