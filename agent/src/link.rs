@@ -179,9 +179,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 fn error_message(body: &[u8]) -> String {
-    turnout_proto::decode::<turnout_proto::messages::ErrorBody>(body)
-        .map(|e| e.body.message)
-        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned())
+    turnout_proto::messages::ErrorBody::message_of(body)
 }
 
 fn client() -> ureq::Agent {

@@ -1125,6 +1125,3 @@ fn stage_blocking(
     }
     Ok(release)
 }
-
-/// Shares an agent between the daemon's tasks.
-pub type SharedAgent = Arc<Agent>;

@@ -76,9 +76,7 @@ impl Client {
             .read_to_vec()
             .map_err(|e| ClientError::Decode(e.to_string()))?;
         if status >= 400 {
-            let message = turnout_proto::decode::<ErrorBody>(&body)
-                .map(|e| e.body.message)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            let message = ErrorBody::message_of(&body);
             return Err(ClientError::Api { status, message });
         }
         let body = if body.is_empty() {

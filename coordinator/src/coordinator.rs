@@ -509,8 +509,9 @@ impl Coordinator {
     pub fn step(&self, id: &str, input: Input, actor: &str) -> Result<Rollout, ApiError> {
         let now = now_ms();
         let mut notify = Vec::new();
+        let mut last_event = None;
         let result = self.with_store(|store| -> Result<Result<Rollout, ApiError>, StoreError> {
-            let Some(rollout) = store.rollouts()?.into_iter().find(|r| r.id == id) else {
+            let Some(rollout) = store.rollout(id)? else {
                 return Ok(Err(ApiError::not_found(format!(
                     "no rollout {id}; `turnout rollout list` shows them"
                 ))));
@@ -524,7 +525,7 @@ impl Coordinator {
             };
             store.atomically(|s| {
                 if command {
-                    s.log(now, actor, Some(id), None, &requested(&input))?;
+                    last_event = Some(s.log(now, actor, Some(id), None, &requested(&input))?);
                 }
                 for action in &actions {
                     match action {
@@ -539,13 +540,13 @@ impl Coordinator {
                             notify.push((host.to_string(), index));
                         }
                         Action::Log { host, message } => {
-                            s.log(
+                            last_event = Some(s.log(
                                 now,
                                 "engine",
                                 Some(id),
                                 host.as_ref().map(HostId::as_str),
                                 message,
-                            )?;
+                            )?);
                         }
                     }
                 }
@@ -556,22 +557,16 @@ impl Coordinator {
         for (host, index) in notify {
             self.notify_desired(&host, index);
         }
-        let latest =
-            self.with_store(|s| s.events(self.events.borrow().to_owned(), None, usize::MAX))?;
-        if let Some(last) = latest.last() {
-            self.events.send_replace(last.id);
+        if let Some(id) = last_event {
+            self.events.send_replace(id);
         }
         result
     }
 
     /// Steps every unfinished rollout once.
     pub fn tick(&self) {
-        let active: Vec<String> = match self.with_store(|s| s.rollouts()) {
-            Ok(rollouts) => rollouts
-                .into_iter()
-                .filter(|r| !r.state.is_finished())
-                .map(|r| r.id)
-                .collect(),
+        let active: Vec<String> = match self.with_store(|s| s.active_rollout_ids()) {
+            Ok(ids) => ids,
             Err(err) => {
                 turnout_agent::log::line("turnout", &format!("reading rollouts: {err}"));
                 return;
@@ -604,13 +599,10 @@ impl Coordinator {
 
     /// One rollout.
     pub fn rollout(&self, id: &str) -> Result<Rollout, ApiError> {
-        self.rollouts()?
-            .into_iter()
-            .find(|r| r.id == id)
-            .ok_or_else(|| {
-                ApiError::not_found(format!(
-                    "no rollout {id}; `turnout rollout list` shows them"
-                ))
-            })
+        self.with_store(|s| s.rollout(id))?.ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no rollout {id}; `turnout rollout list` shows them"
+            ))
+        })
     }
 }

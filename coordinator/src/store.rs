@@ -623,6 +623,27 @@ impl Store {
         Ok(out)
     }
 
+    /// One rollout.
+    pub fn rollout(&self, id: &str) -> Result<Option<Rollout>> {
+        let body: Option<String> = self
+            .conn
+            .prepare_cached("SELECT body FROM rollouts WHERE id = ?1")
+            .and_then(|mut statement| statement.query_row([id], |r| r.get(0)).optional())
+            .map_err(self.err())?;
+        Ok(body.map(|b| serde_json::from_str(&b).expect("stored rollouts are valid")))
+    }
+
+    /// The ids of unfinished rollouts, oldest first: what the engine steps.
+    pub fn active_rollout_ids(&self) -> Result<Vec<String>> {
+        let mut statement = self
+            .conn
+            .prepare_cached("SELECT id FROM rollouts WHERE finished = 0 ORDER BY created_ms, id")
+            .map_err(self.err())?;
+        let rows = statement.query_map([], |r| r.get(0)).map_err(self.err())?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(self.err())
+    }
+
     /// Appends to the event log; returns the line's id.
     pub fn log(
         &self,

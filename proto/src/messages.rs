@@ -397,6 +397,16 @@ pub struct ErrorBody {
     pub message: String,
 }
 
+impl ErrorBody {
+    /// The message of an error answer: its `ErrorBody`, or its raw text when
+    /// the answer is not one (a proxy's page, an older peer).
+    pub fn message_of(body: &[u8]) -> String {
+        crate::decode::<ErrorBody>(body)
+            .map(|e| e.body.message)
+            .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned())
+    }
+}
+
 impl Message for ErrorBody {
     const NAME: &'static str = "error";
     const FROZEN: bool = true;
