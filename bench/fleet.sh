@@ -7,12 +7,12 @@
 #
 #   bash bench/fleet.sh                      # 10,000 hosts for 120 s
 #   HOSTS=500 DURATION=20s bash bench/fleet.sh
-#   SMOKE=1 bash bench/fleet.sh              # CI: 50 hosts, 3 s, debug build, fails on any error
+#   SMOKE=1 bash bench/fleet.sh              # CI: 50 hosts, 12 s (over one report interval), debug build, fails on any error
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SMOKE=${SMOKE:-}
 HOSTS=${HOSTS:-$([ -n "$SMOKE" ] && echo 50 || echo 10000)}
-DURATION=${DURATION:-$([ -n "$SMOKE" ] && echo 3s || echo 120s)}
+DURATION=${DURATION:-$([ -n "$SMOKE" ] && echo 12s || echo 120s)}
 work=$(pwd)/target/bench/fleet
 rm -rf "$work" && mkdir -p "$work"
 if [ -n "$SMOKE" ]; then
