@@ -8,15 +8,29 @@
 #   bash bench/agent-footprint.sh          # 300 s idle
 #   IDLE=30 bash bench/agent-footprint.sh  # a quick look
 #   INTERVAL=5s bash bench/agent-footprint.sh  # checks every 5 s instead of 1 s
+#   CYCLES=20 bash bench/agent-footprint.sh     # fewer install/rollback cycles
+#   SMOKE=1 bash bench/agent-footprint.sh      # CI: debug build, 5 s idle, 3 cycles, checks they work
+#
+# After the idle period, CYCLES (default 100) times: install web 2.0.0, then
+# roll back to 1.0.0. The agent's RSS after the cycles, against its RSS at
+# rest before them, is the growth (a leak would show here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-IDLE=${IDLE:-300}
+SMOKE=${SMOKE:-}
+IDLE=${IDLE:-$([ -n "$SMOKE" ] && echo 5 || echo 300)}
+CYCLES=${CYCLES:-$([ -n "$SMOKE" ] && echo 3 || echo 100)}
 INTERVAL=${INTERVAL:-1s}
 work=$(pwd)/target/bench/footprint
 rm -rf "$work" && mkdir -p "$work"
-cargo build --release --quiet --bin turnout --bin turnout-agent
-turnout=$(pwd)/target/release/turnout
-agent=$(pwd)/target/release/turnout-agent
+if [ -n "$SMOKE" ]; then
+    cargo build --quiet --bin turnout --bin turnout-agent
+    turnout=$(pwd)/target/debug/turnout
+    agent=$(pwd)/target/debug/turnout-agent
+else
+    cargo build --release --quiet --bin turnout --bin turnout-agent
+    turnout=$(pwd)/target/release/turnout
+    agent=$(pwd)/target/release/turnout-agent
+fi
 
 "$turnout" keygen --out "$work/k" >/dev/null
 "$turnout" trust init --key "$work/k.pub.pem" --threshold 1 --out "$work/trust.json" >/dev/null
@@ -33,6 +47,10 @@ for name in web api worker; do
     chmod 755 "$src/bin/demo"
     printf 'version = "1.0.0"\nmode = "healthy"\n' > "$src/behaviour.toml"
     "$turnout" pack "$src" --name "$name" --version 1.0.0 --entry bin/demo --key "$work/k.key.pem" --out "$work/$name.tnt" >/dev/null
+    if [ "$name" = web ]; then
+        printf 'version = "2.0.0"\nmode = "healthy"\n' > "$src/behaviour.toml"
+        "$turnout" pack "$src" --name web --version 2.0.0 --entry bin/demo --key "$work/k.key.pem" --out "$work/web-2.tnt" >/dev/null
+    fi
     cat >> "$work/agent.toml" <<TOML
 [[service]]
 name = "$name"
@@ -68,12 +86,28 @@ ticks() { awk '{ sub(/.*\) /, ""); split($0, f, " "); print f[12] + f[13] }' "/p
 rss0=$(rss_kib); t0=$(ticks); s0=$(date +%s.%N)
 sleep "$IDLE"
 rss1=$(rss_kib); t1=$(ticks); s1=$(date +%s.%N)
+for i in $(seq "$CYCLES"); do
+    "$agent" install "$work/web-2.tnt" --service web >/dev/null \
+        || { echo "cycle $i: installing web 2.0.0 failed" >&2; exit 1; }
+    "$agent" rollback --service web >/dev/null \
+        || { echo "cycle $i: rolling web back to 1.0.0 failed" >&2; exit 1; }
+done
+# Let the last cycle's buffers go before reading RSS.
+sleep 2
+rss2=$(rss_kib)
 healthy=$("$agent" status --json | grep -c '"health": "healthy"' || true)
+web=$("$agent" status --json | python3 -c 'import json,sys; print(next(s["committed"]["version"] for s in json.load(sys.stdin) if s["service"] == "web"))')
 size=$(stat -c %s "$agent")
-awk -v r0="$rss0" -v r1="$rss1" -v t0="$t0" -v t1="$t1" -v s0="$s0" -v s1="$s1" -v size="$size" -v idle="$IDLE" -v interval="$INTERVAL" -v ok="$healthy" 'BEGIN {
+awk -v r0="$rss0" -v r1="$rss1" -v r2="$rss2" -v cycles="$CYCLES" -v t0="$t0" -v t1="$t1" -v s0="$s0" -v s1="$s1" -v size="$size" -v idle="$IDLE" -v interval="$INTERVAL" -v ok="$healthy" 'BEGIN {
     hz = 100
     printf "agent at rest for %d s with 3 services, 9 checks every %s (%d of 3 healthy at the end)\n", idle, interval, ok
     printf "RSS at start %.1f MiB, at end %.1f MiB (growth %.0f KiB)\n", r0 / 1024, r1 / 1024, r1 - r0
     printf "CPU %.3f%% of one core (%d ticks in %.0f s)\n", (t1 - t0) / hz / (s1 - s0) * 100, t1 - t0, s1 - s0
-    printf "binary %s bytes (%.1f MB), stripped release build\n", size, size / 1e6
+    printf "RSS after %d install/rollback cycles %.1f MiB (growth %.0f KiB since the idle period ended)\n", cycles, r2 / 1024, r2 - r1
+    printf "binary %s bytes (%.1f MB)\n", size, size / 1e6
 }'
+if [ -n "$SMOKE" ]; then
+    [ "$healthy" = 3 ] && [ "$web" = 1.0.0 ] \
+        || { echo "footprint smoke: $healthy of 3 services healthy, web on $web (expected 1.0.0)" >&2; exit 1; }
+    echo "footprint smoke: ok"
+fi

@@ -1,20 +1,35 @@
 #!/usr/bin/env bash
-# Benchmark: the coordinator under a simulated fleet (performance issue,
-# scenario 1, steady state). Starts a release `turnout serve` with a 10 s
-# report interval, then `turnout-sim` with HOSTS simulated hosts that report
-# and long-poll every 10 s for DURATION, and prints the simulator's summary:
-# coordinator CPU and RSS over the window, report latency p50/p99, errors.
+# Benchmarks of the coordinator under a simulated fleet (performance issue,
+# scenarios 1 to 5). Each run starts a fresh release `turnout serve` (10 s
+# report interval) as its own process, pushes two signed releases of service
+# `web`, then runs `turnout-sim` with HOSTS simulated hosts and the chosen
+# scenario, and prints its JSON summary. With RUNS > 1 it repeats the run and
+# prints the median of every figure (bench/median.py).
 #
-#   bash bench/fleet.sh                      # 10,000 hosts for 120 s
-#   HOSTS=500 DURATION=20s bash bench/fleet.sh
-#   SMOKE=1 bash bench/fleet.sh              # CI: 50 hosts, 12 s (over one report interval), debug build, fails on any error
+#   bash bench/fleet.sh                             # steady: 10,000 hosts for 120 s
+#   SCENARIO=storm bash bench/fleet.sh              # restart under 10,000 hosts
+#   SCENARIO=waves bash bench/fleet.sh              # a 4-wave rollout over 1,000 hosts, zero bake
+#   SCENARIO=rollback bash bench/fleet.sh           # rollback --all-at-once of 10,000 hosts
+#   SCENARIO=decision bash bench/fleet.sh           # a failing canary: first failing check to decision
+#   HOSTS=500 DURATION=20s RUNS=3 bash bench/fleet.sh
+#   SMOKE=1 SCENARIO=waves bash bench/fleet.sh      # CI: small N, debug build, checks the result
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SCENARIO=${SCENARIO:-steady}
 SMOKE=${SMOKE:-}
-HOSTS=${HOSTS:-$([ -n "$SMOKE" ] && echo 50 || echo 10000)}
+RUNS=${RUNS:-1}
+case "$SCENARIO" in
+    steady) full=10000 smoke=50 ;;
+    storm) full=10000 smoke=50 ;;
+    waves) full=1000 smoke=50 ;;
+    rollback) full=10000 smoke=100 ;;
+    decision) full=100 smoke=20 ;;
+    *) echo "SCENARIO must be steady, storm, waves, rollback or decision; found ${SCENARIO@Q}" >&2; exit 2 ;;
+esac
+HOSTS=${HOSTS:-$([ -n "$SMOKE" ] && echo $smoke || echo $full)}
 DURATION=${DURATION:-$([ -n "$SMOKE" ] && echo 12s || echo 120s)}
-work=$(pwd)/target/bench/fleet
-rm -rf "$work" && mkdir -p "$work"
+root=$(pwd)/target/bench/fleet-$SCENARIO
+rm -rf "$root" && mkdir -p "$root"
 if [ -n "$SMOKE" ]; then
     cargo build --quiet --bin turnout --bin turnout-sim
     bin=$(pwd)/target/debug
@@ -22,19 +37,46 @@ else
     cargo build --release --quiet --bin turnout --bin turnout-sim
     bin=$(pwd)/target/release
 fi
-"$bin/turnout" keygen --out "$work/k" >/dev/null
-"$bin/turnout" trust init --key "$work/k.pub.pem" --threshold 1 --out "$work/trust.json" >/dev/null
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 ulimit -n "$(ulimit -Hn)"
-"$bin/turnout" serve --listen "127.0.0.1:$port" --state-dir "$work/coordinator" --trust "$work/trust.json" --report-interval 10s --init > "$work/serve.out" 2> "$work/serve.log" &
-serve=$!
-trap 'kill $serve 2>/dev/null; wait $serve 2>/dev/null || true' EXIT
-for _ in $(seq 100); do grep -q tnt_ "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
-token=$(grep -o 'tnt_[A-Za-z0-9_-]*' "$work/serve.out")
-"$bin/turnout-sim" --coordinator "http://127.0.0.1:$port" --token "$token" --hosts "$HOSTS" --duration "$DURATION" \
-    --coordinator-pid "$serve" --json "$work/summary.json"
-if [ -n "$SMOKE" ]; then
-    python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); sys.exit(0 if s["errors"] == 0 and s["reports"] > 0 else 1)' "$work/summary.json" \
-        || { echo "fleet smoke: errors or no reports" >&2; exit 1; }
-    echo "fleet smoke: ok"
-fi
+serve=
+trap '[ -z "$serve" ] || kill $serve 2>/dev/null; wait 2>/dev/null || true' EXIT
+
+run() { # $1: the run's directory
+    local work=$1
+    mkdir -p "$work/payload"
+    "$bin/turnout" keygen --out "$work/k" >/dev/null
+    "$bin/turnout" trust init --key "$work/k.pub.pem" --threshold 1 --out "$work/trust.json" >/dev/null
+    local port
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    local cmd="$bin/turnout serve --listen 127.0.0.1:$port --state-dir $work/coordinator --trust $work/trust.json --report-interval 10s"
+    $cmd --init > "$work/serve.out" 2> "$work/serve.log" &
+    serve=$!
+    for _ in $(seq 100); do grep -q tnt_ "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
+    local token
+    token=$(grep -o 'tnt_[A-Za-z0-9_-]*' "$work/serve.out")
+    export TURNOUT_COORDINATOR="http://127.0.0.1:$port" TURNOUT_TOKEN="$token"
+    printf '#!/bin/sh\nexec sleep infinity\n' > "$work/payload/run" && chmod +x "$work/payload/run"
+    for version in 1.0.0 2.0.0; do
+        "$bin/turnout" pack "$work/payload" --name web --version $version --entry run --key "$work/k.key.pem" --out "$work/web-$version.tnt" >/dev/null
+        "$bin/turnout" bundle push "$work/web-$version.tnt" >/dev/null
+    done
+    local extra=()
+    case "$SCENARIO" in
+        steady) extra=(--duration "$DURATION") ;;
+        storm) extra=(--restart "$cmd >>$work/serve.out 2>>$work/serve.log") ;;
+        waves) extra=(--release web@2.0.0 --install-ms 0) ;;
+        rollback) extra=(--release web@1.0.0 --release web@2.0.0) ;;
+        decision) extra=(--release web@2.0.0 --fail-percent 100 --check-interval-ms 1000 --failure-threshold 3) ;;
+    esac
+    "$bin/turnout-sim" --coordinator "$TURNOUT_COORDINATOR" --token "$token" --scenario "$SCENARIO" --hosts "$HOSTS" \
+        --coordinator-pid "$serve" --json "$work/summary.json" "${extra[@]}" > "$work/summary.out"
+    kill $serve 2>/dev/null || true
+    wait $serve 2>/dev/null || true
+    serve=
+}
+
+for i in $(seq "$RUNS"); do
+    run "$root/run-$i"
+    cat "$root/run-$i/summary.json"; echo
+done
+python3 bench/median.py "$SCENARIO" ${SMOKE:+--smoke} "$root"/run-*/summary.json

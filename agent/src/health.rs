@@ -371,6 +371,7 @@ pub async fn probe_all(checks: &[Check], supervisor: &Supervisor) -> Option<Stri
 /// Watches health after a switch until the judge decides: `Ok` with how it
 /// passed, or `Err` with why it failed.
 pub async fn bake(
+    service: &str,
     checks: &[Check],
     bake: Bake,
     supervisor: &Supervisor,
@@ -382,6 +383,7 @@ pub async fn bake(
     let mut judge = Judge::new(checks, bake);
     let mut due: Vec<Instant> = vec![start; checks.len()];
     let mut cpu: Vec<CpuSample> = vec![None; checks.len()];
+    let mut failing = vec![false; checks.len()];
     loop {
         match supervisor.status().await {
             Ok(status) if !status.active => judge.died("the service is not running".into()),
@@ -398,6 +400,18 @@ pub async fn bake(
         for (i, check) in checks.iter().enumerate() {
             if due[i] <= now {
                 let result = probe(check, supervisor, baseline_restarts, &mut cpu[i]).await;
+                // The first failure of a streak is logged: when it began is
+                // what an operator reading a revert wants to know.
+                if let Err(reason) = &result
+                    && !failing[i]
+                {
+                    crate::log!(
+                        "{service}: check {} started failing during the bake ({} failures in a row revert): {reason}",
+                        i + 1,
+                        check.failure
+                    );
+                }
+                failing[i] = result.is_err();
                 judge.observe(i, result);
                 due[i] = now + check.interval;
             }

@@ -461,7 +461,8 @@ impl Link {
             .is_some_and(|o| o.sha256 == want.sha256)
             && capabilities.contains(&Capability::SlotRollback);
         let result = if rollback {
-            self.agent.rollback(name).await
+            self.reporting_progress(name, self.agent.rollback(name))
+                .await
         } else {
             let bundle = match self
                 .download(desired, capabilities.contains(&Capability::RangeDownload))
@@ -485,13 +486,38 @@ impl Link {
                     return Err(err);
                 }
             };
-            self.agent.install(name, &bundle, None).await
+            self.reporting_progress(name, self.agent.install(name, &bundle, None))
+                .await
         };
         match result {
             Ok(result) => crate::log!("{}", result.summary),
             Err(err) => crate::log!("{name}: {err}"),
         }
         Ok(true)
+    }
+
+    /// Runs an install or rollback, reporting whenever the service's state
+    /// changes meanwhile: the coordinator learns that a release is being
+    /// reverted the moment this agent decides it, not once the revert is done.
+    /// A report that fails is only logged; the work goes on regardless.
+    async fn reporting_progress<T>(&self, name: &str, work: impl Future<Output = T>) -> T {
+        let watch = async {
+            let mut last = None;
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let state = self.status_of(name).await.map(|s| s.state);
+                if state.is_some() && state != last {
+                    last = state;
+                    if let Err(err) = self.report().await {
+                        crate::log!("{name}: reporting progress: {err}");
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            done = work => done,
+            never = watch => never,
+        }
     }
 
     async fn status_of(&self, name: &str) -> Option<ServiceStatus> {

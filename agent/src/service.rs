@@ -726,6 +726,7 @@ impl Agent {
             Effect::Bake => {
                 let baseline = service.baseline_restarts.load(Ordering::SeqCst);
                 let verdict = health::bake(
+                    name,
                     &service.config.checks,
                     service.config.bake,
                     &service.supervisor,

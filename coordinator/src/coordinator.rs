@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
-use turnout_proto::messages::{ErrorCode, OutcomeKind, ReleaseRef};
+use turnout_proto::messages::{ErrorCode, OutcomeKind, ReleaseRef, ServiceReport, ServiceState};
 use turnout_proto::trust::Trust;
 use turnout_proto::{HostId, ServiceName};
 
@@ -137,6 +137,25 @@ pub struct PlanView {
 #[derive(Debug, Default)]
 struct Nonces {
     seen: HashMap<Vec<u8>, u64>,
+}
+
+/// A host that reports it is reverting from a release has failed on it,
+/// already: its agent decided so before the revert itself, which may take a
+/// while, and the coordinator need not wait for it to stop dispatching.
+fn reverting(report: &ServiceReport) -> Option<(ReleaseRef, String)> {
+    let target = report.target.as_ref()?;
+    (report.state == ServiceState::Reverting).then(|| {
+        (
+            target.clone(),
+            format!(
+                "reverting: {}",
+                report
+                    .last_error
+                    .as_deref()
+                    .unwrap_or("its agent is switching back to the committed release")
+            ),
+        )
+    })
 }
 
 /// How an operator's command reads in the event log.
@@ -338,17 +357,19 @@ impl Coordinator {
         HostView {
             online: self.online(host, now),
             committed: report.and_then(|r| r.committed.clone()),
-            failed: report
-                .and_then(|r| r.last_outcome.as_ref())
-                .and_then(|o| match o.kind {
-                    OutcomeKind::Reverted
-                    | OutcomeKind::Rejected
-                    | OutcomeKind::Failed
-                    | OutcomeKind::Interrupted => {
-                        Some((o.release.clone(), format!("{}: {}", o.kind, o.reason)))
-                    }
-                    OutcomeKind::Committed | OutcomeKind::Unknown(_) => None,
-                }),
+            failed: report.and_then(reverting).or_else(|| {
+                report
+                    .and_then(|r| r.last_outcome.as_ref())
+                    .and_then(|o| match o.kind {
+                        OutcomeKind::Reverted
+                        | OutcomeKind::Rejected
+                        | OutcomeKind::Failed
+                        | OutcomeKind::Interrupted => {
+                            Some((o.release.clone(), format!("{}: {}", o.kind, o.reason)))
+                        }
+                        OutcomeKind::Committed | OutcomeKind::Unknown(_) => None,
+                    })
+            }),
         }
     }
 
@@ -604,5 +625,39 @@ impl Coordinator {
                 "no rollout {id}; `turnout rollout list` shows them"
             ))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use turnout_proto::messages::Health;
+
+    fn service(state: ServiceState, target: bool) -> ServiceReport {
+        ServiceReport {
+            service: "web".parse().unwrap(),
+            state,
+            active_slot: None,
+            committed: None,
+            other: None,
+            target: target.then(|| ReleaseRef {
+                name: "web".into(),
+                version: "2.0.0".parse().unwrap(),
+                sha256: turnout_proto::Digest::from_bytes([2; 32]),
+            }),
+            health: Health::Unhealthy,
+            last_outcome: None,
+            last_error: Some("check http failed 3 times in a row".into()),
+        }
+    }
+
+    #[test]
+    fn a_host_reverting_from_a_release_has_failed_on_it() {
+        let (release, reason) = reverting(&service(ServiceState::Reverting, true))
+            .expect("a revert in progress is a failure");
+        assert_eq!(release.version.to_string(), "2.0.0");
+        assert_eq!(reason, "reverting: check http failed 3 times in a row");
+        assert_eq!(reverting(&service(ServiceState::Baking, true)), None);
+        assert_eq!(reverting(&service(ServiceState::Reverting, false)), None);
     }
 }

@@ -520,8 +520,14 @@ fn observe(rollout: &mut Rollout, now: u64, fleet: &Fleet, out: &mut Out) {
                     };
                     out.log(Some(&host), format!("failed: {reason}"));
                 } else if runs_target {
-                    progress.phase = Phase::Committed { at_ms: now };
                     out.log(Some(&host), format!("committed {}", target.version));
+                    // With no bake the host is done now, not at the next step.
+                    if bake == 0 {
+                        progress.phase = Phase::Done;
+                        out.log(Some(&host), "done".into());
+                    } else {
+                        progress.phase = Phase::Committed { at_ms: now };
+                    }
                 } else if now.saturating_sub(at_ms) >= deadline {
                     let reason = format!(
                         "not committed within healthy_deadline ({})",

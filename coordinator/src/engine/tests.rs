@@ -235,6 +235,22 @@ fn happy_path_through_every_wave() {
 }
 
 #[test]
+fn with_zero_bake_a_commit_report_starts_the_next_wave_in_the_same_step() {
+    let mut zero = spec(&[Amount::Count(1), Amount::Percent(100.0)]);
+    zero.bake = Duration::ZERO;
+    zero.max_parallel = 10;
+    let mut sim = Sim::new(zero, 4, &[]);
+    sim.input(Input::Tick).unwrap();
+    assert_eq!(sim.sets.len(), 1, "only the canary is dispatched");
+    // One step after the canary's commit: the canary is done and wave 2 dispatched.
+    sim.second();
+    assert_eq!(sim.sets.len(), 4, "{:#?}", sim.log);
+    sim.second();
+    assert_eq!(sim.rollout.state, State::Succeeded, "{:#?}", sim.log);
+    assert!(sim.log.iter().any(|l| l.ends_with("committed 2.0.0")));
+}
+
+#[test]
 fn never_more_than_max_parallel_in_flight() {
     let mut sim = Sim::new(spec(&[Amount::Percent(100.0)]), 9, &[]);
     sim.input(Input::Tick).unwrap();
