@@ -8,14 +8,17 @@
 //! either dispatched and recorded as such, or neither: no host is sent its
 //! release twice, none is skipped.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
-use turnout_proto::messages::{ErrorCode, OutcomeKind, ReleaseRef, ServiceReport, ServiceState};
+use turnout_proto::messages::{
+    DesiredService, DesiredState, ErrorCode, OutcomeKind, ReleaseRef, ServiceReport, ServiceState,
+};
 use turnout_proto::trust::Trust;
 use turnout_proto::{HostId, ServiceName};
 
@@ -133,10 +136,41 @@ pub struct PlanView {
     pub excluded: BTreeMap<String, String>,
 }
 
-/// Signatures already seen inside the freshness window: replays.
+/// Signatures of requests whose timestamps are still inside the freshness
+/// window, so a replay of one is refused. They are kept by their timestamp's
+/// minute and a minute is dropped whole once every timestamp in it is too old
+/// to be accepted anyway: memory is bounded by the request rate times the
+/// window, and no request pays for a scan.
 #[derive(Debug, Default)]
 struct Nonces {
-    seen: HashMap<Vec<u8>, u64>,
+    minutes: BTreeMap<u64, HashSet<u128>>,
+}
+
+impl Nonces {
+    const MINUTE: u64 = 60_000;
+
+    /// Records a signature made at `ts_ms`; false if it was seen before.
+    fn first_use(&mut self, signature: &[u8], ts_ms: u64, now: u64, window: u64) -> bool {
+        let oldest = now.saturating_sub(window) / Self::MINUTE;
+        while let Some((&minute, _)) = self.minutes.first_key_value()
+            && minute < oldest
+        {
+            self.minutes.pop_first();
+        }
+        // 128 bits of an ed25519 signature are as unique as all 512.
+        let mut key = [0u8; 16];
+        let n = signature.len().min(16);
+        key[..n].copy_from_slice(&signature[..n]);
+        self.minutes
+            .entry(ts_ms / Self::MINUTE)
+            .or_default()
+            .insert(u128::from_le_bytes(key))
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.minutes.values().map(HashSet::len).sum()
+    }
 }
 
 /// A host that reports it is reverting from a release has failed on it,
@@ -156,6 +190,13 @@ fn reverting(report: &ServiceReport) -> Option<(ReleaseRef, String)> {
             ),
         )
     })
+}
+
+/// Writes the hot paths leave for the rollout loop to batch.
+#[derive(Debug, Default)]
+struct Pending {
+    reports: HashMap<String, (turnout_proto::messages::Report, u64)>,
+    seen: HashMap<String, u64>,
 }
 
 /// How an operator's command reads in the event log.
@@ -182,6 +223,12 @@ pub struct Coordinator {
     wake: Notify,
     stopping: watch::Sender<bool>,
     nonces: Mutex<Nonces>,
+    /// Whether each host agreed to long polls, from its last hello.
+    long_poll: Mutex<HashMap<String, bool>>,
+    /// Hosts' desired states, as last read or changed; never older than the store's.
+    desired_states: Mutex<HashMap<String, Arc<DesiredState>>>,
+    /// Reports and last-seen times not yet written.
+    pending: Mutex<Pending>,
     /// Parsed public keys of enrolled hosts: parsing one decompresses a curve
     /// point, too costly to do on every signed request.
     keys: Mutex<HashMap<String, turnout_proto::keys::PublicKey>>,
@@ -220,6 +267,9 @@ impl Coordinator {
             stopping: watch::channel(false).0,
             keys: Mutex::new(HashMap::new()),
             nonces: Mutex::new(Nonces::default()),
+            long_poll: Mutex::new(HashMap::new()),
+            desired_states: Mutex::new(HashMap::new()),
+            pending: Mutex::new(Pending::default()),
             metrics: Metrics::default(),
         })
     }
@@ -269,19 +319,118 @@ impl Coordinator {
         Ok(Some(key))
     }
 
-    /// Drops a host's cached key (it re-enrolled, or was forgotten).
+    /// Drops what is kept in memory of a host (it re-enrolled, or was forgotten).
     pub fn forget_key(&self, host: &str) {
         self.keys.lock().expect("not poisoned").remove(host);
+        self.long_poll.lock().expect("not poisoned").remove(host);
+        self.desired_states
+            .lock()
+            .expect("not poisoned")
+            .remove(host);
     }
 
-    /// Records `signature` as used; false if it was used before (a replay).
-    pub fn first_use(&self, signature: &[u8], now: u64) -> bool {
-        let mut nonces = self.nonces.lock().expect("not poisoned");
-        let window = self.settings.freshness.as_millis() as u64 * 2;
-        if nonces.seen.len() > 100_000 {
-            nonces.seen.retain(|_, at| now.saturating_sub(*at) < window);
+    /// Records `signature`, of a request stamped `ts_ms`, as used; false if
+    /// it was used before (a replay).
+    pub fn first_use(&self, signature: &[u8], ts_ms: u64, now: u64) -> bool {
+        let window = self.settings.freshness.as_millis() as u64;
+        self.nonces
+            .lock()
+            .expect("not poisoned")
+            .first_use(signature, ts_ms, now, window)
+    }
+
+    /// Whether `host` agreed to long polls in its last hello.
+    pub fn long_polls(&self, host: &str) -> Result<bool, ApiError> {
+        if let Some(known) = self.long_poll.lock().expect("not poisoned").get(host) {
+            return Ok(*known);
         }
-        nonces.seen.insert(signature.to_vec(), now).is_none()
+        let agreed = self
+            .with_store(|s| s.host_capabilities(host))?
+            .is_some_and(|caps| caps.contains(&turnout_proto::Capability::LongPoll));
+        self.long_poll
+            .lock()
+            .expect("not poisoned")
+            .insert(host.to_owned(), agreed);
+        Ok(agreed)
+    }
+
+    /// Remembers what `host` agreed to in a hello (None: it was refused).
+    pub fn hello_agreed(&self, host: &str, capabilities: Option<&turnout_proto::CapabilitySet>) {
+        let long_poll =
+            capabilities.is_some_and(|caps| caps.contains(&turnout_proto::Capability::LongPoll));
+        self.long_poll
+            .lock()
+            .expect("not poisoned")
+            .insert(host.to_owned(), long_poll);
+    }
+
+    /// `host`'s desired state, from memory when it is known there.
+    pub fn desired(&self, host: &HostId) -> Result<Arc<DesiredState>, ApiError> {
+        if let Some(state) = self
+            .desired_states
+            .lock()
+            .expect("not poisoned")
+            .get(host.as_str())
+        {
+            return Ok(state.clone());
+        }
+        // Read and remembered under the store's lock, as `step` changes both:
+        // a read can never put back a state older than a change.
+        Ok(self.with_store(|s| -> Result<_, StoreError> {
+            let state = Arc::new(s.desired(host)?);
+            let mut cache = self.desired_states.lock().expect("not poisoned");
+            let entry = cache
+                .entry(host.to_string())
+                .or_insert_with(|| state.clone());
+            if entry.index < state.index {
+                *entry = state;
+            }
+            Ok(entry.clone())
+        })?)
+    }
+
+    /// Queues a report; the rollout loop writes queued reports in one
+    /// transaction (see `flush`), and stepping a rollout flushes first.
+    pub fn queue_report(&self, report: turnout_proto::messages::Report, now: u64) {
+        self.pending
+            .lock()
+            .expect("not poisoned")
+            .reports
+            .insert(report.host.to_string(), (report, now));
+        self.wake();
+    }
+
+    /// Queues "seen at `now`" for a host (a long poll arrived).
+    pub fn queue_seen(&self, host: &str, now: u64) {
+        self.pending
+            .lock()
+            .expect("not poisoned")
+            .seen
+            .insert(host.to_owned(), now);
+    }
+
+    /// Writes queued reports and last-seen times, in one transaction.
+    pub fn flush(&self) -> Result<(), ApiError> {
+        self.with_store(|s| self.flush_into(s))
+    }
+
+    fn flush_into(&self, store: &mut Store) -> Result<(), ApiError> {
+        let pending = std::mem::take(&mut *self.pending.lock().expect("not poisoned"));
+        if pending.reports.is_empty() && pending.seen.is_empty() {
+            return Ok(());
+        }
+        store.atomically(|s| {
+            for (report, at) in pending.reports.values() {
+                s.record_report(report, *at)?;
+            }
+            for (host, at) in &pending.seen {
+                if !pending.reports.contains_key(host) {
+                    s.touch(host, *at)?;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(())
     }
 
     /// A receiver that changes when `host`'s desired-state index does.
@@ -384,6 +533,7 @@ impl Coordinator {
     /// Validates a spec and computes its cohorts, moving nothing.
     pub fn plan(&self, raw: &RawSpec, id: Option<String>) -> Result<PlanView, ApiError> {
         let spec = RolloutSpec::from_raw(raw).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        self.flush()?;
         let (bundles, hosts, rollouts) = self.with_store(|s| -> Result<_, StoreError> {
             Ok((s.bundles()?, s.hosts()?, s.rollouts()?))
         })?;
@@ -531,6 +681,7 @@ impl Coordinator {
         let now = now_ms();
         let mut notify = Vec::new();
         let mut last_event = None;
+        self.flush()?;
         let result = self.with_store(|store| -> Result<Result<Rollout, ApiError>, StoreError> {
             let Some(rollout) = store.rollout(id)? else {
                 return Ok(Err(ApiError::not_found(format!(
@@ -558,7 +709,17 @@ impl Coordinator {
                                 rollout.size,
                                 Some(id),
                             )?;
-                            notify.push((host.to_string(), index));
+                            notify.push((
+                                host.clone(),
+                                index,
+                                DesiredService {
+                                    service: rollout.spec.service.clone(),
+                                    release: release.clone(),
+                                    size: rollout.size,
+                                    urls: Vec::new(),
+                                    rollout: Some(id.to_owned()),
+                                },
+                            ));
                         }
                         Action::Log { host, message } => {
                             last_event = Some(s.log(
@@ -573,10 +734,22 @@ impl Coordinator {
                 }
                 s.save_rollout(&rollout, now)
             })?;
+            // Known desired states change in memory as they did in the store,
+            // still under its lock (see `desired`).
+            let mut cache = self.desired_states.lock().expect("not poisoned");
+            for (host, index, service) in &notify {
+                if let Some(state) = cache.get_mut(host.as_str()) {
+                    let state = Arc::make_mut(state);
+                    state.index = *index;
+                    state.services.retain(|s| s.service != service.service);
+                    state.services.push(service.clone());
+                    state.services.sort_by(|a, b| a.service.cmp(&b.service));
+                }
+            }
             Ok(Ok(rollout))
         })?;
-        for (host, index) in notify {
-            self.notify_desired(&host, index);
+        for (host, index, _) in notify {
+            self.notify_desired(host.as_str(), index);
         }
         if let Some(id) = last_event {
             self.events.send_replace(id);
@@ -600,17 +773,37 @@ impl Coordinator {
         }
     }
 
-    /// Steps rollouts every tick, and at once when a host reports, until `shutdown`.
-    pub async fn run_rollouts(&self, shutdown: impl std::future::Future<Output = ()>) {
+    /// Writes queued reports and steps rollouts every tick, and soon after a
+    /// host reports, until `shutdown`; then writes what is still queued.
+    /// The work runs on a blocking thread, so a slow disk never stalls the
+    /// async workers that serve requests.
+    pub async fn run_rollouts(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        /// Reports arriving within this long of each other are written together.
+        const BATCH: Duration = Duration::from_millis(20);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                () = &mut shutdown => return,
+                () = &mut shutdown => break,
                 () = tokio::time::sleep(self.settings.tick) => {}
                 () = self.wake.notified() => {}
             }
-            self.tick();
+            let c = self.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err(err) = c.flush() {
+                    turnout_agent::log::line("turnout", &format!("writing reports: {err}"));
+                }
+                c.tick();
+            })
+            .await;
+            tokio::time::sleep(BATCH).await;
         }
+        let c = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(err) = c.flush() {
+                turnout_agent::log::line("turnout", &format!("writing reports: {err}"));
+            }
+        })
+        .await;
     }
 
     /// Every rollout.
@@ -649,6 +842,23 @@ mod tests {
             last_outcome: None,
             last_error: Some("check http failed 3 times in a row".into()),
         }
+    }
+
+    #[test]
+    fn a_signature_is_refused_the_second_time_and_forgotten_once_too_old() {
+        let window = 300_000;
+        let mut nonces = Nonces::default();
+        let now = 10 * 3_600_000;
+        let sig = [7u8; 64];
+        assert!(nonces.first_use(&sig, now, now, window));
+        assert!(!nonces.first_use(&sig, now, now, window), "a replay");
+        assert!(nonces.first_use(&[8u8; 64], now - 1000, now, window));
+        assert_eq!(nonces.len(), 2);
+        // Once its timestamp is out of the window it cannot be accepted
+        // anyway (the freshness check refuses it), and it is dropped.
+        let later = now + window + Nonces::MINUTE + 1;
+        assert!(nonces.first_use(&[9u8; 64], later, later, window));
+        assert_eq!(nonces.len(), 1, "only the newest signature is kept");
     }
 
     #[test]

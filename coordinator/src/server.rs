@@ -230,7 +230,7 @@ fn authenticate_host(
             ),
         ));
     }
-    if !c.first_use(&auth.sig.0, now) {
+    if !c.first_use(&auth.sig.0, auth.ts_ms, now) {
         return Err(refuse(
             "host_replay",
             "this signed request was already received (a replay)".into(),
@@ -309,6 +309,7 @@ async fn hello(
                     now_ms(),
                 )
             })?;
+            c.hello_agreed(host.as_str(), Some(&agreed.capabilities));
             let welcome = Welcome {
                 coordinator_version: crate::VERSION.into(),
                 capabilities: agreed.capabilities,
@@ -332,6 +333,7 @@ async fn hello(
                     now_ms(),
                 )
             })?;
+            c.hello_agreed(host.as_str(), None);
             c.log(
                 &format!("host:{host}"),
                 None,
@@ -376,12 +378,10 @@ async fn desired(
 ) -> Result<Response, ApiError> {
     let host = authenticate_host(&c, &method, &uri, &headers, b"")?;
     let now = now_ms();
-    c.with_store(|s| s.touch(host.as_str(), now))?;
-    let current = c.with_store(|s| s.desired(&host))?;
+    c.queue_seen(host.as_str(), now);
+    let current = c.desired(&host)?;
     // Only an agent that agreed to long polls is kept waiting.
-    let long_poll = c
-        .with_store(|s| s.host_capabilities(host.as_str()))?
-        .is_some_and(|caps| caps.contains(&turnout_proto::Capability::LongPoll));
+    let long_poll = c.long_polls(host.as_str())?;
     let wait = wait_param(
         query.wait.as_ref().filter(|_| long_poll),
         c.settings().max_wait,
@@ -393,10 +393,10 @@ async fn desired(
             () = c.stopped() => {}
         }
     }
-    let state = c.with_store(|s| s.desired(&host))?;
+    let state = c.desired(&host)?;
     Ok((
         [(header::CONTENT_TYPE, "application/json")],
-        encode(SUPPORTED.max(), &state),
+        encode(SUPPORTED.max(), &*state),
     )
         .into_response())
 }
@@ -437,8 +437,7 @@ async fn report(
             report.host
         )));
     }
-    c.with_store(|s| s.record_report(&report, now_ms()))?;
-    c.wake();
+    c.queue_report(report, now_ms());
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -655,6 +654,7 @@ async fn list_hosts(
                 .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         })
         .collect();
+    c.flush()?;
     let now = now_ms();
     let hosts: Vec<serde_json::Value> = c
         .with_store(|s| s.hosts())?
@@ -851,6 +851,7 @@ async fn events(
 }
 
 async fn metrics(State(c): State<Shared>) -> Result<Response, ApiError> {
+    c.flush()?;
     let now = now_ms();
     let hosts = c.with_store(|s| s.hosts())?;
     let rollouts = c.rollouts()?;

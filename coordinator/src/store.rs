@@ -504,24 +504,19 @@ impl Store {
         rollout: Option<&str>,
     ) -> Result<u64> {
         self.conn
-            .execute(
+            .prepare_cached(
                 "INSERT INTO desired (host, service, release, size, rollout) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (host, service) DO UPDATE SET release = excluded.release, size = excluded.size, rollout = excluded.rollout",
-                params![host.as_str(), service.as_str(), serde_json::to_string(release).expect("releases serialise"), size as i64, rollout],
             )
+            .and_then(|mut statement| {
+                statement.execute(params![host.as_str(), service.as_str(), serde_json::to_string(release).expect("releases serialise"), size as i64, rollout])
+            })
             .map_err(self.err())?;
         self.conn
-            .execute(
-                "UPDATE hosts SET desired_index = desired_index + 1 WHERE id = ?1",
-                [host.as_str()],
+            .prepare_cached(
+                "UPDATE hosts SET desired_index = desired_index + 1 WHERE id = ?1 RETURNING desired_index",
             )
-            .map_err(self.err())?;
-        self.conn
-            .query_row(
-                "SELECT desired_index FROM hosts WHERE id = ?1",
-                [host.as_str()],
-                |r| r.get::<_, i64>(0),
-            )
+            .and_then(|mut statement| statement.query_row([host.as_str()], |r| r.get::<_, i64>(0)))
             .map(|i| i as u64)
             .map_err(self.err())
     }

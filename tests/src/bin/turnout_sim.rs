@@ -117,6 +117,10 @@ struct Args {
     /// `turnout`, the operator CLI (`rollback` runs it); default: next to this binary.
     #[arg(long)]
     turnout: Option<std::path::PathBuf>,
+    /// Spread the hosts' first hello evenly over this long, as a fleet's
+    /// agents start at different times (0s: all at once).
+    #[arg(long, default_value = "10s")]
+    spread: humantime::Duration,
     /// Write the summary as JSON to this file too.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -244,6 +248,9 @@ async fn run_host(args: Arc<Args>, server: SocketAddr, index: u32, shared: Arc<S
         seq: 0,
     };
     let source = source(&args, index);
+    let spread =
+        Duration::from(args.spread).mul_f64(f64::from(index) / f64::from(args.hosts.max(1)));
+    tokio::time::sleep(spread).await;
     let mut conn: Option<Conn> = None;
     let mut index_seen = 0;
     let mut desired_seen: Option<String> = None;
