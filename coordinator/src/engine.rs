@@ -570,19 +570,19 @@ fn run_wave(
         return;
     }
     let members = rollout.waves[wave].clone();
-    let in_flight = |r: &Rollout| {
-        members
-            .iter()
-            .filter(|h| {
-                matches!(
-                    r.hosts[*h].phase,
-                    Phase::Dispatched { .. } | Phase::Committed { .. }
-                )
-            })
-            .count()
-    };
+    // Counted once and kept up to date: a wave of 10,000 hosts is dispatched
+    // in one pass, not in 10,000 passes over the wave.
+    let mut in_flight = members
+        .iter()
+        .filter(|h| {
+            matches!(
+                rollout.hosts[*h].phase,
+                Phase::Dispatched { .. } | Phase::Committed { .. }
+            )
+        })
+        .count();
     for host in &members {
-        if in_flight(rollout) >= rollout.spec.max_parallel {
+        if in_flight >= rollout.spec.max_parallel {
             break;
         }
         if rollout.hosts[host].phase != Phase::Waiting {
@@ -622,6 +622,7 @@ fn run_wave(
             .expect("wave hosts are in the rollout");
         progress.previous = view.committed.clone();
         progress.phase = Phase::Dispatched { at_ms: now };
+        in_flight += 1;
         rollout.switch_order.push(host.clone());
         out.actions.push(Action::SetDesired {
             host: host.clone(),
@@ -806,12 +807,12 @@ fn roll_back(rollout: &mut Rollout, all_at_once: bool, now: u64, fleet: &Fleet, 
             }
         }
     }
+    let mut reverting = rollout
+        .hosts
+        .values()
+        .filter(|h| matches!(h.phase, Phase::Reverting { .. }))
+        .count();
     for host in &order {
-        let reverting = rollout
-            .hosts
-            .values()
-            .filter(|h| matches!(h.phase, Phase::Reverting { .. }))
-            .count();
         if reverting >= limit {
             break;
         }
@@ -847,6 +848,7 @@ fn roll_back(rollout: &mut Rollout, all_at_once: bool, now: u64, fleet: &Fleet, 
             }
             Some(previous) => {
                 progress.phase = Phase::Reverting { at_ms: now };
+                reverting += 1;
                 out.actions.push(Action::SetDesired {
                     host: host.clone(),
                     release: previous.clone(),

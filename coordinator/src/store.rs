@@ -649,10 +649,12 @@ impl Store {
         message: &str,
     ) -> Result<u64> {
         self.conn
-            .execute(
+            .prepare_cached(
                 "INSERT INTO events (at_ms, actor, rollout, host, message) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![at_ms as i64, actor, rollout, host, message],
             )
+            .and_then(|mut statement| {
+                statement.execute(params![at_ms as i64, actor, rollout, host, message])
+            })
             .map_err(self.err())?;
         Ok(self.conn.last_insert_rowid() as u64)
     }
