@@ -24,12 +24,12 @@ work=$(pwd)/target/bench/footprint
 rm -rf "$work" && mkdir -p "$work"
 if [ -n "$SMOKE" ]; then
     cargo build --quiet --bin turnout --bin turnout-agent
-    turnout=$(pwd)/target/debug/turnout
-    agent=$(pwd)/target/debug/turnout-agent
+    turnout=${CARGO_TARGET_DIR:-$(pwd)/target}/debug/turnout
+    agent=${CARGO_TARGET_DIR:-$(pwd)/target}/debug/turnout-agent
 else
     cargo build --release --quiet --bin turnout --bin turnout-agent
-    turnout=$(pwd)/target/release/turnout
-    agent=$(pwd)/target/release/turnout-agent
+    turnout=${CARGO_TARGET_DIR:-$(pwd)/target}/release/turnout
+    agent=${CARGO_TARGET_DIR:-$(pwd)/target}/release/turnout-agent
 fi
 
 "$turnout" keygen --out "$work/k" >/dev/null

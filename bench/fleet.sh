@@ -32,10 +32,10 @@ root=$(pwd)/target/bench/fleet-$SCENARIO
 rm -rf "$root" && mkdir -p "$root"
 if [ -n "$SMOKE" ]; then
     cargo build --quiet --bin turnout --bin turnout-sim
-    bin=$(pwd)/target/debug
+    bin=${CARGO_TARGET_DIR:-$(pwd)/target}/debug
 else
     cargo build --release --quiet --bin turnout --bin turnout-sim
-    bin=$(pwd)/target/release
+    bin=${CARGO_TARGET_DIR:-$(pwd)/target}/release
 fi
 ulimit -n "$(ulimit -Hn)"
 serve=

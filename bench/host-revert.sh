@@ -16,8 +16,8 @@ INTERVAL=${INTERVAL:-1s}
 work=$(pwd)/target/bench/host-revert
 rm -rf "$work" && mkdir -p "$work"
 cargo build --release --quiet --bin turnout --bin turnout-agent
-turnout=$(pwd)/target/release/turnout
-agent=$(pwd)/target/release/turnout-agent
+turnout=${CARGO_TARGET_DIR:-$(pwd)/target}/release/turnout
+agent=${CARGO_TARGET_DIR:-$(pwd)/target}/release/turnout-agent
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 
 "$turnout" keygen --out "$work/k" >/dev/null
