@@ -512,46 +512,48 @@ fn observe(rollout: &mut Rollout, now: u64, fleet: &Fleet, out: &mut Out) {
             .committed
             .as_ref()
             .is_some_and(|c| c.sha256 == target.sha256);
-        match progress.phase.clone() {
-            Phase::Dispatched { at_ms } => {
-                if let Some((_, reason)) = failed_on_target {
-                    progress.phase = Phase::Failed {
-                        reason: format!("the host reported: {reason}"),
-                    };
-                    out.log(Some(&host), format!("failed: {reason}"));
-                } else if runs_target {
-                    out.log(Some(&host), format!("committed {}", target.version));
-                    // With no bake the host is done now, not at the next step.
-                    if bake == 0 {
+        // A host moves as far as what it reported allows, in one step: with
+        // zero bake, a commit seen now is done now, not at the next tick.
+        loop {
+            let before = progress.phase.clone();
+            match before.clone() {
+                Phase::Dispatched { at_ms } => {
+                    if let Some((_, reason)) = failed_on_target {
+                        progress.phase = Phase::Failed {
+                            reason: format!("the host reported: {reason}"),
+                        };
+                        out.log(Some(&host), format!("failed: {reason}"));
+                    } else if runs_target {
+                        progress.phase = Phase::Committed { at_ms: now };
+                        out.log(Some(&host), format!("committed {}", target.version));
+                    } else if now.saturating_sub(at_ms) >= deadline {
+                        let reason = format!(
+                            "not committed within healthy_deadline ({})",
+                            humantime::format_duration(rollout.spec.healthy_deadline)
+                        );
+                        out.log(Some(&host), format!("failed: {reason}"));
+                        progress.phase = Phase::Failed { reason };
+                    }
+                }
+                Phase::Committed { at_ms } => {
+                    if !runs_target {
+                        let reason = failed_on_target.map_or(
+                            "it no longer runs the target release".to_owned(),
+                            |(_, r)| r.clone(),
+                        );
+                        out.log(Some(&host), format!("failed after committing: {reason}"));
+                        progress.phase = Phase::Failed { reason };
+                    } else if now.saturating_sub(at_ms) >= bake {
                         progress.phase = Phase::Done;
                         out.log(Some(&host), "done".into());
-                    } else {
-                        progress.phase = Phase::Committed { at_ms: now };
                     }
-                } else if now.saturating_sub(at_ms) >= deadline {
-                    let reason = format!(
-                        "not committed within healthy_deadline ({})",
-                        humantime::format_duration(rollout.spec.healthy_deadline)
-                    );
-                    out.log(Some(&host), format!("failed: {reason}"));
-                    progress.phase = Phase::Failed { reason };
                 }
+                Phase::Waiting | Phase::Done | Phase::Failed { .. } | Phase::Skipped { .. } => {}
+                Phase::Reverting { .. } | Phase::Reverted | Phase::RevertFailed { .. } => {}
             }
-            Phase::Committed { at_ms } => {
-                if !runs_target {
-                    let reason = failed_on_target.map_or(
-                        "it no longer runs the target release".to_owned(),
-                        |(_, r)| r.clone(),
-                    );
-                    out.log(Some(&host), format!("failed after committing: {reason}"));
-                    progress.phase = Phase::Failed { reason };
-                } else if now.saturating_sub(at_ms) >= bake {
-                    progress.phase = Phase::Done;
-                    out.log(Some(&host), "done".into());
-                }
+            if progress.phase == before {
+                break;
             }
-            Phase::Waiting | Phase::Done | Phase::Failed { .. } | Phase::Skipped { .. } => {}
-            Phase::Reverting { .. } | Phase::Reverted | Phase::RevertFailed { .. } => {}
         }
     }
 }
