@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
@@ -27,12 +27,7 @@ use crate::metrics::Metrics;
 use crate::spec::{RawSpec, ReleaseSelector, RolloutSpec};
 use crate::store::{HostRecord, Store, StoreError};
 
-/// Milliseconds since the epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use turnout_agent::service::now_ms;
 
 /// The coordinator's tunables.
 #[derive(Debug, Clone, Copy)]
@@ -344,24 +339,24 @@ impl Coordinator {
         if let Some(known) = self.long_poll.lock().expect("not poisoned").get(host) {
             return Ok(*known);
         }
-        let agreed = self
-            .with_store(|s| s.host_capabilities(host))?
-            .is_some_and(|caps| caps.contains(&turnout_proto::Capability::LongPoll));
-        self.long_poll
-            .lock()
-            .expect("not poisoned")
-            .insert(host.to_owned(), agreed);
-        Ok(agreed)
+        let capabilities = self.with_store(|s| s.host_capabilities(host))?;
+        Ok(self.hello_agreed(host, capabilities.as_ref()))
     }
 
-    /// Remembers what `host` agreed to in a hello (None: it was refused).
-    pub fn hello_agreed(&self, host: &str, capabilities: Option<&turnout_proto::CapabilitySet>) {
+    /// Remembers what `host` agreed to in a hello (None: it was refused);
+    /// returns whether that includes long polls.
+    pub fn hello_agreed(
+        &self,
+        host: &str,
+        capabilities: Option<&turnout_proto::CapabilitySet>,
+    ) -> bool {
         let long_poll =
             capabilities.is_some_and(|caps| caps.contains(&turnout_proto::Capability::LongPoll));
         self.long_poll
             .lock()
             .expect("not poisoned")
             .insert(host.to_owned(), long_poll);
+        long_poll
     }
 
     /// `host`'s desired state, from memory when it is known there.
@@ -757,8 +752,15 @@ impl Coordinator {
         result
     }
 
-    /// Steps every unfinished rollout once.
+    fn flush_or_log(&self) {
+        if let Err(err) = self.flush() {
+            turnout_agent::log::line("turnout", &format!("writing reports: {err}"));
+        }
+    }
+
+    /// Writes queued reports, then steps every unfinished rollout once.
     pub fn tick(&self) {
+        self.flush_or_log();
         let active: Vec<String> = match self.with_store(|s| s.active_rollout_ids()) {
             Ok(ids) => ids,
             Err(err) => {
@@ -788,22 +790,11 @@ impl Coordinator {
                 () = self.wake.notified() => {}
             }
             let c = self.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                if let Err(err) = c.flush() {
-                    turnout_agent::log::line("turnout", &format!("writing reports: {err}"));
-                }
-                c.tick();
-            })
-            .await;
+            let _ = tokio::task::spawn_blocking(move || c.tick()).await;
             tokio::time::sleep(BATCH).await;
         }
         let c = self.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Err(err) = c.flush() {
-                turnout_agent::log::line("turnout", &format!("writing reports: {err}"));
-            }
-        })
-        .await;
+        let _ = tokio::task::spawn_blocking(move || c.flush_or_log()).await;
     }
 
     /// Every rollout.

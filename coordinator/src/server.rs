@@ -645,15 +645,8 @@ async fn list_hosts(
     Query(query): Query<HostsQuery>,
 ) -> Result<Response, ApiError> {
     operator(&c, &headers, Role::Viewer)?;
-    let selector: BTreeMap<String, String> = query
-        .selector
-        .unwrap_or_default()
-        .split(',')
-        .filter_map(|p| {
-            p.split_once('=')
-                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        })
-        .collect();
+    let selector = crate::spec::parse_selector(query.selector.as_deref().unwrap_or_default())
+        .map_err(|why| ApiError::bad_request(format!("selector: {why}")))?;
     c.flush()?;
     let now = now_ms();
     let hosts: Vec<serde_json::Value> = c

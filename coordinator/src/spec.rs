@@ -46,6 +46,25 @@ impl std::fmt::Display for ReleaseSelector {
     }
 }
 
+/// A label selector, `key=value` pairs separated by commas (`role=web,region=eu-1`);
+/// empty selects every host.
+pub fn parse_selector(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut selector = BTreeMap::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                selector.insert(k.trim().to_owned(), v.trim().to_owned());
+            }
+            _ => {
+                return Err(format!(
+                    "expected key=value pairs separated by commas, found {part:?}"
+                ));
+            }
+        }
+    }
+    Ok(selector)
+}
+
 /// A count of hosts, or a share of the selected hosts.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -284,20 +303,14 @@ impl RolloutSpec {
                 },
             },
         };
-        let mut selector = BTreeMap::new();
-        if let Some(text) = text("selector", &mut problem) {
-            for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                match part.split_once('=') {
-                    Some((k, v)) if !k.trim().is_empty() => {
-                        selector.insert(k.trim().to_owned(), v.trim().to_owned());
-                    }
-                    _ => problem(
-                        "selector",
-                        format!("expected key=value pairs separated by commas, found {part:?}"),
-                    ),
-                }
-            }
-        }
+        let selector = text("selector", &mut problem)
+            .map(|text| {
+                parse_selector(&text).unwrap_or_else(|why| {
+                    problem("selector", why);
+                    BTreeMap::new()
+                })
+            })
+            .unwrap_or_default();
         let waves = match raw.get("waves") {
             None => vec![Amount::Count(1), Amount::Percent(100.0)],
             Some(serde_json::Value::Array(items)) if !items.is_empty() => {

@@ -49,6 +49,31 @@ fn a_host_enrolls_negotiates_and_reports() {
 }
 
 #[test]
+fn the_host_list_filters_by_selector_and_refuses_a_malformed_one() {
+    let server = Server::start(settings());
+    let token = server.enroll_token(2);
+    for (name, seed, role) in [("web-01", 1, "web"), ("db-01", 2, "db")] {
+        let agent = FakeAgent::new(&server.url, name, seed);
+        assert_eq!(agent.enroll(&token, &[("role", role)]).status, 200);
+    }
+    let admin = server.client(Some(&server.admin));
+    let web: Vec<Value> = admin.get("/v1/hosts?selector=role=web").unwrap();
+    let ids: Vec<&str> = web.iter().filter_map(|h| h["id"].as_str()).collect();
+    assert_eq!(ids, ["web-01"]);
+    // "role" alone used to be ignored, listing every host as if no selector were given.
+    match admin.get::<Value>("/v1/hosts?selector=role") {
+        Err(turnout::client::ClientError::Api { status, message }) => {
+            assert_eq!(status, 400);
+            assert!(
+                message.contains("expected key=value pairs separated by commas, found \"role\""),
+                "{message}"
+            );
+        }
+        other => panic!("expected a 400 for a malformed selector, got {other:?}"),
+    }
+}
+
+#[test]
 fn bad_signatures_stale_timestamps_replays_and_unknown_hosts_are_refused_and_counted() {
     let server = Server::start(settings());
     let agent = FakeAgent::new(&server.url, "web-01", 1);

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Value, json};
 use turnout::coordinator::{Coordinator, Settings};
@@ -15,12 +15,7 @@ use turnout_proto::messages::{
 };
 use turnout_proto::{CapabilitySet, HostId, SUPPORTED, encode, request_auth};
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
+pub(crate) use turnout::coordinator::now_ms;
 
 /// Polls `condition` every 20 ms until it holds or `within` passes.
 #[track_caller]

@@ -26,12 +26,13 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, ValueEnum};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
+use turnout_agent::service::now_ms;
 use turnout_proto::keys::SecretKey;
 use turnout_proto::messages::{
     DesiredState, Health, Hello, Outcome, OutcomeKind, ReleaseRef, Report, ServiceReport,
@@ -142,12 +143,6 @@ struct Shared {
     back: std::sync::Mutex<Vec<Instant>>,
     /// Wall-clock ms of each failing host's first failing check.
     first_failing_check_ms: std::sync::Mutex<Vec<u64>>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 struct Sim {
