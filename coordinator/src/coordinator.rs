@@ -500,6 +500,16 @@ impl Coordinator {
             .and_then(|r| r.services.iter().find(|s| &s.service == service));
         HostView {
             online: self.online(host, now),
+            busy: report.is_some_and(|r| {
+                matches!(
+                    r.state,
+                    ServiceState::Fetching
+                        | ServiceState::Staged
+                        | ServiceState::Switching
+                        | ServiceState::Baking
+                        | ServiceState::Reverting
+                )
+            }),
             committed: report.and_then(|r| r.committed.clone()),
             failed: report.and_then(reverting).or_else(|| {
                 report

@@ -41,6 +41,9 @@ pub struct HostView {
     pub committed: Option<ReleaseRef>,
     /// The last failure it reported (release and why), if its last outcome was one.
     pub failed: Option<(ReleaseRef, String)>,
+    /// An install or revert is under way on it: its committed release is
+    /// what it falls back to, not necessarily what runs.
+    pub busy: bool,
 }
 
 /// A snapshot of the fleet as the engine sees it; absent hosts are offline.
@@ -791,7 +794,7 @@ fn roll_back(rollout: &mut Rollout, all_at_once: bool, now: u64, fleet: &Fleet, 
             .expect("dispatched hosts are in the rollout");
         if let Phase::Reverting { at_ms } = progress.phase {
             let back = match (&view.committed, &progress.previous) {
-                (Some(c), Some(p)) => c.sha256 == p.sha256,
+                (Some(c), Some(p)) => c.sha256 == p.sha256 && !view.busy,
                 _ => false,
             };
             if back {
@@ -840,10 +843,11 @@ fn roll_back(rollout: &mut Rollout, all_at_once: bool, now: u64, fleet: &Fleet, 
                 );
             }
             Some(previous)
-                if view
-                    .committed
-                    .as_ref()
-                    .is_some_and(|c| c.sha256 == previous.sha256) =>
+                if !view.busy
+                    && view
+                        .committed
+                        .as_ref()
+                        .is_some_and(|c| c.sha256 == previous.sha256) =>
             {
                 progress.phase = Phase::Reverted;
                 out.log(Some(host), format!("already back on {}", previous.version));

@@ -71,6 +71,7 @@ impl Sim {
                         online: true,
                         committed: Some(v1.clone()),
                         failed: None,
+                        busy: false,
                     },
                 )
             })
@@ -248,6 +249,36 @@ fn with_zero_bake_a_commit_report_starts_the_next_wave_in_the_same_step() {
     sim.second();
     assert_eq!(sim.rollout.state, State::Succeeded, "{:#?}", sim.log);
     assert!(sim.log.iter().any(|l| l.ends_with("committed 2.0.0")));
+}
+
+#[test]
+fn a_host_still_reverting_is_not_back_until_it_reports_at_rest() {
+    let mut sim = Sim::new(spec(&[Amount::Count(1), Amount::Percent(100.0)]), 3, &[]);
+    sim.input(Input::Tick).unwrap();
+    let (canary, v2) = sim.sets[0].clone();
+    // Its agent decided to revert: it says so while still switching back,
+    // its committed release (what it falls back to) still 1.0.0.
+    let view = sim.fleet.get_mut(&canary).unwrap();
+    view.failed = Some((v2, "reverting: check http failed".into()));
+    view.busy = true;
+    sim.now += 1000;
+    sim.input(Input::Tick).unwrap();
+    assert!(
+        matches!(sim.rollout.state, State::RollingBack { .. }),
+        "{:?}",
+        sim.rollout.state
+    );
+    assert!(
+        matches!(sim.rollout.hosts[&canary].phase, Phase::Reverting { .. }),
+        "not back while its revert runs: {:#?}",
+        sim.log
+    );
+    assert_eq!(sim.sets.last().unwrap().1.version.to_string(), "1.0.0");
+    sim.fleet.get_mut(&canary).unwrap().busy = false;
+    sim.now += 1000;
+    sim.input(Input::Tick).unwrap();
+    assert_eq!(sim.rollout.hosts[&canary].phase, Phase::Reverted);
+    assert_eq!(sim.rollout.state, State::RolledBack);
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use turnout::coordinator::Settings;
-use turnout::engine::{Rollout, State};
+use turnout::engine::{Phase, Rollout, State};
 use turnout_proto::messages::{Incompatible, ReleaseRef, Welcome};
 use turnout_proto::{ProtoRange, ProtoVersion};
 
@@ -416,6 +416,65 @@ fn a_failing_canary_rolls_back_and_only_one_rollout_runs_per_service() {
         .post::<Value>(&format!("/v1/rollouts/{}/promote", rollout.id), &json!({}))
         .unwrap_err();
     assert!(err.to_string().contains("(HTTP 409)"), "{err}");
+}
+
+#[test]
+fn a_canary_reporting_it_is_reverting_fails_before_its_revert_ends() {
+    let server = Server::start(settings());
+    let (mut agents, v1) = fleet(&server, 3);
+    let admin = server.client(Some(&server.admin));
+    let rollout: Rollout = admin
+        .post(
+            "/v1/rollouts",
+            &json!({"spec": {"service": "web", "release": "web@2.0.0", "waves": ["1", "100%"]}}),
+        )
+        .unwrap();
+    let canary = agents
+        .iter_mut()
+        .find(|a| a.host == rollout.waves[0][0])
+        .unwrap();
+    let v2 = canary.desired(0, "0s").services[0].release.clone();
+    assert_eq!(v2.version.major, 2);
+    // The canary never reports an outcome: only that it is reverting.
+    let answer = canary.report_reverting(&v2, "check http failed 3 times in a row");
+    assert_eq!(answer.status, 204, "{}", answer.text());
+    wait_for(
+        "the reverting canary to trip the gate",
+        Duration::from_secs(30),
+        || {
+            matches!(
+                rollout_state(&server, &rollout.id).state,
+                State::RollingBack { .. }
+            )
+        },
+    );
+    // Still reverting, it is not taken as back yet: it is told to go back.
+    let state = rollout_state(&server, &rollout.id);
+    assert!(
+        matches!(
+            state.hosts[&state.waves[0][0]].phase,
+            Phase::Reverting { .. }
+        ),
+        "{:?}",
+        state.hosts
+    );
+    wait_for("the rollback to finish", Duration::from_secs(30), || {
+        obey(&mut agents, &[]);
+        rollout_state(&server, &rollout.id).state == State::RolledBack
+    });
+    let events: Vec<Value> = admin
+        .get(&format!("/v1/events?rollout={}", rollout.id))
+        .unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["message"] == "failed: reverting: check http failed 3 times in a row"),
+        "{events:#?}"
+    );
+    assert!(
+        agents.iter().all(|a| a.committed.as_ref() == Some(&v1)),
+        "no host moved past the canary"
+    );
 }
 
 #[test]

@@ -288,27 +288,50 @@ impl FakeAgent {
 
     /// Reports service `web` as committed on `self.committed`, or failed on `failed`.
     pub(crate) fn report(&mut self, failed: Option<(&ReleaseRef, &str)>) -> Answer {
+        self.send_report(ServiceReport {
+            last_outcome: failed.map(|(release, reason)| turnout_proto::messages::Outcome {
+                kind: turnout_proto::messages::OutcomeKind::Reverted,
+                release: release.clone(),
+                reason: reason.into(),
+                at_ms: now_ms(),
+            }),
+            ..self.idle()
+        })
+    }
+
+    /// Reports that service `web` is reverting from `release`, its revert not done yet.
+    pub(crate) fn report_reverting(&mut self, release: &ReleaseRef, why: &str) -> Answer {
+        self.send_report(ServiceReport {
+            state: ServiceState::Reverting,
+            target: Some(release.clone()),
+            health: Health::Unhealthy,
+            last_error: Some(why.into()),
+            ..self.idle()
+        })
+    }
+
+    /// Service `web` at rest on `self.committed`.
+    fn idle(&self) -> ServiceReport {
+        ServiceReport {
+            service: "web".parse().unwrap(),
+            state: ServiceState::Idle,
+            active_slot: None,
+            committed: self.committed.clone(),
+            other: None,
+            target: None,
+            health: Health::Healthy,
+            last_outcome: None,
+            last_error: None,
+        }
+    }
+
+    fn send_report(&mut self, service: ServiceReport) -> Answer {
         self.seq += 1;
         let report = Report {
             host: self.host.clone(),
             seq: self.seq,
             desired_index: 0,
-            services: vec![ServiceReport {
-                service: "web".parse().unwrap(),
-                state: ServiceState::Idle,
-                active_slot: None,
-                committed: self.committed.clone(),
-                other: None,
-                target: None,
-                health: Health::Healthy,
-                last_outcome: failed.map(|(release, reason)| turnout_proto::messages::Outcome {
-                    kind: turnout_proto::messages::OutcomeKind::Reverted,
-                    release: release.clone(),
-                    reason: reason.into(),
-                    at_ms: now_ms(),
-                }),
-                last_error: None,
-            }],
+            services: vec![service],
         };
         self.signed(
             "POST",
