@@ -498,18 +498,56 @@ async fn release_sha(admin: &Admin, release: &str) -> anyhow::Result<String> {
         })
 }
 
-/// How many hosts saw `sha` after `since`, and when: sorted offsets.
-fn arrivals_since(shared: &Shared, sha: &str, since: Instant) -> Vec<Duration> {
-    let arrivals = shared.arrivals.lock().expect("not poisoned");
-    let mut times: Vec<Duration> = arrivals
-        .get(sha)
+/// The instants at or after `since`, as sorted offsets from it.
+fn offsets_since<'a>(
+    instants: impl IntoIterator<Item = &'a Instant>,
+    since: Instant,
+) -> Vec<Duration> {
+    let mut offsets: Vec<Duration> = instants
         .into_iter()
-        .flatten()
         .filter(|t| **t >= since)
         .map(|t| t.duration_since(since))
         .collect();
-    times.sort_unstable();
-    times
+    offsets.sort_unstable();
+    offsets
+}
+
+/// Waits until 99 % of the hosts have an offset in `offsets()` (within
+/// `limit`), then up to 10 s more for the rest, and tells when they did, as
+/// `NAME`, `NAME_50_percent_seconds`, `NAME_99_percent_seconds` and
+/// `NAME_all_seconds` (NaN when not reached).
+async fn arrivals(
+    hosts: u32,
+    limit: Duration,
+    name: &str,
+    offsets: impl Fn() -> Vec<Duration>,
+) -> serde_json::Map<String, Value> {
+    let made_it = wait_for(limit, ninety_nine(hosts), || offsets().len()).await;
+    wait_for(Duration::from_secs(10), hosts as usize, || offsets().len()).await;
+    let times = offsets();
+    let mut out = serde_json::Map::new();
+    out.insert(name.into(), json!(times.len()));
+    out.insert(
+        format!("{name}_50_percent_seconds"),
+        json!(secs(quantile(&times, 0.50))),
+    );
+    out.insert(
+        format!("{name}_99_percent_seconds"),
+        json!(if made_it {
+            secs(quantile(&times, 0.99))
+        } else {
+            f64::NAN
+        }),
+    );
+    out.insert(
+        format!("{name}_all_seconds"),
+        json!(if times.len() >= hosts as usize {
+            secs(quantile(&times, 1.0))
+        } else {
+            f64::NAN
+        }),
+    );
+    out
 }
 
 /// Waits until `count` returns at least `want`, or `limit` passes.
@@ -612,55 +650,43 @@ async fn storm(
         .spawn()
         .context("starting the coordinator again")?;
     let started = stopped_at.elapsed();
-    let want = ninety_nine(args.hosts);
-    let back = || {
-        shared
-            .back
-            .lock()
-            .expect("not poisoned")
-            .iter()
-            .filter(|t| **t > stopped_at)
-            .count()
-    };
-    let made_it = wait_for(Duration::from_secs(300), want, back).await;
-    // A little longer, for the last one percent.
-    wait_for(Duration::from_secs(10), args.hosts as usize, back).await;
-    let mut times: Vec<Duration> = shared
-        .back
-        .lock()
-        .expect("not poisoned")
-        .iter()
-        .filter(|t| **t > stopped_at)
-        .map(|t| t.duration_since(stopped_at))
-        .collect();
-    times.sort_unstable();
+    let offsets = || offsets_since(shared.back.lock().expect("not poisoned").iter(), stopped_at);
+    let mut summary = arrivals(args.hosts, Duration::from_secs(300), "back", offsets).await;
     let mut per_second: Vec<u64> = Vec::new();
-    for t in &times {
+    for t in &offsets() {
         let bucket = t.as_secs() as usize;
         if per_second.len() <= bucket {
             per_second.resize(bucket + 1, 0);
         }
         per_second[bucket] += 1;
     }
-    Ok((
-        json!({
-            "stopped_in_seconds": secs(down),
-            "restarted_at_seconds": secs(started),
-            "back": times.len(),
-            "back_50_percent_seconds": secs(quantile(&times, 0.50)),
-            "back_99_percent_seconds": if made_it { secs(quantile(&times, 0.99)) } else { f64::NAN },
-            "back_all_seconds": if times.len() >= args.hosts as usize { secs(quantile(&times, 1.0)) } else { f64::NAN },
-            "peak_reconnects_per_second": per_second.iter().max().copied().unwrap_or(0),
-            "reconnects_per_second": per_second,
-            "errors_while_down": shared.errors.load(Ordering::Relaxed),
-        }),
-        Some(child),
-    ))
+    summary.extend([
+        ("stopped_in_seconds".into(), json!(secs(down))),
+        ("restarted_at_seconds".into(), json!(secs(started))),
+        (
+            "peak_reconnects_per_second".into(),
+            json!(per_second.iter().max().copied().unwrap_or(0)),
+        ),
+        ("reconnects_per_second".into(), json!(per_second)),
+        (
+            "errors_while_down".into(),
+            json!(shared.errors.load(Ordering::Relaxed)),
+        ),
+    ]);
+    Ok((Value::Object(summary), Some(child)))
 }
 
 /// CPU ticks of the coordinator, if its pid is known.
 fn ticks(args: &Args) -> Option<u64> {
     args.coordinator_pid.and_then(sample).map(|(t, _)| t)
+}
+
+/// The coordinator's CPU seconds since it had used `before` ticks; NaN if unknown.
+fn cpu_seconds_since(args: &Args, before: Option<u64>) -> f64 {
+    match (before, ticks(args)) {
+        (Some(a), Some(b)) => (b - a) as f64 / 100.0,
+        _ => f64::NAN,
+    }
 }
 
 async fn waves(args: &Args, admin: &Admin) -> anyhow::Result<Value> {
@@ -679,10 +705,7 @@ async fn waves(args: &Args, admin: &Admin) -> anyhow::Result<Value> {
         )
         .await?;
     let total = started.elapsed();
-    let cpu = match (cpu0, ticks(args)) {
-        (Some(a), Some(b)) => (b - a) as f64 / 100.0,
-        _ => f64::NAN,
-    };
+    let cpu = cpu_seconds_since(args, cpu0);
     if state != "succeeded" {
         bail!("rollout {id} ended {state}, not succeeded");
     }
@@ -743,33 +766,22 @@ async fn rollback(args: &Args, admin: &Admin, shared: &Shared) -> anyhow::Result
     if !status.success() {
         bail!("`turnout rollout rollback {second} --all-at-once` failed: {status}");
     }
-    let want = ninety_nine(args.hosts);
-    let made_it = wait_for(Duration::from_secs(120), want, || {
-        arrivals_since(shared, &old_sha, t0).len()
-    })
-    .await;
-    wait_for(Duration::from_secs(10), args.hosts as usize, || {
-        arrivals_since(shared, &old_sha, t0).len()
-    })
-    .await;
-    let cpu = match (cpu0, ticks(args)) {
-        (Some(a), Some(b)) => (b - a) as f64 / 100.0,
-        _ => f64::NAN,
+    let offsets = || {
+        let arrivals = shared.arrivals.lock().expect("not poisoned");
+        offsets_since(arrivals.get(&old_sha).into_iter().flatten(), t0)
     };
-    let times = arrivals_since(shared, &old_sha, t0);
+    let mut summary = arrivals(args.hosts, Duration::from_secs(120), "received", offsets).await;
+    let cpu = cpu_seconds_since(args, cpu0);
     admin
         .wait_state(&second, &["rolled_back"], Duration::from_secs(300))
         .await?;
-    Ok(json!({
-        "rollout": second,
-        "command_seconds": secs(command),
-        "received": times.len(),
-        "received_50_percent_seconds": secs(quantile(&times, 0.50)),
-        "received_99_percent_seconds": if made_it { secs(quantile(&times, 0.99)) } else { f64::NAN },
-        "received_all_seconds": if times.len() >= args.hosts as usize { secs(quantile(&times, 1.0)) } else { f64::NAN },
-        "rolled_back_seconds": secs(t0.elapsed()),
-        "coordinator_cpu_seconds": cpu,
-    }))
+    summary.extend([
+        ("rollout".into(), json!(second)),
+        ("command_seconds".into(), json!(secs(command))),
+        ("rolled_back_seconds".into(), json!(secs(t0.elapsed()))),
+        ("coordinator_cpu_seconds".into(), json!(cpu)),
+    ]);
+    Ok(Value::Object(summary))
 }
 
 async fn decision(args: &Args, admin: &Admin, shared: &Shared) -> anyhow::Result<Value> {
