@@ -22,18 +22,10 @@ CYCLES=${CYCLES:-$([ -n "$SMOKE" ] && echo 3 || echo 100)}
 INTERVAL=${INTERVAL:-1s}
 work=$(pwd)/target/bench/footprint
 rm -rf "$work" && mkdir -p "$work"
-if [ -n "$SMOKE" ]; then
-    cargo build --quiet --bin turnout --bin turnout-agent
-    turnout=${CARGO_TARGET_DIR:-$(pwd)/target}/debug/turnout
-    agent=${CARGO_TARGET_DIR:-$(pwd)/target}/debug/turnout-agent
-else
-    cargo build --release --quiet --bin turnout --bin turnout-agent
-    turnout=${CARGO_TARGET_DIR:-$(pwd)/target}/release/turnout
-    agent=${CARGO_TARGET_DIR:-$(pwd)/target}/release/turnout-agent
-fi
-
-"$turnout" keygen --out "$work/k" >/dev/null
-"$turnout" trust init --key "$work/k.pub.pem" --threshold 1 --out "$work/trust.json" >/dev/null
+. bench/lib.sh
+bench_build turnout turnout-agent
+agent=$bin/turnout-agent
+release_keys "$work"
 {
     echo "state_dir = \"$work/state\""
     echo "trust = \"$work/trust.json\""
@@ -41,16 +33,8 @@ fi
 port=19500
 for name in web api worker; do
     port=$((port + 1))
-    src="$work/src-$name"
-    mkdir -p "$src/bin"
-    printf '#!/bin/sh\nexec %s demo-service --behaviour "$(dirname "$0")/../behaviour.toml" "$@"\n' "$agent" > "$src/bin/demo"
-    chmod 755 "$src/bin/demo"
-    printf 'version = "1.0.0"\nmode = "healthy"\n' > "$src/behaviour.toml"
-    "$turnout" pack "$src" --name "$name" --version 1.0.0 --entry bin/demo --key "$work/k.key.pem" --out "$work/$name.tnt" >/dev/null
-    if [ "$name" = web ]; then
-        printf 'version = "2.0.0"\nmode = "healthy"\n' > "$src/behaviour.toml"
-        "$turnout" pack "$src" --name web --version 2.0.0 --entry bin/demo --key "$work/k.key.pem" --out "$work/web-2.tnt" >/dev/null
-    fi
+    demo_release "$work" "$name" 1.0.0 healthy "$work/$name.tnt"
+    [ "$name" != web ] || demo_release "$work" web 2.0.0 healthy "$work/web-2.tnt"
     cat >> "$work/agent.toml" <<TOML
 [[service]]
 name = "$name"

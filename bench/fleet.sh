@@ -30,13 +30,8 @@ HOSTS=${HOSTS:-$([ -n "$SMOKE" ] && echo $smoke || echo $full)}
 DURATION=${DURATION:-$([ -n "$SMOKE" ] && echo 12s || echo 120s)}
 root=$(pwd)/target/bench/fleet-$SCENARIO
 rm -rf "$root" && mkdir -p "$root"
-if [ -n "$SMOKE" ]; then
-    cargo build --quiet --bin turnout --bin turnout-sim
-    bin=${CARGO_TARGET_DIR:-$(pwd)/target}/debug
-else
-    cargo build --release --quiet --bin turnout --bin turnout-sim
-    bin=${CARGO_TARGET_DIR:-$(pwd)/target}/release
-fi
+. bench/lib.sh
+bench_build turnout turnout-sim
 ulimit -n "$(ulimit -Hn)"
 serve=
 trap '[ -z "$serve" ] || kill $serve 2>/dev/null; wait 2>/dev/null || true' EXIT
@@ -44,10 +39,9 @@ trap '[ -z "$serve" ] || kill $serve 2>/dev/null; wait 2>/dev/null || true' EXIT
 run() { # $1: the run's directory
     local work=$1
     mkdir -p "$work/payload"
-    "$bin/turnout" keygen --out "$work/k" >/dev/null
-    "$bin/turnout" trust init --key "$work/k.pub.pem" --threshold 1 --out "$work/trust.json" >/dev/null
+    release_keys "$work"
     local port
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    port=$(free_port)
     local cmd="$bin/turnout serve --listen 127.0.0.1:$port --state-dir $work/coordinator --trust $work/trust.json --report-interval 10s"
     $cmd --init > "$work/serve.out" 2> "$work/serve.log" &
     serve=$!

@@ -15,13 +15,11 @@ RUNS=${RUNS:-5}
 INTERVAL=${INTERVAL:-1s}
 work=$(pwd)/target/bench/host-revert
 rm -rf "$work" && mkdir -p "$work"
-cargo build --release --quiet --bin turnout --bin turnout-agent
-turnout=${CARGO_TARGET_DIR:-$(pwd)/target}/release/turnout
-agent=${CARGO_TARGET_DIR:-$(pwd)/target}/release/turnout-agent
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-
-"$turnout" keygen --out "$work/k" >/dev/null
-"$turnout" trust init --key "$work/k.pub.pem" --threshold 1 --out "$work/trust.json" >/dev/null
+. bench/lib.sh
+bench_build turnout turnout-agent
+agent=$bin/turnout-agent
+port=$(free_port)
+release_keys "$work"
 cat > "$work/agent.toml" <<TOML
 state_dir = "$work/state"
 trust = "$work/trust.json"
@@ -40,12 +38,7 @@ timeout = "500ms"
 failure = 3
 TOML
 release() { # version mode
-    local src="$work/src-$1"
-    mkdir -p "$src/bin"
-    printf '#!/bin/sh\nexec %s demo-service --behaviour "$(dirname "$0")/../behaviour.toml" "$@"\n' "$agent" > "$src/bin/demo"
-    chmod 755 "$src/bin/demo"
-    printf 'version = "%s"\nmode = "%s"\nafter = "1s"\n' "$1" "$2" > "$src/behaviour.toml"
-    "$turnout" pack "$src" --name web --version "$1" --entry bin/demo --key "$work/k.key.pem" --out "$work/web-$1.tnt" >/dev/null
+    demo_release "$work" web "$1" "$2" "$work/web-$1.tnt"
 }
 export TURNOUT_AGENT_CONFIG="$work/agent.toml"
 "$agent" --log-format json run 2> "$work/daemon.log" &
