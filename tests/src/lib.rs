@@ -5,23 +5,18 @@
 
 pub mod http;
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
-use sha2::{Digest as _, Sha256};
 use turnout::client::Client;
 use turnout::engine::Rollout;
-use turnout_proto::bundle::BundleWriter;
 use turnout_proto::keys::SecretKey;
-use turnout_proto::manifest::{FileEntry, Manifest, Mode, PayloadPath, Timestamp};
-use turnout_proto::signature::SignatureEntry;
 use turnout_proto::trust::{Trust, TrustFile};
 
 /// The `turnout` binary built beside this test (one binary runs both sides).
@@ -40,27 +35,7 @@ pub fn turnout_bin() -> PathBuf {
     bin
 }
 
-/// Polls `condition` every 50 ms until it holds or `within` passes.
-#[track_caller]
-pub fn wait_for(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !condition() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A free port on 127.0.0.1.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use turnout_testkit::{free_port, wait_for};
 
 fn signal(child: &Child, signal: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
@@ -411,53 +386,21 @@ impl Fleet {
     pub fn bundle(&self, version: &str, mode: &str, key: &SecretKey) -> PathBuf {
         let script = format!("#!/bin/sh\nexec \"{}\" agent demo-service --behaviour \"$(dirname \"$0\")/../behaviour.toml\" \"$@\"\n", turnout_bin().display()).into_bytes();
         let behaviour = format!("version = \"{version}\"\nmode = \"{mode}\"\n").into_bytes();
-        let files = [
-            ("behaviour.toml", 0o644, behaviour),
-            ("bin/web", 0o755, script),
-        ];
-        let manifest = Manifest {
-            format: 1,
-            name: "web".parse().unwrap(),
-            version: version.parse().unwrap(),
-            created: Timestamp(SystemTime::now()),
-            expires: None,
-            entry: PayloadPath::new("bin/web").unwrap(),
-            files: files
-                .iter()
-                .map(|(p, m, d)| FileEntry {
-                    path: PayloadPath::new(p).unwrap(),
-                    size: d.len() as u64,
-                    sha256: turnout_proto::Digest::from_bytes(Sha256::digest(d).into()),
-                    mode: Mode::new(*m).unwrap(),
-                })
-                .collect(),
-            links: vec![],
-            provides: vec![],
-            requires: vec![],
-            extra: BTreeMap::new(),
-        };
-        let bytes = serde_json::to_vec_pretty(&manifest).unwrap();
-        let signature = SignatureEntry {
-            key_id: key.public().id().clone(),
-            sig: key.sign(&bytes),
-        };
         let path = self
             .dir
             .path()
             .join(format!("web-{version}-{mode}-{}.tnt", key.public().id()));
-        let mut writer =
-            BundleWriter::new(std::fs::File::create(&path).unwrap(), &bytes, &[signature]).unwrap();
-        for (p, m, d) in &files {
-            writer
-                .file(
-                    &PayloadPath::new(p).unwrap(),
-                    Mode::new(*m).unwrap(),
-                    d.len() as u64,
-                    &d[..],
-                )
-                .unwrap();
-        }
-        writer.finish().unwrap();
+        turnout_testkit::write_bundle(
+            &path,
+            "web",
+            version,
+            "bin/web",
+            &[
+                ("behaviour.toml", 0o644, behaviour),
+                ("bin/web", 0o755, script),
+            ],
+            &[key],
+        );
         path
     }
 

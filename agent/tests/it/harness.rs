@@ -3,38 +3,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use turnout_proto::bundle::BundleWriter;
 use turnout_proto::keys::SecretKey;
-use turnout_proto::manifest::{Mode, PayloadPath};
 use turnout_proto::trust::{Trust, TrustFile};
-
-use crate::corpus;
 
 pub(crate) const AGENT: &str = env!("CARGO_BIN_EXE_turnout-agent");
 
-/// Polls `condition` every 20 ms until it holds or `within` passes.
-#[track_caller]
-pub(crate) fn wait_for(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !condition() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A free TCP port on 127.0.0.1.
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub(crate) use turnout_testkit::{free_port, wait_for};
 
 pub(crate) struct Host {
     pub(crate) dir: tempfile::TempDir,
@@ -115,28 +91,13 @@ impl Host {
             "#!/bin/sh\nexec {AGENT} demo-service --behaviour \"$(dirname \"$0\")/../behaviour.toml\" \"$@\"\n"
         );
         let behaviour = format!("version = \"{version}\"\nmode = \"{mode}\"\nafter = \"1s\"\n");
-        let mut files: Vec<(&str, u32, Vec<u8>)> = vec![
+        let mut files: Vec<turnout_testkit::File<'_>> = vec![
             ("behaviour.toml", 0o644, behaviour.into_bytes()),
             ("bin/demo", 0o755, script.into_bytes()),
         ];
         files.extend(extra.iter().map(|(p, d)| (*p, 0o644, d.clone())));
-        let manifest = corpus::manifest_of(version, "bin/demo", &files, &[]);
-        let bytes = serde_json::to_vec_pretty(&manifest).unwrap();
-        let signature = corpus::signature(&self.key, &bytes);
         let path = self.path(&format!("web-{version}-{mode}.tnt"));
-        let mut writer =
-            BundleWriter::new(std::fs::File::create(&path).unwrap(), &bytes, &[signature]).unwrap();
-        for (p, mode, data) in &files {
-            writer
-                .file(
-                    &PayloadPath::new(p).unwrap(),
-                    Mode::new(*mode).unwrap(),
-                    data.len() as u64,
-                    &data[..],
-                )
-                .unwrap();
-        }
-        writer.finish().unwrap();
+        turnout_testkit::write_bundle(&path, "web", version, "bin/demo", &files, &[&self.key]);
         path
     }
 

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 use turnout::coordinator::{Coordinator, Settings};
@@ -17,18 +17,7 @@ use turnout_proto::{CapabilitySet, HostId, SUPPORTED, encode, request_auth};
 
 pub(crate) use turnout::coordinator::now_ms;
 
-/// Polls `condition` every 20 ms until it holds or `within` passes.
-#[track_caller]
-pub(crate) fn wait_for(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !condition() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+pub(crate) use turnout_testkit::wait_for;
 
 /// A coordinator served in this process on 127.0.0.1:0.
 pub(crate) struct Server {
@@ -121,49 +110,16 @@ impl Drop for Server {
 
 /// A one-file bundle of `web` at `version`, signed with the test trust's key.
 pub(crate) fn demo_bundle(dir: &Path, version: &str) -> std::path::PathBuf {
-    use sha2::{Digest as _, Sha256};
-    use turnout_proto::manifest::{FileEntry, Manifest, Mode, PayloadPath, Timestamp};
-    let data = format!("#!/bin/sh\necho web {version}\n").into_bytes();
-    let manifest = Manifest {
-        format: 1,
-        name: "web".parse().unwrap(),
-        version: version.parse().unwrap(),
-        created: Timestamp(SystemTime::now()),
-        expires: None,
-        entry: PayloadPath::new("bin/web").unwrap(),
-        files: vec![FileEntry {
-            path: PayloadPath::new("bin/web").unwrap(),
-            size: data.len() as u64,
-            sha256: turnout_proto::Digest::from_bytes(Sha256::digest(&data).into()),
-            mode: Mode::new(0o755).unwrap(),
-        }],
-        links: vec![],
-        provides: vec![],
-        requires: vec![],
-        extra: BTreeMap::new(),
-    };
-    let bytes = serde_json::to_vec_pretty(&manifest).unwrap();
-    let key = SecretKey::from_seed([9; 32]);
-    let signature = turnout_proto::signature::SignatureEntry {
-        key_id: key.public().id().clone(),
-        sig: key.sign(&bytes),
-    };
     let path = dir.join(format!("web-{version}.tnt"));
-    let mut writer = turnout_proto::bundle::BundleWriter::new(
-        std::fs::File::create(&path).unwrap(),
-        &bytes,
-        &[signature],
-    )
-    .unwrap();
-    writer
-        .file(
-            &PayloadPath::new("bin/web").unwrap(),
-            Mode::new(0o755).unwrap(),
-            data.len() as u64,
-            &data[..],
-        )
-        .unwrap();
-    writer.finish().unwrap();
+    let script = format!("#!/bin/sh\necho web {version}\n").into_bytes();
+    turnout_testkit::write_bundle(
+        &path,
+        "web",
+        version,
+        "bin/web",
+        &[("bin/web", 0o755, script)],
+        &[&SecretKey::from_seed([9; 32])],
+    );
     path
 }
 

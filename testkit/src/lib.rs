@@ -1,0 +1,94 @@
+//! What the workspace's tests share: polling for a condition with a
+//! deadline (never a fixed sleep), a free port, and signed release bundles
+//! built from files in memory.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use sha2::{Digest as _, Sha256};
+use turnout_proto::bundle::BundleWriter;
+use turnout_proto::keys::SecretKey;
+use turnout_proto::manifest::{FileEntry, Manifest, Mode, PayloadPath, Timestamp};
+use turnout_proto::signature::SignatureEntry;
+
+/// Polls `condition` every 20 ms until it holds; panics naming `what` once
+/// `within` has passed.
+#[track_caller]
+pub fn wait_for(what: &str, within: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A payload file: its path in the bundle, its mode, its bytes.
+pub type File<'a> = (&'a str, u32, Vec<u8>);
+
+/// Writes to `path` a bundle of release `name` `version` holding `files`,
+/// run by `entry`, signed by each of `keys`.
+pub fn write_bundle(
+    path: &Path,
+    name: &str,
+    version: &str,
+    entry: &str,
+    files: &[File<'_>],
+    keys: &[&SecretKey],
+) {
+    let manifest = Manifest {
+        format: 1,
+        name: name.parse().unwrap(),
+        version: version.parse().unwrap(),
+        created: Timestamp(SystemTime::now()),
+        expires: None,
+        entry: PayloadPath::new(entry).unwrap(),
+        files: files
+            .iter()
+            .map(|(p, mode, data)| FileEntry {
+                path: PayloadPath::new(p).unwrap(),
+                size: data.len() as u64,
+                sha256: turnout_proto::Digest::from_bytes(Sha256::digest(data).into()),
+                mode: Mode::new(*mode).unwrap(),
+            })
+            .collect(),
+        links: vec![],
+        provides: vec![],
+        requires: vec![],
+        extra: BTreeMap::new(),
+    };
+    let bytes = serde_json::to_vec_pretty(&manifest).unwrap();
+    let signatures: Vec<SignatureEntry> = keys
+        .iter()
+        .map(|key| SignatureEntry {
+            key_id: key.public().id().clone(),
+            sig: key.sign(&bytes),
+        })
+        .collect();
+    let mut writer =
+        BundleWriter::new(std::fs::File::create(path).unwrap(), &bytes, &signatures).unwrap();
+    for (p, mode, data) in files {
+        writer
+            .file(
+                &PayloadPath::new(p).unwrap(),
+                Mode::new(*mode).unwrap(),
+                data.len() as u64,
+                &data[..],
+            )
+            .unwrap();
+    }
+    writer.finish().unwrap();
+}
