@@ -52,6 +52,22 @@ fn sh(dir: &Path, program: &str, args: &[&str]) -> Output {
 }
 
 /// A temp dir with a release directory `app/` (an executable and a config).
+/// `turnout pack app --name web --version VERSION --entry bin/web`, then `extra`.
+fn pack_web<'a>(version: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "pack",
+        "app",
+        "--name",
+        "web",
+        "--version",
+        version,
+        "--entry",
+        "bin/web",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 fn workspace() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let app = dir.path().join("app");
@@ -105,24 +121,19 @@ fn keygen_trust_pack_verify_sign_inspect_round_trip() {
     );
     let packed = ok(
         d,
-        &[
-            "pack",
-            "app",
-            "--name",
-            "web",
-            "--version",
+        &pack_web(
             "1.4.2",
-            "--entry",
-            "bin/web",
-            "--expires",
-            "90d",
-            "--provides",
-            "api/v2",
-            "--key",
-            "a.key.pem",
-            "--out",
-            "web.tnt",
-        ],
+            &[
+                "--expires",
+                "90d",
+                "--provides",
+                "api/v2",
+                "--key",
+                "a.key.pem",
+                "--out",
+                "web.tnt",
+            ],
+        ),
     );
     assert!(packed.contains("packed web 1.4.2: 2 files"), "{packed}");
 
@@ -184,20 +195,7 @@ fn signing_twice_with_one_key_does_not_double_count() {
     );
     ok(
         d,
-        &[
-            "pack",
-            "app",
-            "--name",
-            "web",
-            "--version",
-            "1.0.0",
-            "--entry",
-            "bin/web",
-            "--key",
-            "a.key.pem",
-            "--out",
-            "w.tnt",
-        ],
+        &pack_web("1.0.0", &["--key", "a.key.pem", "--out", "w.tnt"]),
     );
     ok(d, &["sign", "w.tnt", "--key", "a.key.pem"]);
     let inspected = ok(d, &["inspect", "w.tnt", "--json"]);
@@ -248,21 +246,7 @@ fn a_manifest_signed_by_openssl_verifies() {
         ],
     );
     // Packed unsigned, as a release pipeline whose keys live in an HSM would.
-    let packed = ok(
-        d,
-        &[
-            "pack",
-            "app",
-            "--name",
-            "web",
-            "--version",
-            "2.0.0",
-            "--entry",
-            "bin/web",
-            "--out",
-            "web.tnt",
-        ],
-    );
+    let packed = ok(d, &pack_web("2.0.0", &["--out", "web.tnt"]));
     assert!(packed.contains("unsigned"), "{packed}");
     assert_eq!(
         turnout(d, &["verify", "web.tnt", "--trust", "trust.json"]).code,
@@ -348,20 +332,7 @@ fn an_external_signature_that_does_not_verify_is_refused_and_the_bundle_kept() {
     ok(d, &["keygen", "--out", "b"]);
     ok(
         d,
-        &[
-            "pack",
-            "app",
-            "--name",
-            "web",
-            "--version",
-            "1.0.0",
-            "--entry",
-            "bin/web",
-            "--key",
-            "a.key.pem",
-            "--out",
-            "w.tnt",
-        ],
+        &pack_web("1.0.0", &["--key", "a.key.pem", "--out", "w.tnt"]),
     );
     let before = fs::read(d.join("w.tnt")).unwrap();
     fs::write(d.join("manifest.json"), b"not the manifest").unwrap();
@@ -476,20 +447,7 @@ fn trust_rotation_needs_the_current_threshold() {
     // A bundle signed by the new key c verifies under v2 and not under v1.
     ok(
         d,
-        &[
-            "pack",
-            "app",
-            "--name",
-            "web",
-            "--version",
-            "1.0.0",
-            "--entry",
-            "bin/web",
-            "--key",
-            "c.key.pem",
-            "--out",
-            "w.tnt",
-        ],
+        &pack_web("1.0.0", &["--key", "c.key.pem", "--out", "w.tnt"]),
     );
     ok(d, &["verify", "w.tnt", "--trust", "v2.json"]);
     assert_eq!(
@@ -599,23 +557,7 @@ fn bad_inputs_get_distinct_exit_codes_and_say_what_was_expected() {
 fn pack_refuses_what_a_bundle_cannot_hold_and_writes_nothing() {
     let ws = workspace();
     let d = ws.path();
-    let pack = |version: &str| {
-        turnout(
-            d,
-            &[
-                "pack",
-                "app",
-                "--name",
-                "web",
-                "--version",
-                version,
-                "--entry",
-                "bin/web",
-                "--out",
-                "w.tnt",
-            ],
-        )
-    };
+    let pack = |version: &str| turnout(d, &pack_web(version, &["--out", "w.tnt"]));
     sh(d, "mkfifo", &["app/pipe"]);
     let run = pack("1.0.0");
     assert_eq!(run.code, 3, "{}", run.stderr);
