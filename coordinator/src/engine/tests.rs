@@ -149,54 +149,24 @@ impl Sim {
 #[test]
 fn cohorts_are_cumulative_deterministic_and_at_least_one_host_each() {
     let all = hosts(10);
-    let waves = plan(
-        "r-1",
-        &spec(&[
-            Amount::Count(1),
-            Amount::Percent(30.0),
-            Amount::Percent(100.0),
-        ]),
-        &all,
-    );
+    let three = spec(&[
+        Amount::Count(1),
+        Amount::Percent(30.0),
+        Amount::Percent(100.0),
+    ]);
+    let waves = plan("r-1", &three, &all);
     assert_eq!(waves.iter().map(Vec::len).collect::<Vec<_>>(), [1, 2, 7]);
-    assert_eq!(
-        waves,
-        plan(
-            "r-1",
-            &spec(&[
-                Amount::Count(1),
-                Amount::Percent(30.0),
-                Amount::Percent(100.0)
-            ]),
-            &all
-        )
-    );
+    assert_eq!(waves, plan("r-1", &three, &all));
     assert_ne!(
         waves,
-        plan(
-            "r-2",
-            &spec(&[
-                Amount::Count(1),
-                Amount::Percent(30.0),
-                Amount::Percent(100.0)
-            ]),
-            &all
-        ),
+        plan("r-2", &three, &all),
         "another rollout id shuffles the fleet differently"
     );
     let mut reversed = all;
     reversed.reverse();
     assert_eq!(
         waves,
-        plan(
-            "r-1",
-            &spec(&[
-                Amount::Count(1),
-                Amount::Percent(30.0),
-                Amount::Percent(100.0)
-            ]),
-            &reversed
-        ),
+        plan("r-1", &three, &reversed),
         "input order does not matter"
     );
     // Tiny shares still move one host per wave; waves past the fleet are dropped.
