@@ -505,7 +505,7 @@ impl Link {
             let mut last = None;
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
-                let state = self.status_of(name).await.map(|s| s.state);
+                let state = self.agent.state_name(name).ok();
                 if state.is_some() && state != last {
                     last = state;
                     if let Err(err) = self.report().await {

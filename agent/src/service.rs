@@ -335,6 +335,12 @@ impl Agent {
         Ok(self.journal.lock().expect("not poisoned").state(name)?)
     }
 
+    /// The name of the state one service is in (`idle`, `baking`, ...), from
+    /// the journal alone: cheap enough to poll, unlike [`status`](Self::status).
+    pub fn state_name(&self, name: &str) -> Result<&'static str, AgentError> {
+        Ok(self.state(name)?.name())
+    }
+
     /// Resolves whatever every service had in flight when the agent stopped.
     pub async fn recover_all(&self) -> Vec<(String, Result<(), AgentError>)> {
         let mut results = Vec::new();

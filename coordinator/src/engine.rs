@@ -843,14 +843,24 @@ fn roll_back(rollout: &mut Rollout, all_at_once: bool, now: u64, fleet: &Fleet, 
                 );
             }
             Some(previous)
-                if !view.busy
-                    && view
-                        .committed
-                        .as_ref()
-                        .is_some_and(|c| c.sha256 == previous.sha256) =>
+                if view
+                    .committed
+                    .as_ref()
+                    .is_some_and(|c| c.sha256 == previous.sha256) =>
             {
-                progress.phase = Phase::Reverted;
-                out.log(Some(host), format!("already back on {}", previous.version));
+                // Its agent reverted, or is reverting, on its own: it is not
+                // sent anything, and counts as back once at rest.
+                if view.busy {
+                    progress.phase = Phase::Reverting { at_ms: now };
+                    reverting += 1;
+                    out.log(
+                        Some(host),
+                        format!("reverting to {} on its own", previous.version),
+                    );
+                } else {
+                    progress.phase = Phase::Reverted;
+                    out.log(Some(host), format!("already back on {}", previous.version));
+                }
             }
             Some(previous) => {
                 progress.phase = Phase::Reverting { at_ms: now };

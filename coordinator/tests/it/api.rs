@@ -448,8 +448,9 @@ fn a_canary_reporting_it_is_reverting_fails_before_its_revert_ends() {
             )
         },
     );
-    // Still reverting, it is not taken as back yet: it is told to go back.
+    // Still reverting, it is not taken as back yet, and is sent nothing.
     let state = rollout_state(&server, &rollout.id);
+    let canary = state.waves[0][0].to_string();
     assert!(
         matches!(
             state.hosts[&state.waves[0][0]].phase,
@@ -458,13 +459,20 @@ fn a_canary_reporting_it_is_reverting_fails_before_its_revert_ends() {
         "{:?}",
         state.hosts
     );
+    // Its revert ends: at rest on 1.0.0, 2.0.0 recorded as reverted.
     wait_for("the rollback to finish", Duration::from_secs(30), || {
-        obey(&mut agents, &[]);
+        obey(&mut agents, &[canary.as_str()]);
         rollout_state(&server, &rollout.id).state == State::RolledBack
     });
     let events: Vec<Value> = admin
         .get(&format!("/v1/events?rollout={}", rollout.id))
         .unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["message"] == "reverting to 1.0.0 on its own"),
+        "{events:#?}"
+    );
     assert!(
         events
             .iter()
