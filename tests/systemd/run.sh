@@ -17,8 +17,8 @@ for tool in systemd-nspawn debootstrap nsenter socat curl; do
 done
 N=${HOSTS:-3}
 started=$SECONDS
-[ -x target/debug/turnout ] || cargo build --quiet --bin turnout
-BIN=$(pwd)/target/debug/turnout
+BIN=${CARGO_TARGET_DIR:-$(pwd)/target}/debug/turnout
+[ -x "$BIN" ] || cargo build --quiet --bin turnout
 W=$(mktemp -d /tmp/turnout-systemd.XXXXXX)
 declare -a NSPAWN LEADER PROXY PORT PPORT
 
