@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod converge;
 pub mod daemon;
 pub mod demo_service;
 pub mod exit;

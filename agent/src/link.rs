@@ -24,6 +24,7 @@ use turnout_proto::messages::{
 };
 use turnout_proto::{Capability, CapabilitySet, HostId, encode, request_auth};
 
+use crate::converge;
 use crate::service::{Agent, ServiceStatus, now_ms};
 
 /// The host's identity: its key, its id, and its coordinator.
@@ -247,6 +248,18 @@ pub struct Link {
     identity: Identity,
     status: Arc<Mutex<LinkStatus>>,
     cache: PathBuf,
+    /// Per service, why its desired release is refused here, for reports.
+    refusals: Mutex<BTreeMap<String, String>>,
+}
+
+/// How far one service got toward its desired release.
+enum Converged {
+    /// An install or rollback ran (whatever its outcome).
+    Acted,
+    /// Nothing to do, or nothing that will be done.
+    Settled,
+    /// Another operation owns the service; not acted on yet.
+    Waiting,
 }
 
 /// This agent's offer; tests may narrow it with `TURNOUT_AGENT_TEST_PROTO=MIN-MAX`
@@ -283,6 +296,7 @@ impl Link {
             identity,
             status,
             cache,
+            refusals: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -389,8 +403,11 @@ impl Link {
     async fn session(&self, welcome: &Welcome) -> Result<(), LinkError> {
         let interval = Duration::from_millis(welcome.report_interval_ms.max(100));
         let long_poll = welcome.capabilities.contains(&Capability::LongPoll);
+        // The index of the last desired state acted on in full: sent as the
+        // next poll's `index` and in reports, both of which tell the
+        // coordinator this host is done with everything up to it.
         let mut index = 0;
-        self.report().await?;
+        self.report(index).await?;
         loop {
             let path = if long_poll {
                 format!(
@@ -416,91 +433,129 @@ impl Link {
                         status,
                         message: e.to_string(),
                     })?;
-            index = desired.index;
+            let mut waiting = false;
             for service in &desired.services {
-                if self.converge(service, &welcome.capabilities).await? {
-                    self.report().await?;
+                match self.converge(service, &welcome.capabilities, index).await? {
+                    Converged::Acted => self.report(index).await?,
+                    Converged::Settled => {}
+                    Converged::Waiting => waiting = true,
                 }
             }
-            self.report().await?;
+            if !waiting {
+                index = desired.index;
+            }
+            self.report(index).await?;
+            if waiting {
+                // The poll would answer at once with the same state.
+                tokio::time::sleep(interval.min(Duration::from_secs(1))).await;
+            }
             if !long_poll {
                 tokio::time::sleep(interval).await;
             }
         }
     }
 
-    /// Moves one service toward its desired release; true if it acted.
+    /// Moves one service toward its desired release.
     async fn converge(
         &self,
         desired: &DesiredService,
         capabilities: &CapabilitySet,
-    ) -> Result<bool, LinkError> {
+        converged: u64,
+    ) -> Result<Converged, LinkError> {
         let name = desired.service.as_str();
         let Some(status) = self.status_of(name).await else {
-            return Ok(false);
+            return Ok(Converged::Settled);
         };
         let want = &desired.release;
-        if status
-            .committed
-            .as_ref()
-            .is_some_and(|c| c.sha256 == want.sha256)
-            || status.state != "idle"
+        let history = self
+            .agent
+            .history(name, crate::journal::HISTORY_KEPT as usize)
+            .unwrap_or_default();
+        let local = converge::Local {
+            idle: status.state == "idle",
+            committed: status.committed.as_ref(),
+            other: status.other.as_ref(),
+            history: &history,
+        };
+        let decision = converge::decide(
+            want,
+            &local,
+            capabilities.contains(&Capability::SlotRollback),
+        );
         {
-            return Ok(false);
-        }
-        // A release that failed here is reported, not retried in a loop.
-        if status.last_outcome.as_ref().is_some_and(|o| {
-            o.release.as_ref().is_some_and(|r| r.sha256 == want.sha256)
-                && o.kind != OutcomeKind::Committed
-        }) {
-            return Ok(false);
-        }
-        let rollback = status
-            .other
-            .as_ref()
-            .is_some_and(|o| o.sha256 == want.sha256)
-            && capabilities.contains(&Capability::SlotRollback);
-        let result = if rollback {
-            self.reporting_progress(name, self.agent.rollback(name))
-                .await
-        } else {
-            let bundle = match self
-                .download(desired, capabilities.contains(&Capability::RangeDownload))
-                .await
-            {
-                Ok(path) => path,
-                Err(LinkError::Io { what, source }) if what.starts_with("the download of") => {
-                    // What was served is not what was asked for: refuse it once, and say so.
-                    let reason = format!("bundle rejected: {what}: {source}");
-                    crate::log!("{name}: {reason}");
-                    let _ = self.agent.record_outcome(
-                        name,
-                        OutcomeKind::Rejected,
-                        want.clone(),
-                        reason,
+            let mut refusals = self.refusals.lock().expect("not poisoned");
+            match &decision {
+                converge::Decision::Refuse { failure } => {
+                    let text = format!(
+                        "{} {} failed on this host ({}: {}); it is not retried: install it by hand with `turnout-agent install` to try again",
+                        want.name, want.version, failure.kind, failure.reason
                     );
-                    return Ok(true);
+                    if refusals.insert(name.to_owned(), text.clone()).as_ref() != Some(&text) {
+                        crate::log!("{name}: {text}");
+                    }
                 }
-                Err(err) => {
-                    crate::log!("{name}: downloading {} {}: {err}", want.name, want.version);
-                    return Err(err);
+                converge::Decision::Wait => {}
+                _ => {
+                    refusals.remove(name);
                 }
-            };
-            self.reporting_progress(name, self.agent.install(name, &bundle, None))
-                .await
+            }
+        }
+        let result = match decision {
+            // Another operation owns the service: look again soon, and do
+            // not tell the coordinator this desired state was acted on.
+            converge::Decision::Wait => return Ok(Converged::Waiting),
+            // A release that failed here is reported, not retried in a loop.
+            converge::Decision::Nothing | converge::Decision::Refuse { .. } => {
+                return Ok(Converged::Settled);
+            }
+            converge::Decision::Rollback => {
+                self.reporting_progress(name, converged, self.agent.rollback(name))
+                    .await
+            }
+            converge::Decision::Install => {
+                let bundle = match self
+                    .download(desired, capabilities.contains(&Capability::RangeDownload))
+                    .await
+                {
+                    Ok(path) => path,
+                    Err(LinkError::Io { what, source }) if what.starts_with("the download of") => {
+                        // What was served is not what was asked for: refuse it once, and say so.
+                        let reason = format!("bundle rejected: {what}: {source}");
+                        crate::log!("{name}: {reason}");
+                        let _ = self.agent.record_outcome(
+                            name,
+                            OutcomeKind::Rejected,
+                            want.clone(),
+                            reason,
+                        );
+                        return Ok(Converged::Acted);
+                    }
+                    Err(err) => {
+                        crate::log!("{name}: downloading {} {}: {err}", want.name, want.version);
+                        return Err(err);
+                    }
+                };
+                self.reporting_progress(name, converged, self.agent.install(name, &bundle, None))
+                    .await
+            }
         };
         match result {
             Ok(result) => crate::log!("{}", result.summary),
             Err(err) => crate::log!("{name}: {err}"),
         }
-        Ok(true)
+        Ok(Converged::Acted)
     }
 
     /// Runs an install or rollback, reporting whenever the service's state
     /// changes meanwhile: the coordinator learns that a release is being
     /// reverted the moment this agent decides it, not once the revert is done.
     /// A report that fails is only logged; the work goes on regardless.
-    async fn reporting_progress<T>(&self, name: &str, work: impl Future<Output = T>) -> T {
+    async fn reporting_progress<T>(
+        &self,
+        name: &str,
+        converged: u64,
+        work: impl Future<Output = T>,
+    ) -> T {
         let watch = async {
             let mut last = None;
             loop {
@@ -508,7 +563,7 @@ impl Link {
                 let state = self.agent.state_name(name).ok();
                 if state.is_some() && state != last {
                     last = state;
-                    if let Err(err) = self.report().await {
+                    if let Err(err) = self.report(converged).await {
                         crate::log!("{name}: reporting progress: {err}");
                     }
                 }
@@ -644,13 +699,22 @@ impl Link {
         }
     }
 
-    async fn report(&self) -> Result<(), LinkError> {
+    /// Sends a report; `converged` is the index of the last desired state
+    /// this agent has finished acting on, so that the coordinator can tell
+    /// a host at rest on what it was last told from one not yet told.
+    async fn report(&self, converged: u64) -> Result<(), LinkError> {
         let statuses = self.agent.status().await.unwrap_or_default();
         let report = Report {
             host: self.identity.host.clone(),
             seq: now_ms(),
-            desired_index: 0,
-            services: statuses.iter().map(service_report).collect(),
+            desired_index: converged,
+            services: {
+                let refusals = self.refusals.lock().expect("not poisoned");
+                statuses
+                    .iter()
+                    .map(|s| service_report(s, refusals.get(&s.service)))
+                    .collect()
+            },
         };
         let (status, body) = self
             .call(
@@ -670,7 +734,7 @@ impl Link {
     }
 }
 
-fn service_report(s: &ServiceStatus) -> ServiceReport {
+fn service_report(s: &ServiceStatus, refusal: Option<&String>) -> ServiceReport {
     ServiceReport {
         service: s.service.parse().expect("configured names are valid"),
         state: ServiceState::from(s.state.as_str()),
@@ -687,9 +751,11 @@ fn service_report(s: &ServiceStatus) -> ServiceReport {
                 at_ms: o.at_ms,
             })
         }),
-        last_error: (s.health == Health::Unhealthy)
-            .then(|| s.health_detail.clone())
-            .flatten(),
+        last_error: refusal.cloned().or_else(|| {
+            (s.health == Health::Unhealthy)
+                .then(|| s.health_detail.clone())
+                .flatten()
+        }),
     }
 }
 

@@ -506,6 +506,16 @@ impl Agent {
         Ok(())
     }
 
+    /// The newest `limit` outcomes of service `name`, newest first.
+    pub fn history(&self, name: &str, limit: usize) -> Result<Vec<HistoryEntry>, AgentError> {
+        self.service(name)?;
+        Ok(self
+            .journal
+            .lock()
+            .expect("not poisoned")
+            .history(name, limit)?)
+    }
+
     fn history_len(&self, name: &str) -> Result<Option<HistoryEntry>, AgentError> {
         Ok(self
             .journal

@@ -187,11 +187,46 @@ fn reverting(report: &ServiceReport) -> Option<(ReleaseRef, String)> {
     })
 }
 
+/// What the engine sees of one host's service: its last report, whether it
+/// is online, and whether it has acted on its current desired state.
+pub fn host_view(report: Option<&ServiceReport>, online: bool, acked: bool) -> HostView {
+    HostView {
+        online,
+        busy: report.is_some_and(|r| {
+            matches!(
+                r.state,
+                ServiceState::Fetching
+                    | ServiceState::Staged
+                    | ServiceState::Switching
+                    | ServiceState::Baking
+                    | ServiceState::Reverting
+            )
+        }),
+        committed: report.and_then(|r| r.committed.clone()),
+        failed: report.and_then(reverting).or_else(|| {
+            report
+                .and_then(|r| r.last_outcome.as_ref())
+                .and_then(|o| match o.kind {
+                    OutcomeKind::Reverted
+                    | OutcomeKind::Rejected
+                    | OutcomeKind::Failed
+                    | OutcomeKind::Interrupted => {
+                        Some((o.release.clone(), format!("{}: {}", o.kind, o.reason)))
+                    }
+                    OutcomeKind::Committed | OutcomeKind::Unknown(_) => None,
+                })
+        }),
+        acked,
+    }
+}
+
 /// Writes the hot paths leave for the rollout loop to batch.
 #[derive(Debug, Default)]
 struct Pending {
     reports: HashMap<String, (turnout_proto::messages::Report, u64)>,
-    seen: HashMap<String, u64>,
+    /// When each host was last seen, and the highest desired-state index
+    /// it said it had acted on (its long poll's `index`).
+    seen: HashMap<String, (u64, u64)>,
 }
 
 /// How an operator's command reads in the event log.
@@ -395,13 +430,13 @@ impl Coordinator {
         self.wake();
     }
 
-    /// Queues "seen at `now`" for a host (a long poll arrived).
-    pub fn queue_seen(&self, host: &str, now: u64) {
-        self.pending
-            .lock()
-            .expect("not poisoned")
-            .seen
-            .insert(host.to_owned(), now);
+    /// Queues "seen at `now`, done with desired states up to `acked`" for
+    /// a host (a long poll arrived; an agent asks for the next desired state
+    /// only once it has acted on the one before).
+    pub fn queue_seen(&self, host: &str, now: u64, acked: u64) {
+        let mut pending = self.pending.lock().expect("not poisoned");
+        let entry = pending.seen.entry(host.to_owned()).or_insert((now, acked));
+        *entry = (now.max(entry.0), acked.max(entry.1));
     }
 
     /// Writes queued reports and last-seen times, in one transaction.
@@ -418,10 +453,8 @@ impl Coordinator {
             for (report, at) in pending.reports.values() {
                 s.record_report(report, *at)?;
             }
-            for (host, at) in &pending.seen {
-                if !pending.reports.contains_key(host) {
-                    s.touch(host, *at)?;
-                }
+            for (host, (at, acked)) in &pending.seen {
+                s.touch(host, *at, *acked)?;
             }
             Ok(())
         })?;
@@ -498,33 +531,11 @@ impl Coordinator {
             .report
             .as_ref()
             .and_then(|r| r.services.iter().find(|s| &s.service == service));
-        HostView {
-            online: self.online(host, now),
-            busy: report.is_some_and(|r| {
-                matches!(
-                    r.state,
-                    ServiceState::Fetching
-                        | ServiceState::Staged
-                        | ServiceState::Switching
-                        | ServiceState::Baking
-                        | ServiceState::Reverting
-                )
-            }),
-            committed: report.and_then(|r| r.committed.clone()),
-            failed: report.and_then(reverting).or_else(|| {
-                report
-                    .and_then(|r| r.last_outcome.as_ref())
-                    .and_then(|o| match o.kind {
-                        OutcomeKind::Reverted
-                        | OutcomeKind::Rejected
-                        | OutcomeKind::Failed
-                        | OutcomeKind::Interrupted => {
-                            Some((o.release.clone(), format!("{}: {}", o.kind, o.reason)))
-                        }
-                        OutcomeKind::Committed | OutcomeKind::Unknown(_) => None,
-                    })
-            }),
-        }
+        host_view(
+            report,
+            self.online(host, now),
+            host.acked_index >= host.desired_index,
+        )
     }
 
     fn fleet(&self, rollout: &Rollout, hosts: &[HostRecord], now: u64) -> Fleet {
@@ -627,16 +638,8 @@ impl Coordinator {
             .map_or(0, |b| b.size);
         let rollout = self.with_store(|store| {
             let existing = store.rollouts()?;
-            if let Some(active) = existing
-                .iter()
-                .find(|r| r.spec.service == plan.spec.service && !r.state.is_finished())
-            {
-                return Ok(Err(ApiError::conflict(format!(
-                    "rollout {} of service {} is still {}; finish, abort or roll it back first",
-                    active.id,
-                    active.spec.service,
-                    active.state.name()
-                ))));
+            if let Some(why) = engine::start_conflict(&plan.spec.service, &existing) {
+                return Ok(Err(ApiError::conflict(why)));
             }
             if existing.iter().any(|r| r.id == plan.id) {
                 return Ok(Err(ApiError::conflict(format!(
@@ -685,6 +688,7 @@ impl Coordinator {
     pub fn step(&self, id: &str, input: Input, actor: &str) -> Result<Rollout, ApiError> {
         let now = now_ms();
         let mut notify = Vec::new();
+        let mut cleared = Vec::new();
         let mut last_event = None;
         self.flush()?;
         let result = self.with_store(|store| -> Result<Result<Rollout, ApiError>, StoreError> {
@@ -693,6 +697,13 @@ impl Coordinator {
                     "no rollout {id}; `turnout rollout list` shows them"
                 ))));
             };
+            if matches!(input, Input::Rollback { .. })
+                && let Some(why) = engine::rollback_conflict(&rollout, &store.rollouts()?)
+            {
+                return Ok(Err(ApiError::conflict(format!(
+                    "cannot roll back rollout {id}: {why}"
+                ))));
+            }
             let hosts = store.hosts()?;
             let fleet = self.fleet(&rollout, &hosts, now);
             let command = input != Input::Tick;
@@ -726,6 +737,10 @@ impl Coordinator {
                                 },
                             ));
                         }
+                        Action::ClearDesired { host } => {
+                            let index = s.clear_desired(host, &rollout.spec.service)?;
+                            cleared.push((host.clone(), index));
+                        }
                         Action::Log { host, message } => {
                             last_event = Some(s.log(
                                 now,
@@ -751,9 +766,19 @@ impl Coordinator {
                     state.services.sort_by(|a, b| a.service.cmp(&b.service));
                 }
             }
+            for (host, index) in &cleared {
+                if let Some(state) = cache.get_mut(host.as_str()) {
+                    let state = Arc::make_mut(state);
+                    state.index = *index;
+                    state.services.retain(|s| s.service != rollout.spec.service);
+                }
+            }
             Ok(Ok(rollout))
         })?;
         for (host, index, _) in notify {
+            self.notify_desired(host.as_str(), index);
+        }
+        for (host, index) in cleared {
             self.notify_desired(host.as_str(), index);
         }
         if let Some(id) = last_event {

@@ -27,8 +27,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use turnout_proto::HostId;
 use turnout_proto::messages::ReleaseRef;
+use turnout_proto::{HostId, ServiceName};
 
 use crate::spec::{Offline, OnFailure, Promote, RolloutSpec};
 
@@ -44,9 +44,24 @@ pub struct HostView {
     /// An install or revert is under way on it: its committed release is
     /// what it falls back to, not necessarily what runs.
     pub busy: bool,
+    /// It has acted on its current desired state: it asked for the desired
+    /// state after the last change of it, or reported having done so. Until
+    /// then, a report of being at rest says nothing about what it was told.
+    pub acked: bool,
 }
 
-/// A snapshot of the fleet as the engine sees it; absent hosts are offline.
+impl HostView {
+    /// At rest on `release` (or on none) after acting on its desired state.
+    pub fn at_rest_on(&self, release: Option<&ReleaseRef>) -> bool {
+        self.acked
+            && !self.busy
+            && self.committed.as_ref().map(|c| &c.sha256) == release.map(|r| &r.sha256)
+    }
+}
+
+/// A snapshot of the fleet as the engine sees it. A host of the rollout that
+/// is absent was forgotten by an operator; offline hosts are present with
+/// `online: false`.
 pub type Fleet = BTreeMap<HostId, HostView>;
 
 /// Where a rollout is.
@@ -80,6 +95,12 @@ pub enum State {
     },
     /// Every dispatched host is back (or could not be moved back, see hosts).
     RolledBack,
+    /// Every wave ended, but no host runs the release: all were skipped
+    /// (offline), failed within `max_failed`, or were forgotten.
+    Failed {
+        /// Why.
+        reason: String,
+    },
     /// Stopped for good; hosts stay where they are.
     Aborted {
         /// Why.
@@ -96,6 +117,7 @@ impl State {
             State::Succeeded => "succeeded",
             State::RollingBack { .. } => "rolling_back",
             State::RolledBack => "rolled_back",
+            State::Failed { .. } => "failed",
             State::Aborted { .. } => "aborted",
         }
     }
@@ -104,7 +126,7 @@ impl State {
     pub fn is_finished(&self) -> bool {
         matches!(
             self,
-            State::Succeeded | State::RolledBack | State::Aborted { .. }
+            State::Succeeded | State::RolledBack | State::Failed { .. } | State::Aborted { .. }
         )
     }
 }
@@ -149,6 +171,30 @@ pub enum Phase {
         /// Why.
         reason: String,
     },
+    /// Forgotten by an operator (`turnout host forget`): no longer part of
+    /// the rollout, counted neither as failed nor as moved back.
+    Forgotten {
+        /// Where it was when it was forgotten.
+        was: String,
+    },
+}
+
+impl Phase {
+    /// The phase's name, as the CLI, the API and `/metrics` show it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Waiting => "waiting",
+            Phase::Dispatched { .. } => "dispatched",
+            Phase::Committed { .. } => "committed",
+            Phase::Done => "done",
+            Phase::Failed { .. } => "failed",
+            Phase::Skipped { .. } => "skipped",
+            Phase::Reverting { .. } => "reverting",
+            Phase::Reverted => "reverted",
+            Phase::RevertFailed { .. } => "revert_failed",
+            Phase::Forgotten { .. } => "forgotten",
+        }
+    }
 }
 
 /// One host's part in the rollout.
@@ -213,6 +259,12 @@ pub enum Action {
         host: HostId,
         /// The release.
         release: ReleaseRef,
+    },
+    /// Withdraw `host`'s desired release for the rollout's service: it had
+    /// none before the rollout, so there is nothing to send it back to.
+    ClearDesired {
+        /// The host.
+        host: HostId,
     },
     /// Append to the event log.
     Log {
@@ -358,6 +410,9 @@ pub fn step(
     let mut out = Out {
         actions: Vec::new(),
     };
+    if !rollout.state.is_finished() || matches!(input, Input::Rollback { .. }) {
+        forget_absent(&mut rollout, fleet, &mut out);
+    }
     match input {
         Input::Tick => match rollout.state.clone() {
             State::Running {
@@ -374,7 +429,8 @@ pub fn step(
             State::RollingBack { all_at_once, .. } => {
                 roll_back(&mut rollout, all_at_once, now, fleet, &mut out);
             }
-            State::Succeeded | State::RolledBack | State::Aborted { .. } => {}
+            State::Succeeded | State::RolledBack | State::Failed { .. } | State::Aborted { .. } => {
+            }
         },
         Input::Pause => match rollout.state.clone() {
             State::Running { wave, .. } => {
@@ -396,7 +452,7 @@ pub fn step(
             State::RollingBack { .. } => {
                 return Err(rollout.refuse("pause", "a rollback runs to the end; `abort` stops it"));
             }
-            State::Succeeded | State::RolledBack | State::Aborted { .. } => {
+            State::Succeeded | State::RolledBack | State::Failed { .. } | State::Aborted { .. } => {
                 return Err(rollout.refuse("pause", "it is finished"));
             }
         },
@@ -419,7 +475,7 @@ pub fn step(
                     "a rollback cannot be resumed as a rollout; start a new rollout",
                 ));
             }
-            State::Succeeded | State::RolledBack | State::Aborted { .. } => {
+            State::Succeeded | State::RolledBack | State::Failed { .. } | State::Aborted { .. } => {
                 return Err(rollout.refuse("resume", "it is finished; start a new rollout"));
             }
         },
@@ -443,6 +499,7 @@ pub fn step(
                 State::RollingBack { .. }
                 | State::Succeeded
                 | State::RolledBack
+                | State::Failed { .. }
                 | State::Aborted { .. } => {
                     return Err(rollout.refuse(
                         "promote",
@@ -461,7 +518,7 @@ pub fn step(
                     "aborted by an operator; hosts stay where they are".into(),
                 );
             }
-            State::Succeeded | State::RolledBack | State::Aborted { .. } => {
+            State::Succeeded | State::RolledBack | State::Failed { .. } | State::Aborted { .. } => {
                 return Err(
                     rollout.refuse("abort", "it is finished; `rollback` moves its hosts back")
                 );
@@ -471,6 +528,7 @@ pub fn step(
             State::Running { .. }
             | State::Paused { .. }
             | State::Succeeded
+            | State::Failed { .. }
             | State::Aborted { .. } => {
                 begin_rollback(
                     &mut rollout,
@@ -492,6 +550,67 @@ pub fn step(
         },
     }
     Ok((rollout, out.actions))
+}
+
+/// Why a rollout of `service` may not start, if it may not: one rollout of
+/// a service is under way at a time. `all` is every rollout.
+pub fn start_conflict(service: &ServiceName, all: &[Rollout]) -> Option<String> {
+    all.iter()
+        .find(|r| r.spec.service == *service && !r.state.is_finished())
+        .map(|active| {
+            format!(
+                "rollout {} of service {} is still {}; finish, abort or roll it back first",
+                active.id,
+                active.spec.service,
+                active.state.name()
+            )
+        })
+}
+
+/// Why a finished `rollout` may not be rolled back, if it may not: a newer
+/// rollout of its service exists, or one is under way. Its hosts have moved
+/// on since; sending them back to what they ran before it would undo the
+/// newer rollout behind its back. `all` is every rollout, oldest first.
+pub fn rollback_conflict(rollout: &Rollout, all: &[Rollout]) -> Option<String> {
+    if !rollout.state.is_finished() {
+        return None;
+    }
+    let position = all.iter().position(|r| r.id == rollout.id)?;
+    let same_service = |r: &&Rollout| r.spec.service == rollout.spec.service && r.id != rollout.id;
+    if let Some(active) = all
+        .iter()
+        .filter(same_service)
+        .find(|r| !r.state.is_finished())
+    {
+        return Some(format!(
+            "rollout {} of service {} is {}; roll that one back or abort it first",
+            active.id,
+            active.spec.service,
+            active.state.name()
+        ));
+    }
+    all[position + 1..].iter().rev().find(same_service).map(|newer| {
+        format!(
+            "rollout {} of service {} came after it and its hosts have moved on; roll back {} instead, or start a rollout of the release you want",
+            newer.id, newer.spec.service, newer.id
+        )
+    })
+}
+
+/// Takes hosts an operator forgot out of the rollout: nothing is sent to
+/// them again, and they count neither as failed nor as moved back.
+fn forget_absent(rollout: &mut Rollout, fleet: &Fleet, out: &mut Out) {
+    for (host, progress) in rollout.hosts.iter_mut() {
+        if fleet.contains_key(host) || matches!(progress.phase, Phase::Forgotten { .. }) {
+            continue;
+        }
+        let was = progress.phase.name().to_owned();
+        out.log(
+            Some(host),
+            format!("forgotten by an operator while {was}; no longer part of this rollout"),
+        );
+        progress.phase = Phase::Forgotten { was };
+    }
 }
 
 /// Moves dispatched and committed hosts along by what they report.
@@ -552,7 +671,10 @@ fn observe(rollout: &mut Rollout, now: u64, fleet: &Fleet, out: &mut Out) {
                     }
                 }
                 Phase::Waiting | Phase::Done | Phase::Failed { .. } | Phase::Skipped { .. } => {}
-                Phase::Reverting { .. } | Phase::Reverted | Phase::RevertFailed { .. } => {}
+                Phase::Reverting { .. }
+                | Phase::Reverted
+                | Phase::RevertFailed { .. }
+                | Phase::Forgotten { .. } => {}
             }
             if progress.phase == before {
                 break;
@@ -650,25 +772,13 @@ fn run_wave(
     let settled = members.iter().all(|h| {
         matches!(
             rollout.hosts[h].phase,
-            Phase::Done | Phase::Skipped { .. } | Phase::Failed { .. }
+            Phase::Done | Phase::Skipped { .. } | Phase::Failed { .. } | Phase::Forgotten { .. }
         )
     });
     if settled {
         let last = wave + 1 == rollout.waves.len();
         if last {
-            rollout.state = State::Succeeded;
-            out.log(
-                None,
-                format!(
-                    "succeeded: {} host(s) run {}",
-                    rollout
-                        .hosts
-                        .values()
-                        .filter(|h| h.phase == Phase::Done)
-                        .count(),
-                    rollout.target.version
-                ),
-            );
+            finish(rollout, out);
         } else if rollout.spec.promote == Promote::Manual {
             rollout.state = State::Running {
                 wave,
@@ -695,6 +805,48 @@ fn run_wave(
             humantime::format_duration(rollout.spec.progress_deadline)
         );
         trip(rollout, wave, reason, now, fleet, out);
+    }
+}
+
+/// Ends a rollout whose last wave settled: a success only if some host runs
+/// the release; every host skipped, failed or forgotten is no success.
+fn finish(rollout: &mut Rollout, out: &mut Out) {
+    let count = |f: fn(&Phase) -> bool| rollout.hosts.values().filter(|h| f(&h.phase)).count();
+    let done = count(|p| *p == Phase::Done);
+    let skipped = count(|p| matches!(p, Phase::Skipped { .. }));
+    let failed = count(|p| matches!(p, Phase::Failed { .. }));
+    let forgotten = count(|p| matches!(p, Phase::Forgotten { .. }));
+    let mut tail = Vec::new();
+    for (n, what) in [
+        (skipped, "skipped offline"),
+        (failed, "failed"),
+        (forgotten, "forgotten"),
+    ] {
+        if n > 0 {
+            tail.push(format!("{n} {what}"));
+        }
+    }
+    let tail = if tail.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", tail.join(", "))
+    };
+    if done == 0 {
+        let reason = format!(
+            "no host took {}: every wave ended with none done{tail}",
+            rollout.target.version
+        );
+        out.log(None, format!("failed: {reason}"));
+        rollout.state = State::Failed { reason };
+    } else {
+        out.log(
+            None,
+            format!(
+                "succeeded: {done} host(s) run {}{tail}",
+                rollout.target.version
+            ),
+        );
+        rollout.state = State::Succeeded;
     }
 }
 
@@ -778,6 +930,13 @@ fn begin_rollback(
 }
 
 /// Moves dispatched hosts back, newest first, `max_parallel` at a time.
+///
+/// Every dispatched host is told its previous release again (or has its
+/// desired release withdrawn when it had none), whatever it last reported:
+/// a host still downloading or baking the failed release reports its old
+/// release as committed, and would go on to commit the new one if its
+/// desired state still named it. A host counts as back only once it has
+/// acted on that desired state and is at rest on its previous release.
 fn roll_back(rollout: &mut Rollout, all_at_once: bool, now: u64, fleet: &Fleet, out: &mut Out) {
     let deadline = rollout.spec.healthy_deadline.as_millis() as u64;
     let limit = if all_at_once {
@@ -792,24 +951,24 @@ fn roll_back(rollout: &mut Rollout, all_at_once: bool, now: u64, fleet: &Fleet, 
             .hosts
             .get_mut(host)
             .expect("dispatched hosts are in the rollout");
-        if let Phase::Reverting { at_ms } = progress.phase {
-            let back = match (&view.committed, &progress.previous) {
-                (Some(c), Some(p)) => c.sha256 == p.sha256 && !view.busy,
-                _ => false,
-            };
-            if back {
-                progress.phase = Phase::Reverted;
-                out.log(Some(host), "rolled back".into());
-            } else if now.saturating_sub(at_ms) >= deadline {
-                progress.phase = Phase::RevertFailed {
-                    reason: "not back on its previous release within healthy_deadline".into(),
-                };
-                out.log(
-                    Some(host),
-                    "rollback failed: not back on its previous release within healthy_deadline"
-                        .into(),
-                );
-            }
+        let Phase::Reverting { at_ms } = progress.phase else {
+            continue;
+        };
+        if let Some((phase, message)) = judge_revert(progress.previous.as_ref(), &view) {
+            progress.phase = phase;
+            out.log(Some(host), message);
+        } else if now.saturating_sub(at_ms) >= deadline {
+            let reason = format!(
+                "not back on {} within healthy_deadline ({}){}; its desired state still names it, so it goes back when it can",
+                progress
+                    .previous
+                    .as_ref()
+                    .map_or("no release".into(), |p| p.version.to_string()),
+                humantime::format_duration(rollout.spec.healthy_deadline),
+                if view.online { "" } else { ": it is offline" }
+            );
+            out.log(Some(host), format!("rollback failed: {reason}"));
+            progress.phase = Phase::RevertFailed { reason };
         }
     }
     let mut reverting = rollout
@@ -821,50 +980,34 @@ fn roll_back(rollout: &mut Rollout, all_at_once: bool, now: u64, fleet: &Fleet, 
         if reverting >= limit {
             break;
         }
-        let view = fleet.get(host).cloned().unwrap_or_default();
         let progress = rollout
             .hosts
             .get_mut(host)
             .expect("dispatched hosts are in the rollout");
         if matches!(
             progress.phase,
-            Phase::Reverting { .. } | Phase::Reverted | Phase::RevertFailed { .. }
+            Phase::Reverting { .. }
+                | Phase::Reverted
+                | Phase::RevertFailed { .. }
+                | Phase::Forgotten { .. }
         ) {
             continue;
         }
+        progress.phase = Phase::Reverting { at_ms: now };
+        reverting += 1;
         match progress.previous.clone() {
             None => {
-                progress.phase = Phase::RevertFailed {
-                    reason: "it ran nothing before; nothing to go back to".into(),
-                };
+                out.actions
+                    .push(Action::ClearDesired { host: host.clone() });
                 out.log(
                     Some(host),
-                    "not rolled back: it ran nothing before this rollout".into(),
+                    format!(
+                        "rolling back: it ran no release before this rollout; its desired {} is withdrawn",
+                        rollout.target.version
+                    ),
                 );
             }
-            Some(previous)
-                if view
-                    .committed
-                    .as_ref()
-                    .is_some_and(|c| c.sha256 == previous.sha256) =>
-            {
-                // Its agent reverted, or is reverting, on its own: it is not
-                // sent anything, and counts as back once at rest.
-                if view.busy {
-                    progress.phase = Phase::Reverting { at_ms: now };
-                    reverting += 1;
-                    out.log(
-                        Some(host),
-                        format!("reverting to {} on its own", previous.version),
-                    );
-                } else {
-                    progress.phase = Phase::Reverted;
-                    out.log(Some(host), format!("already back on {}", previous.version));
-                }
-            }
             Some(previous) => {
-                progress.phase = Phase::Reverting { at_ms: now };
-                reverting += 1;
                 out.actions.push(Action::SetDesired {
                     host: host.clone(),
                     release: previous.clone(),
@@ -876,19 +1019,74 @@ fn roll_back(rollout: &mut Rollout, all_at_once: bool, now: u64, fleet: &Fleet, 
     let finished = order.iter().all(|h| {
         matches!(
             rollout.hosts[h].phase,
-            Phase::Reverted | Phase::RevertFailed { .. }
+            Phase::Reverted | Phase::RevertFailed { .. } | Phase::Forgotten { .. }
         )
     });
     if finished {
         rollout.state = State::RolledBack;
-        out.log(
-            None,
-            format!(
-                "rolled back: {} host(s) back on their previous release",
-                order.len()
-            ),
-        );
+        let count =
+            |f: fn(&HostProgress) -> bool| order.iter().filter(|h| f(&rollout.hosts[*h])).count();
+        let back = count(|h| h.phase == Phase::Reverted && h.previous.is_some());
+        let none_before = count(|h| h.phase == Phase::Reverted && h.previous.is_none());
+        let failed = count(|h| matches!(h.phase, Phase::RevertFailed { .. }));
+        let forgotten = count(|h| matches!(h.phase, Phase::Forgotten { .. }));
+        let mut parts = vec![format!("{back} host(s) back on their previous release")];
+        if none_before > 0 {
+            parts.push(format!(
+                "{none_before} ran no release before and run none now"
+            ));
+        }
+        if failed > 0 {
+            parts.push(format!(
+                "{failed} rollback failed (`turnout rollout show {}` says why)",
+                rollout.id
+            ));
+        }
+        if forgotten > 0 {
+            parts.push(format!("{forgotten} forgotten"));
+        }
+        out.log(None, format!("rolled back: {}", parts.join("; ")));
     }
+}
+
+/// Whether a host told to go back is back, or can no longer get there; None
+/// while it has not acted on its desired state, or is still busy.
+fn judge_revert(previous: Option<&ReleaseRef>, view: &HostView) -> Option<(Phase, String)> {
+    if !view.acked || view.busy {
+        return None;
+    }
+    if view.at_rest_on(previous) {
+        let message = previous.map_or("rolled back: it runs no release, as before".into(), |p| {
+            format!("rolled back: at rest on {}", p.version)
+        });
+        return Some((Phase::Reverted, message));
+    }
+    let now_runs = view
+        .committed
+        .as_ref()
+        .map_or("no release".into(), |c| format!("{} {}", c.name, c.version));
+    let reason = match previous {
+        None => format!(
+            "it ran no release before this rollout and has committed {now_runs}; there is none to go back to"
+        ),
+        Some(previous) => {
+            let why = view
+                .failed
+                .as_ref()
+                .filter(|(r, _)| r.sha256 == previous.sha256)
+                .map_or(String::new(), |(_, why)| format!(": {why}"));
+            format!(
+                "told to go back to {} {}, it is at rest on {now_runs}{why}",
+                previous.name, previous.version
+            )
+        }
+    };
+    Some((
+        Phase::RevertFailed {
+            reason: reason.clone(),
+        },
+        format!("rollback failed: {reason}"),
+    ))
 }
 
 #[cfg(test)]

@@ -378,7 +378,7 @@ async fn desired(
 ) -> Result<Response, ApiError> {
     let host = authenticate_host(&c, &method, &uri, &headers, b"")?;
     let now = now_ms();
-    c.queue_seen(host.as_str(), now);
+    c.queue_seen(host.as_str(), now, query.index);
     let current = c.desired(&host)?;
     // Only an agent that agreed to long polls is kept waiting.
     let long_poll = c.long_polls(host.as_str())?;

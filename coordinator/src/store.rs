@@ -19,7 +19,8 @@ use turnout_proto::{CapabilitySet, HostId, ServiceName};
 
 use crate::engine::Rollout;
 
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE hosts (
         id TEXT PRIMARY KEY,
         public_key TEXT NOT NULL,
@@ -72,7 +73,13 @@ const MIGRATIONS: &[&str] = &["
         message TEXT NOT NULL
     );
     CREATE INDEX events_by_rollout ON events (rollout, id);
-"];
+",
+    "
+    -- The highest desired-state index each host has acted on: a rollback
+    -- counts a host as back only once it acted on being sent back.
+    ALTER TABLE hosts ADD COLUMN acked_index INTEGER NOT NULL DEFAULT 0;
+",
+];
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +174,8 @@ pub struct HostRecord {
     pub report: Option<Report>,
     /// Its desired-state index.
     pub desired_index: u64,
+    /// The highest desired-state index it has acted on.
+    pub acked_index: u64,
 }
 
 /// A stored bundle.
@@ -431,23 +440,25 @@ impl Store {
     /// Records a report (and that the host was seen).
     pub fn record_report(&self, report: &Report, now: u64) -> Result<()> {
         self.conn
-            .prepare_cached("UPDATE hosts SET report = ?2, last_seen_ms = ?3 WHERE id = ?1")
+            .prepare_cached("UPDATE hosts SET report = ?2, last_seen_ms = MAX(last_seen_ms, ?3), acked_index = MAX(acked_index, ?4) WHERE id = ?1")
             .and_then(|mut statement| {
                 statement.execute(params![
                     report.host.as_str(),
                     serde_json::to_string(report).expect("reports serialise"),
-                    now as i64
+                    now as i64,
+                    report.desired_index.min(i64::MAX as u64) as i64
                 ])
             })
             .map_err(self.err())?;
         Ok(())
     }
 
-    /// Marks a host as seen (a long poll counts).
-    pub fn touch(&self, id: &str, now: u64) -> Result<()> {
+    /// Marks a host as seen (a long poll counts) and done with desired
+    /// states up to `acked`.
+    pub fn touch(&self, id: &str, now: u64, acked: u64) -> Result<()> {
         self.conn
-            .prepare_cached("UPDATE hosts SET last_seen_ms = ?2 WHERE id = ?1")
-            .and_then(|mut statement| statement.execute(params![id, now as i64]))
+            .prepare_cached("UPDATE hosts SET last_seen_ms = MAX(last_seen_ms, ?2), acked_index = MAX(acked_index, ?3) WHERE id = ?1")
+            .and_then(|mut statement| statement.execute(params![id, now as i64, acked.min(i64::MAX as u64) as i64]))
             .map_err(self.err())?;
         Ok(())
     }
@@ -456,7 +467,7 @@ impl Store {
     pub fn hosts(&self) -> Result<Vec<HostRecord>> {
         let mut statement = self
             .conn
-            .prepare_cached("SELECT id, labels, enrolled_ms, last_seen_ms, agent_version, proto, capabilities, incompatible, report, desired_index FROM hosts ORDER BY id")
+            .prepare_cached("SELECT id, labels, enrolled_ms, last_seen_ms, agent_version, proto, capabilities, incompatible, report, desired_index, acked_index FROM hosts ORDER BY id")
             .map_err(self.err())?;
         let rows = statement
             .query_map([], |r| {
@@ -475,6 +486,7 @@ impl Store {
                     incompatible: r.get(7)?,
                     report: json(8)?.and_then(|t| serde_json::from_str(&t).ok()),
                     desired_index: r.get::<_, i64>(9)? as u64,
+                    acked_index: r.get::<_, i64>(10)? as u64,
                 })
             })
             .map_err(self.err())?;
@@ -512,6 +524,19 @@ impl Store {
                 statement.execute(params![host.as_str(), service.as_str(), serde_json::to_string(release).expect("releases serialise"), size as i64, rollout])
             })
             .map_err(self.err())?;
+        self.bump_desired_index(host)
+    }
+
+    /// Withdraws one service's desired release from a host; returns the new index.
+    pub fn clear_desired(&self, host: &HostId, service: &ServiceName) -> Result<u64> {
+        self.conn
+            .prepare_cached("DELETE FROM desired WHERE host = ?1 AND service = ?2")
+            .and_then(|mut statement| statement.execute(params![host.as_str(), service.as_str()]))
+            .map_err(self.err())?;
+        self.bump_desired_index(host)
+    }
+
+    fn bump_desired_index(&self, host: &HostId) -> Result<u64> {
         self.conn
             .prepare_cached(
                 "UPDATE hosts SET desired_index = desired_index + 1 WHERE id = ?1 RETURNING desired_index",

@@ -293,6 +293,7 @@ fn phase_name(phase: &Phase) -> &'static str {
         Phase::Reverting { .. } => "rolling back",
         Phase::Reverted => "rolled back",
         Phase::RevertFailed { .. } => "rollback failed",
+        Phase::Forgotten { .. } => "forgotten",
     }
 }
 
@@ -312,6 +313,7 @@ fn state_line(r: &Rollout) -> String {
         State::Paused { reason, .. } => format!("paused: {reason}"),
         State::RollingBack { reason, .. } => format!("rolling back: {reason}"),
         State::Aborted { reason } => format!("aborted: {reason}"),
+        State::Failed { reason } => format!("failed: {reason}"),
         State::Succeeded | State::RolledBack => String::new(),
     };
     format!(
@@ -409,6 +411,7 @@ fn draw(r: &Rollout, recent: &[Value]) {
                     | Phase::Skipped { .. }
                     | Phase::Failed { .. }
                     | Phase::RevertFailed { .. }
+                    | Phase::Forgotten { .. }
             )
         })
         .count();

@@ -55,7 +55,10 @@ struct Sim {
     /// Every SetDesired, in order.
     sets: Vec<(HostId, ReleaseRef)>,
     bad: BTreeSet<HostId>,
-    pending: BTreeMap<HostId, ReleaseRef>,
+    /// Desired states not yet acted on; None withdraws the service's.
+    pending: BTreeMap<HostId, Option<ReleaseRef>>,
+    /// Every host's desired release, as the coordinator would serve it.
+    desired: BTreeMap<HostId, ReleaseRef>,
 }
 
 impl Sim {
@@ -72,6 +75,7 @@ impl Sim {
                         committed: Some(v1.clone()),
                         failed: None,
                         busy: false,
+                        acked: true,
                     },
                 )
             })
@@ -85,6 +89,7 @@ impl Sim {
             sets: Vec::new(),
             bad: bad.iter().map(|i| all[*i].clone()).collect(),
             pending: BTreeMap::new(),
+            desired: BTreeMap::new(),
         }
     }
 
@@ -93,7 +98,14 @@ impl Sim {
             match action {
                 Action::SetDesired { host, release } => {
                     self.sets.push((host.clone(), release.clone()));
-                    self.pending.insert(host, release);
+                    self.fleet.get_mut(&host).unwrap().acked = false;
+                    self.desired.insert(host.clone(), release.clone());
+                    self.pending.insert(host, Some(release));
+                }
+                Action::ClearDesired { host } => {
+                    self.fleet.get_mut(&host).unwrap().acked = false;
+                    self.desired.remove(&host);
+                    self.pending.insert(host, None);
                 }
                 Action::Log { host, message } => {
                     self.log.push(format!(
@@ -117,6 +129,8 @@ impl Sim {
     fn second(&mut self) {
         for (host, release) in std::mem::take(&mut self.pending) {
             let view = self.fleet.get_mut(&host).unwrap();
+            view.acked = true;
+            let Some(release) = release else { continue };
             if self.bad.contains(&host) && release.version.major == 2 {
                 view.failed = Some((release, "check http failed 3 times in a row".into()));
             } else {
@@ -244,15 +258,195 @@ fn a_host_still_reverting_is_not_back_until_it_reports_at_rest() {
         sim.log
     );
     assert_eq!(
-        sim.sets.len(),
-        1,
-        "it reverts on its own and is sent nothing"
+        sim.sets.last().unwrap(),
+        &(canary.clone(), release("1.0.0", 1)),
+        "it reverts on its own, and is told its previous release all the same"
     );
+    // It acted on being told (nothing to do: it is going back already), but
+    // it is not back while the revert runs.
+    sim.fleet.get_mut(&canary).unwrap().acked = true;
+    sim.now += 1000;
+    sim.input(Input::Tick).unwrap();
+    assert!(matches!(
+        sim.rollout.hosts[&canary].phase,
+        Phase::Reverting { .. }
+    ));
     sim.fleet.get_mut(&canary).unwrap().busy = false;
     sim.now += 1000;
     sim.input(Input::Tick).unwrap();
     assert_eq!(sim.rollout.hosts[&canary].phase, Phase::Reverted);
     assert_eq!(sim.rollout.state, State::RolledBack);
+}
+
+/// The defect found against a live fleet: a host still downloading when the
+/// gate trips reports its old release as committed. It used to be counted
+/// "already back" and sent nothing, kept a desired state naming the failed
+/// release, and committed it 29 s later while the rollout said rolled back.
+#[test]
+fn a_host_still_downloading_when_the_gate_trips_is_sent_back_and_waited_for() {
+    let mut spec = spec(&[Amount::Count(1), Amount::Percent(100.0)]);
+    spec.max_failed = Amount::Count(0);
+    spec.max_parallel = 3;
+    let mut sim = Sim::new(spec, 4, &[]);
+    let (v1, v2) = (release("1.0.0", 1), release("2.0.0", 2));
+    sim.run(3);
+    assert!(
+        matches!(sim.rollout.state, State::Running { wave: 1, .. }),
+        "{:#?}",
+        sim.log
+    );
+    // Wave 2 is dispatched; one host fails at once, another is still
+    // downloading: it acted on nothing yet and still reports 1.0.0.
+    let wave = sim.rollout.waves[1].clone();
+    let (failing, slow) = (wave[0].clone(), wave[1].clone());
+    sim.pending.remove(&slow);
+    sim.fleet.get_mut(&failing).unwrap().failed = Some((v2.clone(), "check failed".into()));
+    sim.pending.remove(&failing);
+    sim.fleet.get_mut(&failing).unwrap().acked = true;
+    sim.now += 1000;
+    sim.input(Input::Tick).unwrap();
+    assert!(
+        matches!(sim.rollout.state, State::RollingBack { .. }),
+        "{:#?}",
+        sim.log
+    );
+    assert_eq!(
+        sim.desired[&slow], v1,
+        "the slow host is told its previous release again"
+    );
+    // Its report (at rest on 1.0.0, but from before it acted) proves nothing.
+    for _ in 0..5 {
+        sim.now += 1000;
+        sim.input(Input::Tick).unwrap();
+        assert!(
+            matches!(sim.rollout.hosts[&slow].phase, Phase::Reverting { .. }),
+            "{:#?}",
+            sim.log
+        );
+    }
+    // Its download finishes and it commits 2.0.0 (it had not seen the change
+    // yet); then it acts on its desired state: back to 1.0.0.
+    sim.fleet.get_mut(&slow).unwrap().committed = Some(v2);
+    sim.now += 1000;
+    sim.input(Input::Tick).unwrap();
+    assert!(matches!(
+        sim.rollout.hosts[&slow].phase,
+        Phase::Reverting { .. }
+    ));
+    sim.run(5);
+    assert_eq!(sim.rollout.state, State::RolledBack, "{:#?}", sim.log);
+    for host in &sim.rollout.switch_order {
+        assert_eq!(sim.rollout.hosts[host].phase, Phase::Reverted, "{host}");
+        assert_eq!(sim.fleet[host].committed.as_ref(), Some(&v1), "{host}");
+        assert_eq!(sim.desired[host], v1, "{host}'s desired state");
+    }
+    assert!(
+        sim.log
+            .last()
+            .unwrap()
+            .contains("rolled back: 4 host(s) back on their previous release"),
+        "{:#?}",
+        sim.log
+    );
+}
+
+#[test]
+fn a_host_that_cannot_get_back_is_rollback_failed_with_its_reason() {
+    let mut sim = Sim::new(spec(&[Amount::Count(1), Amount::Percent(100.0)]), 3, &[]);
+    sim.bad.insert(sim.rollout.waves[0][0].clone());
+    // The canary ran nothing before: it has nothing to go back to.
+    let canary = sim.rollout.waves[0][0].clone();
+    sim.fleet.get_mut(&canary).unwrap().committed = None;
+    sim.run(20);
+    assert_eq!(sim.rollout.state, State::RolledBack, "{:#?}", sim.log);
+    assert!(
+        !sim.desired.contains_key(&canary),
+        "its desired release is withdrawn"
+    );
+    assert_eq!(
+        sim.rollout.hosts[&canary].phase,
+        Phase::Reverted,
+        "it runs nothing, as before"
+    );
+    assert!(
+        sim.log.last().unwrap().contains(
+            "0 host(s) back on their previous release; 1 ran no release before and run none now"
+        ),
+        "{:#?}",
+        sim.log
+    );
+}
+
+#[test]
+fn a_rollout_where_every_host_was_skipped_does_not_succeed() {
+    let mut sim = Sim::new(spec(&[Amount::Count(1), Amount::Percent(100.0)]), 3, &[]);
+    for view in sim.fleet.values_mut() {
+        view.online = false;
+    }
+    sim.run(10);
+    assert!(
+        matches!(&sim.rollout.state, State::Failed { reason } if reason.contains("3 skipped offline")),
+        "{:?}",
+        sim.rollout.state
+    );
+}
+
+#[test]
+fn a_forgotten_host_leaves_the_rollout_and_rollback_still_works() {
+    let mut spec = spec(&[Amount::Count(1), Amount::Percent(100.0)]);
+    spec.max_parallel = 5;
+    let mut sim = Sim::new(spec, 4, &[]);
+    sim.run(4);
+    let wave = sim.rollout.waves[1].clone();
+    sim.fleet.remove(&wave[0]);
+    sim.pending.remove(&wave[0]);
+    sim.input(Input::Tick).unwrap();
+    assert!(matches!(
+        sim.rollout.hosts[&wave[0]].phase,
+        Phase::Forgotten { .. }
+    ));
+    sim.input(Input::Rollback { all_at_once: false }).unwrap();
+    sim.run(10);
+    assert_eq!(sim.rollout.state, State::RolledBack, "{:#?}", sim.log);
+    assert!(
+        sim.sets.iter().filter(|(h, _)| *h == wave[0]).count() == 1,
+        "nothing more is sent to a forgotten host"
+    );
+    assert!(
+        sim.log.last().unwrap().contains("1 forgotten"),
+        "{:#?}",
+        sim.log
+    );
+}
+
+#[test]
+fn an_old_rollout_cannot_be_rolled_back_once_a_newer_one_exists() {
+    let old = Sim::new(spec(&[Amount::Percent(100.0)]), 2, &[]);
+    let mut done = old.rollout;
+    done.state = State::Succeeded;
+    let mut newer = done.clone();
+    newer.id = "r-2".into();
+    let why = rollback_conflict(&done, &[done.clone(), newer.clone()]).expect("refused");
+    assert!(
+        why.contains("rollout r-2 of service web came after it"),
+        "{why}"
+    );
+    newer.state = State::Running {
+        wave: 0,
+        wave_started_ms: 0,
+        awaiting_promotion: false,
+    };
+    let why = rollback_conflict(&done, &[done.clone(), newer.clone()]).expect("refused");
+    assert!(
+        why.contains("rollout r-2 of service web is running"),
+        "{why}"
+    );
+    assert_eq!(rollback_conflict(&done, std::slice::from_ref(&done)), None);
+    assert_eq!(
+        rollback_conflict(&newer, &[done, newer.clone()]),
+        None,
+        "the active one may"
+    );
 }
 
 #[test]
@@ -312,11 +506,8 @@ fn a_failure_in_the_last_wave_rolls_back_every_moved_host_in_reverse_order() {
     reverse.reverse();
     assert_eq!(
         sim.order_of(1),
-        reverse
-            .into_iter()
-            .filter(|h| *h != last_wave[2])
-            .collect::<Vec<_>>(),
-        "rollback goes newest first; the failed host reverted itself"
+        reverse,
+        "rollback goes newest first, and tells every moved host, the failed one too"
     );
     assert_eq!(moved.len(), 6, "1 + 2 + the first three of the last wave");
     assert!(
@@ -487,25 +678,29 @@ fn commands_in_every_state() {
         },
         State::RolledBack,
         State::Aborted { reason: "x".into() },
+        State::Failed { reason: "x".into() },
     ];
     // (command, allowed in each state above, in order)
-    let table: [(Input, [bool; 7]); 5] = [
+    let table: [(Input, [bool; 8]); 5] = [
         (
             Input::Pause,
-            [true, true, false, false, false, false, false],
+            [true, true, false, false, false, false, false, false],
         ),
         (
             Input::Resume,
-            [false, false, true, false, false, false, false],
+            [false, false, true, false, false, false, false, false],
         ),
         (
             Input::Promote,
-            [false, true, false, false, false, false, false],
+            [false, true, false, false, false, false, false, false],
         ),
-        (Input::Abort, [true, true, true, false, true, false, false]),
+        (
+            Input::Abort,
+            [true, true, true, false, true, false, false, false],
+        ),
         (
             Input::Rollback { all_at_once: false },
-            [true, true, true, true, true, false, true],
+            [true, true, true, true, true, false, true, true],
         ),
     ];
     for (input, allowed) in table {
@@ -637,6 +832,12 @@ proptest! {
             for host in &dispatched {
                 let phase = &sim.rollout.hosts[host].phase;
                 prop_assert!(matches!(phase, Phase::Reverted | Phase::RevertFailed { .. }), "{} left in {:?}", host, phase);
+                // At rest: a host counted back runs its previous release and is told to.
+                if *phase == Phase::Reverted {
+                    let previous = sim.rollout.hosts[host].previous.clone();
+                    prop_assert_eq!(&sim.fleet[host].committed, &previous, "{} counted back", host);
+                    prop_assert_eq!(sim.desired.get(host), previous.as_ref(), "{}'s desired state", host);
+                }
             }
         }
     }

@@ -273,6 +273,8 @@ fn an_agent_with_no_common_version_is_refused_with_both_ranges_and_listed() {
 fn obey(agents: &mut [FakeAgent], bad: &[&str]) {
     for agent in agents.iter_mut() {
         let desired = agent.desired(0, "0s");
+        // It acts on what it was told, and says so in its report.
+        agent.converged = desired.index;
         let Some(wanted) = desired.services.first().map(|s| s.release.clone()) else {
             continue;
         };
@@ -448,7 +450,8 @@ fn a_canary_reporting_it_is_reverting_fails_before_its_revert_ends() {
             )
         },
     );
-    // Still reverting, it is not taken as back yet, and is sent nothing.
+    // Still reverting, it is not taken as back yet; it is told its previous
+    // release all the same, so that it stays there.
     let state = rollout_state(&server, &rollout.id);
     let canary = state.waves[0][0].to_string();
     assert!(
@@ -470,7 +473,7 @@ fn a_canary_reporting_it_is_reverting_fails_before_its_revert_ends() {
     assert!(
         events
             .iter()
-            .any(|e| e["message"] == "reverting to 1.0.0 on its own"),
+            .any(|e| e["message"] == "rolling back to 1.0.0"),
         "{events:#?}"
     );
     assert!(

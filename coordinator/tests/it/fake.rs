@@ -142,6 +142,8 @@ pub(crate) struct FakeAgent {
     url: String,
     http: ureq::Agent,
     pub(crate) committed: Option<ReleaseRef>,
+    /// The index of the last desired state it acted on, sent in reports.
+    pub(crate) converged: u64,
     seq: u64,
 }
 
@@ -158,6 +160,7 @@ impl FakeAgent {
             url: url.to_owned(),
             http,
             committed: None,
+            converged: 0,
             seq: 0,
         }
     }
@@ -286,7 +289,7 @@ impl FakeAgent {
         let report = Report {
             host: self.host.clone(),
             seq: self.seq,
-            desired_index: 0,
+            desired_index: self.converged,
             services: vec![service],
         };
         self.signed(
