@@ -42,6 +42,16 @@ pub struct Settings {
     pub max_wait: Duration,
     /// How often rollouts are stepped when nothing wakes them earlier.
     pub tick: Duration,
+    /// Most connections served at once; past it new ones are closed (and
+    /// logged). Keep it under the process's file limit (`LimitNOFILE=`).
+    pub max_connections: usize,
+    /// How long a connection may take to send a request's headers, and how
+    /// long a kept-alive connection may sit idle between requests.
+    pub header_timeout: Duration,
+    /// How long a request body may take to arrive, between two chunks.
+    pub body_timeout: Duration,
+    /// How long shutdown waits for requests in flight before it stops anyway.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Settings {
@@ -52,6 +62,10 @@ impl Default for Settings {
             freshness: Duration::from_secs(300),
             max_wait: Duration::from_secs(60),
             tick: Duration::from_millis(500),
+            max_connections: 16_384,
+            header_timeout: Duration::from_secs(20),
+            body_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -281,6 +295,13 @@ impl Coordinator {
     ) -> Result<Coordinator, anyhow::Error> {
         let bundles_dir = state_dir.join("bundles");
         std::fs::create_dir_all(&bundles_dir)?;
+        let removed = crate::server::remove_unfinished_pushes(&bundles_dir)?;
+        if removed > 0 {
+            turnout_agent::log::line(
+                "turnout",
+                &format!("removed {removed} unfinished bundle upload(s) from {}", bundles_dir.display()),
+            );
+        }
         let store = Store::open(&state_dir.join("coordinator.db"))?;
         let latest = store
             .events(0, None, usize::MAX)?
@@ -603,8 +624,14 @@ impl Coordinator {
                 excluded.len()
             )));
         }
+        if let Some(id) = &id {
+            id.parse::<turnout_proto::RolloutId>()
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        }
         let id = id.unwrap_or_else(|| {
-            let prefix = format!("{}-{}", spec.service, target.version);
+            // A version's build metadata (`+…`) is no id character.
+            let version = target.version.to_string().replace('+', "_");
+            let prefix = format!("{}-{version}", spec.service);
             let n = rollouts
                 .iter()
                 .filter(|r| r.id.starts_with(&prefix))

@@ -24,6 +24,7 @@ struct Inner {
     latency: BTreeMap<String, ([u64; BUCKETS.len()], u64, f64)>,
     auth_failures: BTreeMap<&'static str, u64>,
     bad_reports: u64,
+    connections_refused: u64,
 }
 
 impl Metrics {
@@ -59,6 +60,11 @@ impl Metrics {
     /// Counts a malformed or oversized agent report.
     pub fn bad_report(&self) {
         self.inner.lock().expect("not poisoned").bad_reports += 1;
+    }
+
+    /// Counts a connection closed because `max_connections` were open.
+    pub fn connection_refused(&self) {
+        self.inner.lock().expect("not poisoned").connections_refused += 1;
     }
 
     /// How many auth failures of `reason` were counted.
@@ -115,6 +121,11 @@ impl Metrics {
             out,
             "# TYPE turnout_bad_reports_total counter\nturnout_bad_reports_total {}",
             inner.bad_reports
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE turnout_connections_refused_total counter\nturnout_connections_refused_total {}",
+            inner.connections_refused
         );
         let mut typed = std::collections::BTreeSet::new();
         for (name, labels, value) in gauges {

@@ -89,7 +89,11 @@ pub fn router(coordinator: Shared) -> Router {
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(coordinator.clone(), measure))
-        .layer(axum::extract::DefaultBodyLimit::disable())
+        // Bodies read whole (`Bytes`, `Json`) are refused past this as they
+        // arrive; a bundle push streams to disk under its own limit.
+        .layer(axum::extract::DefaultBodyLimit::max(
+            Limits::default().max_body_bytes,
+        ))
         .with_state(coordinator)
 }
 
@@ -106,6 +110,12 @@ async fn measure(State(c): State<Shared>, request: Request, next: Next) -> Respo
 }
 
 /// Serves the API on `listener` until `shutdown`, with the rollout loop beside it.
+///
+/// Each connection gets `header_timeout` to send a request's headers (which
+/// also closes kept-alive connections idle that long), at most
+/// `max_connections` are served at once, and shutdown waits at most
+/// `shutdown_grace` for requests in flight: a slow or half-sent request
+/// can neither pin a connection nor keep a stopped coordinator alive.
 pub async fn serve(
     coordinator: Shared,
     listener: tokio::net::TcpListener,
@@ -122,7 +132,6 @@ pub async fn serve(
             .await;
         })
     };
-    let c = coordinator.clone();
     if let Ok(address) = listener.local_addr() {
         turnout_agent::notify::notify(&format!(
             "READY=1\nSTATUS=coordinator listening on {address}"
@@ -130,19 +139,80 @@ pub async fn serve(
     }
     let watchdog = tokio::spawn(turnout_agent::notify::keep_watchdog());
     let freeze = tokio::spawn(turnout_agent::notify::freeze_switch());
-    let result = axum::serve(listener, router(coordinator))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            // Parked long polls answer now, so shutdown does not wait out their waits.
-            c.stop_waiting();
-            let _ = stop_tx.send(true);
-        })
-        .await;
+    let settings = coordinator.settings();
+    let service = hyper_util::service::TowerToHyperService::new(router(coordinator.clone()));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(settings.header_timeout)
+        .keep_alive(true);
+    let mut last_complaint: Option<Instant> = None;
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of file descriptors, most often: say so, and give
+                // finishing connections a moment to free some.
+                complain(&mut last_complaint, &format!("accepting a connection: {err}"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            coordinator.metrics.connection_refused();
+            complain(
+                &mut last_complaint,
+                &format!(
+                    "refusing a connection from {peer}: {} connections are open, the most allowed (max_connections)",
+                    settings.max_connections
+                ),
+            );
+            drop(stream);
+            continue;
+        };
+        let connection = graceful.watch(
+            http.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone()),
+        );
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(slot);
+        });
+    }
+    // Parked long polls answer now, so shutdown does not wait out their waits.
+    coordinator.stop_waiting();
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(settings.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        turnout_agent::log::line(
+            "turnout",
+            &format!(
+                "stopping with requests still in flight after {} (shutdown_grace)",
+                humantime::format_duration(settings.shutdown_grace)
+            ),
+        );
+    }
     turnout_agent::notify::notify("STOPPING=1");
     watchdog.abort();
     freeze.abort();
     let _ = engine.await;
-    result
+    Ok(())
+}
+
+/// Logs `message`, at most once every ten seconds: a flood of refused
+/// connections must not become a flood of log lines.
+fn complain(last: &mut Option<Instant>, message: &str) {
+    if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+        *last = Some(Instant::now());
+        turnout_agent::log::line("turnout", message);
+    }
 }
 
 // ---- authentication ----
@@ -179,31 +249,37 @@ fn actor(role: Role) -> String {
     format!("operator:{}", role.name())
 }
 
-fn authenticate_host(
-    c: &Coordinator,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<HostId, ApiError> {
-    let refuse = |reason: &'static str, message: String| {
-        c.metrics.auth_failure(reason);
-        ApiError::unauthorized(message)
-    };
+/// What a host's request claims in its headers, checked before its body is
+/// read: the header parses, its timestamp is fresh, the host is enrolled.
+/// Nobody else gets a body read at all.
+struct HostClaim {
+    auth: HostAuth,
+    key: turnout_proto::keys::PublicKey,
+}
+
+fn refuse_host(c: &Coordinator, reason: &'static str, message: String) -> ApiError {
+    c.metrics.auth_failure(reason);
+    ApiError::unauthorized(message)
+}
+
+fn host_claim(c: &Coordinator, headers: &HeaderMap) -> Result<HostClaim, ApiError> {
     let value = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| {
-            refuse(
+            refuse_host(
+                c,
                 "host_missing",
                 "no Turnout-Host authorization header".into(),
             )
         })?;
-    let auth = HostAuth::parse(value).map_err(|e| refuse("host_malformed", e.to_string()))?;
+    let auth =
+        HostAuth::parse(value).map_err(|e| refuse_host(c, "host_malformed", e.to_string()))?;
     let now = now_ms();
     let window = c.settings().freshness.as_millis() as u64;
     if now.abs_diff(auth.ts_ms) > window {
-        return Err(refuse(
+        return Err(refuse_host(
+            c,
             "host_stale",
             format!(
                 "the request's timestamp is {} ms from the coordinator's clock, more than the {window} ms allowed; check the host's clock (NTP)",
@@ -212,7 +288,8 @@ fn authenticate_host(
         ));
     }
     let key = c.host_key(auth.host.as_str())?.ok_or_else(|| {
-        refuse(
+        refuse_host(
+            c,
             "host_unknown",
             format!(
                 "host {} is not enrolled; enroll it with `turnout-agent enroll`",
@@ -220,9 +297,22 @@ fn authenticate_host(
             ),
         )
     })?;
+    Ok(HostClaim { auth, key })
+}
+
+/// Checks the claim's signature over the request and that it is not a replay.
+fn verify_host(
+    c: &Coordinator,
+    claim: HostClaim,
+    method: &Method,
+    uri: &Uri,
+    body: &[u8],
+) -> Result<HostId, ApiError> {
+    let HostClaim { auth, key } = claim;
     let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
     if !auth.verifies(&key, method.as_str(), path, body) {
-        return Err(refuse(
+        return Err(refuse_host(
+            c,
             "host_signature",
             format!(
                 "the request's signature does not verify with host {}'s enrolled key",
@@ -230,13 +320,52 @@ fn authenticate_host(
             ),
         ));
     }
-    if !c.first_use(&auth.sig.0, auth.ts_ms, now) {
-        return Err(refuse(
+    if !c.first_use(&auth.sig.0, auth.ts_ms, now_ms()) {
+        return Err(refuse_host(
+            c,
             "host_replay",
             "this signed request was already received (a replay)".into(),
         ));
     }
     Ok(auth.host)
+}
+
+fn authenticate_host(
+    c: &Coordinator,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<HostId, ApiError> {
+    verify_host(c, host_claim(c, headers)?, method, uri, body)
+}
+
+/// Reads a request body of at most `Limits::max_body_bytes`, refusing a
+/// larger one as it arrives (413), before it is ever held whole.
+async fn read_body(c: &Coordinator, body: Body) -> Result<Bytes, ApiError> {
+    let limit = Limits::default().max_body_bytes;
+    let timeout = c.settings().body_timeout;
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| {
+            ApiError::bad_request(format!(
+                "the request body did not arrive within {} (body_timeout)",
+                humantime::format_duration(timeout)
+            ))
+        })?;
+    read.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            ApiError {
+                status: 413,
+                code: ErrorCode::TooLarge,
+                message: format!("the request body is over the limit of {limit} bytes"),
+            }
+        } else {
+            ApiError::bad_request(format!("reading the request body: {e}"))
+        }
+    })
 }
 
 // ---- agents ----
@@ -284,9 +413,11 @@ async fn hello(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let host = authenticate_host(&c, &method, &uri, &headers, &body)?;
+    let claim = host_claim(&c, &headers)?;
+    let body = read_body(&c, body).await?;
+    let host = verify_host(&c, claim, &method, &uri, &body)?;
     let Envelope { body: hello, .. } = Reader::default()
         .decode::<Hello>(&body)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -406,9 +537,11 @@ async fn report(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let host = authenticate_host(&c, &method, &uri, &headers, &body)?;
+    let claim = host_claim(&c, &headers)?;
+    let body = read_body(&c, body).await?;
+    let host = verify_host(&c, claim, &method, &uri, &body)?;
     let decoded = Reader::default().decode::<Report>(&body);
     let report = match decoded {
         Ok(envelope) => envelope.body,
@@ -443,6 +576,47 @@ async fn report(
 
 // ---- bundles ----
 
+/// The prefix of a push's temporary file in the bundle store; whatever
+/// carries it at start-up is left from a push that never finished.
+pub const PUSH_PREFIX: &str = ".push-";
+
+/// Room a push leaves free on the store's file system, beyond the bundle:
+/// the database must still be able to grow.
+const PUSH_HEADROOM: u64 = 64 << 20;
+
+fn internal(what: &str, err: impl std::fmt::Display) -> ApiError {
+    ApiError {
+        status: 500,
+        code: ErrorCode::Internal,
+        message: format!("{what}: {err}"),
+    }
+}
+
+/// Removes temporary files of pushes that never finished (a kill, a crash):
+/// on a full disk they would keep the database from opening.
+pub fn remove_unfinished_pushes(bundles_dir: &std::path::Path) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(bundles_dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(PUSH_PREFIX) {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Free bytes on the file system holding `dir`.
+fn free_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
+    let stat = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+    Ok(stat.blocks_available() as u64 * stat.fragment_size() as u64)
+}
+
+/// A push streams into a temporary file of its own (created with O_EXCL
+/// under a random name, so concurrent pushes never share one), is hashed
+/// and verified there, and is renamed to its digest only once verified.
+/// The temporary file is removed on every other path: a refusal, an error,
+/// a client that goes away (the handler is dropped), a full disk.
 async fn push_bundle(
     State(c): State<Shared>,
     headers: HeaderMap,
@@ -450,69 +624,95 @@ async fn push_bundle(
 ) -> Result<Response, ApiError> {
     let role = operator(&c, &headers, Role::Operator)?;
     let limit = Limits::default().max_bundle_bytes;
-    let temp = c
-        .bundles_dir()
-        .join(format!(".push-{}-{}", std::process::id(), now_ms()));
-    let mut file = std::fs::File::create(&temp).map_err(|e| ApiError {
-        status: 500,
-        code: ErrorCode::Internal,
-        message: e.to_string(),
-    })?;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = |size: u64| ApiError {
+        status: 413,
+        code: ErrorCode::TooLarge,
+        message: format!("the bundle is {size} bytes or more, over the limit of {limit} bytes"),
+    };
+    if let Some(size) = declared.filter(|size| *size > limit) {
+        return Err(too_large(size));
+    }
+    let free = free_bytes(c.bundles_dir()).map_err(|e| internal("checking free space", e))?;
+    let needed = declared.unwrap_or(0).saturating_add(PUSH_HEADROOM);
+    if free < needed {
+        return Err(ApiError {
+            status: 507,
+            code: ErrorCode::Internal,
+            message: format!(
+                "the bundle store {} has {free} bytes free; this push needs {needed} (the bundle and {PUSH_HEADROOM} bytes for the database): free space, or remove old bundles",
+                c.bundles_dir().display()
+            ),
+        });
+    }
+    let temp = tempfile::Builder::new()
+        .prefix(PUSH_PREFIX)
+        .tempfile_in(c.bundles_dir())
+        .map_err(|e| internal("creating the upload's file", e))?;
+    let mut file = temp.as_file();
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let mut stream = body.into_data_stream();
     use futures_util_lite::next;
-    while let Some(chunk) = next(&mut stream).await {
+    let idle = c.settings().body_timeout;
+    loop {
+        let Ok(chunk) = tokio::time::timeout(idle, next(&mut stream)).await else {
+            return Err(ApiError::bad_request(format!(
+                "the upload stalled: no data for {} (body_timeout); nothing was stored",
+                humantime::format_duration(idle)
+            )));
+        };
+        let Some(chunk) = chunk else { break };
         let chunk = chunk.map_err(|e| ApiError::bad_request(format!("reading the upload: {e}")))?;
         size += chunk.len() as u64;
         if size > limit {
-            let _ = std::fs::remove_file(&temp);
-            return Err(ApiError {
-                status: 413,
-                code: ErrorCode::TooLarge,
-                message: format!("the bundle is over the limit of {limit} bytes"),
-            });
+            return Err(too_large(size));
         }
         hasher.update(&chunk);
-        file.write_all(&chunk).map_err(|e| ApiError {
-            status: 500,
-            code: ErrorCode::Internal,
-            message: e.to_string(),
+        file.write_all(&chunk).map_err(|e| {
+            let full = e.raw_os_error() == Some(nix::libc::ENOSPC);
+            ApiError {
+                status: if full { 507 } else { 500 },
+                code: ErrorCode::Internal,
+                message: format!(
+                    "writing the upload to {}: {e}{}",
+                    c.bundles_dir().display(),
+                    if full { "; nothing was stored: free space and push again" } else { "" }
+                ),
+            }
         })?;
     }
-    drop(file);
+    file.sync_all()
+        .map_err(|e| internal("writing the upload", e))?;
     let sha256 = turnout_proto::Digest::from_bytes(hasher.finalize().into());
     let trust = c.trust().clone();
-    let check = temp.clone();
+    let check = temp.reopen().map_err(|e| internal("reading the upload", e))?;
     let verified = tokio::task::spawn_blocking(move || {
-        let reader = std::io::BufReader::new(std::fs::File::open(&check)?);
         turnout_proto::bundle::verify_and_unpack(
-            reader,
+            std::io::BufReader::new(check),
             &trust,
             std::time::SystemTime::now(),
             &Limits::default(),
             &mut turnout_proto::bundle::Discard,
         )
-        .map_err(|e| std::io::Error::other(e.to_string()))
     })
     .await
-    .expect("verification does not panic");
-    let verified = match verified {
-        Ok(v) => v,
-        Err(err) => {
-            let _ = std::fs::remove_file(&temp);
-            return Err(ApiError {
-                status: 422,
-                code: ErrorCode::BadRequest,
-                message: format!("bundle refused: {err}"),
-            });
-        }
-    };
-    std::fs::rename(&temp, c.bundle_path(sha256.as_str())).map_err(|e| ApiError {
-        status: 500,
-        code: ErrorCode::Internal,
-        message: e.to_string(),
+    .expect("verification does not panic")
+    .map_err(|err| ApiError {
+        status: 422,
+        code: ErrorCode::BadRequest,
+        message: format!("bundle refused: {err}"),
     })?;
+    // Content-addressed: a concurrent push of the same bytes renames the
+    // same content over it, so whichever lands, the name matches the bytes.
+    temp.persist(c.bundle_path(sha256.as_str()))
+        .map_err(|e| internal("storing the bundle", e.error))?;
+    if let Ok(dir) = std::fs::File::open(c.bundles_dir()) {
+        let _ = dir.sync_all();
+    }
     let record = BundleRecord {
         sha256: sha256.to_string(),
         name: verified.manifest.name.to_string(),
@@ -683,7 +883,11 @@ async fn forget_host(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// The longest an enrollment token may live: a year.
+const MAX_ENROLL_TTL_SECS: u64 = 366 * 24 * 3600;
+
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct TokenRequest {
     #[serde(default)]
     enroll: bool,
@@ -703,9 +907,30 @@ async fn create_token(
     })?;
     let now = now_ms();
     let token = if request.enroll {
-        let ttl = request.ttl_secs.unwrap_or(3600) * 1000;
-        c.with_store(|s| s.create_enroll_token(ttl, request.uses.unwrap_or(1), now))?
+        let ttl_secs = request.ttl_secs.unwrap_or(3600);
+        if !(1..=MAX_ENROLL_TTL_SECS).contains(&ttl_secs) {
+            return Err(ApiError::bad_request(format!(
+                "ttl_secs {ttl_secs}: expected 1 to {MAX_ENROLL_TTL_SECS} seconds (a year); make a new token when one runs out"
+            )));
+        }
+        let uses = request.uses.unwrap_or(1);
+        if uses == 0 {
+            return Err(ApiError::bad_request(
+                "uses 0: expected at least 1 (how many hosts may enroll with the token)",
+            ));
+        }
+        if request.role.is_some() {
+            return Err(ApiError::bad_request(
+                "role is for operator tokens; an enrollment token has none",
+            ));
+        }
+        c.with_store(|s| s.create_enroll_token(ttl_secs * 1000, uses, now))?
     } else {
+        if request.ttl_secs.is_some() || request.uses.is_some() {
+            return Err(ApiError::bad_request(
+                "ttl_secs and uses are for enrollment tokens (enroll: true); operator tokens do not expire",
+            ));
+        }
         let wanted = request.role.as_deref().unwrap_or("viewer");
         let new_role = Role::parse(wanted).ok_or_else(|| {
             ApiError::bad_request(format!(

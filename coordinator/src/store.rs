@@ -337,7 +337,7 @@ impl Store {
         self.conn
             .execute(
                 "INSERT INTO tokens (digest, kind, expires_ms, uses_left, created_ms) VALUES (?1, 'enroll', ?2, ?3, ?4)",
-                params![digest(&secret), (now + ttl_ms) as i64, uses, now as i64],
+                params![digest(&secret), now.saturating_add(ttl_ms).min(i64::MAX as u64) as i64, uses, now as i64],
             )
             .map_err(self.err())?;
         Ok(secret)

@@ -114,6 +114,15 @@ name_newtype!(
     "expected 1 to 64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
 );
 
+name_newtype!(
+    /// A rollout's id: part of API paths, metrics and the event log, so it
+    /// is kept to characters that need no escaping anywhere.
+    RolloutId,
+    "rollout id",
+    128,
+    "expected 1 to 128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+);
+
 /// A SHA-256 digest as 64 lowercase hex digits: how bundles are addressed.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]

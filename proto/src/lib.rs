@@ -37,7 +37,7 @@ pub mod version;
 
 pub use capability::{Capability, CapabilitySet};
 pub use envelope::{DecodeError, Envelope, Message, Reader, decode, encode};
-pub use ids::{Digest, HostId, IdError, ServiceName};
+pub use ids::{Digest, HostId, IdError, RolloutId, ServiceName};
 pub use limits::{LimitExceeded, Limits};
 pub use negotiate::{Agreement, Offer, negotiate};
 pub use version::{ProtoRange, ProtoVersion, SUPPORTED};

@@ -90,7 +90,11 @@ pub fn token(command: TokenCommand) -> anyhow::Result<Exit> {
         uses,
         remote,
     } = command;
-    let body = json!({"enroll": enroll, "role": role, "ttl_secs": ttl.as_secs(), "uses": uses});
+    let body = if enroll {
+        json!({"enroll": true, "ttl_secs": ttl.as_secs(), "uses": uses})
+    } else {
+        json!({"role": role})
+    };
     let answer: Value = remote.client().post("/v1/tokens", &body)?;
     if !remote.print_json(&answer)? {
         println!("{}", answer["token"].as_str().unwrap_or_default());

@@ -15,7 +15,7 @@ use crate::store::Role;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// A config file (TOML) with any of: listen, state_dir, trust,
-    /// report_interval, offline_after. Flags override it.
+    /// report_interval, offline_after, max_connections. Flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// The address to listen on.
@@ -33,9 +33,19 @@ pub struct Args {
     /// Missed report intervals after which a host counts as offline.
     #[arg(long)]
     pub offline_after: Option<u32>,
-    /// Print a first admin token (once) if none exists yet.
+    /// Most agent and operator connections served at once [default: 16384];
+    /// keep it under the file limit (the shipped unit sets LimitNOFILE=65536).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Make a first admin token (once) if none exists yet, and start even
+    /// when the database is missing or empty beside a bundle store that
+    /// holds bundles (a coordinator that lost its database).
     #[arg(long)]
     pub init: bool,
+    /// With --init: write the first admin token to this file (mode 0600)
+    /// instead of printing it.
+    #[arg(long, requires = "init")]
+    pub token_file: Option<PathBuf>,
     /// How log lines are written to stderr.
     #[arg(long, value_enum, env = "TURNOUT_LOG_FORMAT", default_value = "text")]
     pub log_format: turnout_agent::log::LogFormat,
@@ -49,6 +59,7 @@ struct FileConfig {
     trust: Option<PathBuf>,
     report_interval: Option<String>,
     offline_after: Option<u32>,
+    max_connections: Option<usize>,
 }
 
 /// Serves until SIGTERM or Ctrl-C.
@@ -89,8 +100,14 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
     if let Some(n) = args.offline_after.or(file.offline_after) {
         settings.offline_after = n;
     }
+    if let Some(n) = args.max_connections.or(file.max_connections) {
+        settings.max_connections = n.max(1);
+    }
     let trust = files::trust_file(&trust_path)?.trust;
     std::fs::create_dir_all(&state_dir)?;
+    if !args.init {
+        refuse_lost_database(&state_dir)?;
+    }
     let coordinator = Arc::new(Coordinator::open(&state_dir, trust, settings)?);
     if args.init {
         if coordinator.with_store(|s| s.has_tokens())? {
@@ -100,7 +117,16 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
             );
         } else {
             let token = coordinator.with_store(|s| s.create_token(Role::Admin, now_ms()))?;
-            println!("admin token (shown once, keep it safe): {token}");
+            match &args.token_file {
+                Some(path) => {
+                    files::write_atomic(path, format!("{token}\n").as_bytes(), 0o600, true)?;
+                    turnout_agent::log::line(
+                        "turnout",
+                        &format!("wrote the first admin token to {} (mode 0600)", path.display()),
+                    );
+                }
+                None => println!("admin token (shown once, keep it safe): {token}"),
+            }
         }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -120,6 +146,29 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
         crate::server::serve(coordinator, listener, shutdown()).await
     })?;
     Ok(Exit::Success)
+}
+
+/// Refuses to start on a missing or empty database beside a bundle store
+/// that holds bundles: that coordinator had state, and starting afresh would
+/// silently forget every host, token and rollout.
+fn refuse_lost_database(state_dir: &std::path::Path) -> Result<(), files::InputError> {
+    let db = state_dir.join("coordinator.db");
+    let empty = std::fs::metadata(&db).map_or(true, |m| m.len() == 0);
+    let bundles = std::fs::read_dir(state_dir.join("bundles")).map_or(0, |entries| {
+        entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "tnt"))
+            .count()
+    });
+    if empty && bundles > 0 {
+        return Err(files::InputError::Invalid {
+            path: db,
+            detail: format!(
+                "the database is missing or empty, but the bundle store beside it holds {bundles} bundle(s): this coordinator had state, and starting on an empty database would forget every host, token and rollout. Restore coordinator.db from a backup, or start with --init to begin afresh (hosts must then enroll again)"
+            ),
+        });
+    }
+    Ok(())
 }
 
 async fn shutdown() {

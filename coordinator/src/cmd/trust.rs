@@ -19,9 +19,10 @@ pub enum Command {
         /// A trusted public key (SPKI PEM); repeat for each key.
         #[arg(long = "key", value_name = "PUB.pem", required = true)]
         keys: Vec<PathBuf>,
-        /// How many distinct keys must sign a bundle.
+        /// How many distinct keys must sign a bundle [default with one key: 1;
+        /// with several, say how many: it is a security decision].
         #[arg(long)]
-        threshold: usize,
+        threshold: Option<usize>,
         /// Where to write the trust file; never overwritten.
         #[arg(long)]
         out: PathBuf,
@@ -78,6 +79,19 @@ pub fn run(command: Command) -> anyhow::Result<Exit> {
             threshold,
             out,
         } => {
+            let threshold = match (threshold, keys.len()) {
+                (Some(threshold), _) => threshold,
+                (None, 1) => 1,
+                (None, n) => {
+                    return Err(files::InputError::Invalid {
+                        path: keys[0].clone(),
+                        detail: format!(
+                            "{n} keys given and no --threshold: say how many of them must sign each bundle, e.g. --threshold 2"
+                        ),
+                    }
+                    .into());
+                }
+            };
             let trust = Trust::new(1, threshold, SystemTime::now(), public_keys(&keys)?)?;
             let file = TrustFile::unsigned(trust);
             files::write_atomic(&out, &file.to_bytes(), 0o644, true)?;

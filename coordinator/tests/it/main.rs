@@ -3,4 +3,5 @@
 mod api;
 mod bundle_tools;
 mod fake;
+mod hardening;
 mod sigkill;

@@ -1,0 +1,377 @@
+//! The coordinator under hostile and careless clients: oversized and
+//! half-sent bodies, slow headers, too many connections, concurrent and
+//! aborted pushes, bad ids and token requests, a lost database. Each test
+//! checks the specific refusal and that nothing was lost or left behind.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+use turnout::coordinator::Settings;
+use turnout_proto::request_auth;
+
+use crate::fake::{FakeAgent, Server, demo_bundle, now_ms, wait_for};
+
+fn connect(server: &Server) -> TcpStream {
+    let stream = TcpStream::connect(server.url.trim_start_matches("http://")).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    stream
+}
+
+/// Reads until the peer closes or a full response head arrived; returns it.
+fn read_answer(stream: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Whether the server closed the connection (a read returns end of file or
+/// a reset); a read that times out means it is still open.
+fn closed(stream: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+fn still_serves(server: &Server) {
+    let hosts: Value = server.client(Some(&server.admin)).get("/v1/hosts").unwrap();
+    assert!(hosts.is_array());
+}
+
+fn unfinished_pushes(server: &Server) -> Vec<String> {
+    std::fs::read_dir(server.dir.path().join("bundles"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".push-"))
+        .collect()
+}
+
+#[test]
+fn an_oversized_body_is_refused_before_it_is_read() {
+    let server = Server::start(Settings::default());
+    // No credentials: refused from the headers alone, the body never read.
+    let mut stream = connect(&server);
+    write!(
+        stream,
+        "POST /v1/agent/hello HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576000\r\n\r\n"
+    )
+    .unwrap();
+    let answer = read_answer(&mut stream);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+
+    // An enrolled host's fresh header gets its body read, up to the limit.
+    let token = server.enroll_token(1);
+    let agent = FakeAgent::new(&server.url, "web-01", 1);
+    assert_eq!(agent.enroll(&token, &[]).status, 200);
+    let header = request_auth::sign(
+        &agent.key,
+        &agent.host,
+        "POST",
+        "/v1/agent/report",
+        now_ms(),
+        b"whatever",
+    );
+    let mut stream = connect(&server);
+    write!(
+        stream,
+        "POST /v1/agent/report HTTP/1.1\r\nHost: x\r\nAuthorization: {header}\r\nContent-Length: 1048576000\r\n\r\n"
+    )
+    .unwrap();
+    let chunk = vec![b'x'; 64 * 1024];
+    for _ in 0..32 {
+        if stream.write_all(&chunk).is_err() {
+            break; // refused and closed mid-body: as it should be
+        }
+    }
+    let answer = read_answer(&mut stream);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    still_serves(&server);
+}
+
+#[test]
+fn a_slow_request_head_is_cut_off() {
+    let server = Server::start(Settings {
+        header_timeout: Duration::from_millis(500),
+        ..Settings::default()
+    });
+    let mut stream = connect(&server);
+    write!(stream, "POST /v1/agent/hello HTTP/1.1\r\nHost: x\r\n").unwrap();
+    assert!(closed(&mut stream), "a half-sent head is not kept open");
+    // An idle kept-alive connection is closed the same way.
+    let mut idle = connect(&server);
+    assert!(closed(&mut idle));
+    still_serves(&server);
+}
+
+#[test]
+fn connections_past_the_cap_are_closed_and_counted() {
+    let server = Server::start(Settings {
+        max_connections: 3,
+        ..Settings::default()
+    });
+    let _held: Vec<TcpStream> = (0..3).map(|_| connect(&server)).collect();
+    // The accept loop takes them in turn: wait until one more is refused.
+    wait_for("a connection past the cap to be closed", Duration::from_secs(30), || {
+        let mut extra = connect(&server);
+        extra
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        closed(&mut extra)
+    });
+    drop(_held);
+    wait_for("the coordinator to serve again", Duration::from_secs(30), || {
+        server
+            .client(Some(&server.admin))
+            .get::<Value>("/v1/hosts")
+            .is_ok()
+    });
+    let metrics = reqwest_metrics(&server);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("turnout_connections_refused_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}
+
+fn reqwest_metrics(server: &Server) -> String {
+    let mut stream = connect(server);
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    text
+}
+
+#[test]
+fn a_half_sent_request_does_not_keep_a_stopping_coordinator_alive() {
+    let mut server = Server::start(Settings {
+        shutdown_grace: Duration::from_millis(500),
+        ..Settings::default()
+    });
+    let token = server.enroll_token(1);
+    let agent = FakeAgent::new(&server.url, "web-01", 1);
+    assert_eq!(agent.enroll(&token, &[]).status, 200);
+    let header = request_auth::sign(
+        &agent.key,
+        &agent.host,
+        "POST",
+        "/v1/agent/report",
+        now_ms(),
+        b"x",
+    );
+    let mut stream = connect(&server);
+    write!(
+        stream,
+        "POST /v1/agent/report HTTP/1.1\r\nHost: x\r\nAuthorization: {header}\r\nContent-Length: 100\r\n\r\n0123456789"
+    )
+    .unwrap();
+    // Stop it, and see it stop although that request never finishes.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let stopping = std::thread::spawn(move || {
+        server.stop();
+        done_tx.send(()).unwrap();
+    });
+    assert!(
+        done_rx.recv_timeout(Duration::from_secs(60)).is_ok(),
+        "the coordinator did not stop"
+    );
+    stopping.join().unwrap();
+    drop(stream);
+}
+
+#[test]
+fn concurrent_pushes_store_every_bundle_under_its_own_digest() {
+    let server = Server::start(Settings::default());
+    let dir = tempfile::tempdir().unwrap();
+    let bundles: Vec<_> = (0..6)
+        .map(|i| demo_bundle(dir.path(), &format!("1.0.{i}")))
+        .collect();
+    let url = server.url.clone();
+    let admin = server.admin.clone();
+    std::thread::scope(|scope| {
+        let pushes: Vec<_> = (0..24)
+            .map(|i| {
+                let bundle = bundles[i % bundles.len()].clone();
+                let (url, admin) = (url.clone(), admin.clone());
+                scope.spawn(move || {
+                    turnout::client::Client::new(&url, Some(admin))
+                        .post_stream::<Value>(
+                            "/v1/bundles",
+                            &mut std::fs::File::open(bundle).unwrap(),
+                        )
+                })
+            })
+            .collect();
+        for push in pushes {
+            let record = push.join().unwrap().expect("every valid push succeeds");
+            assert!(record["sha256"].is_string());
+        }
+    });
+    let mut stored = 0;
+    for entry in std::fs::read_dir(server.dir.path().join("bundles")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let digest = turnout_proto::Digest::from_bytes(Sha256::digest(std::fs::read(&path).unwrap()).into());
+        assert_eq!(name, format!("{digest}.tnt"), "a stored file's name is its digest");
+        stored += 1;
+    }
+    assert_eq!(stored, 6);
+    assert_eq!(unfinished_pushes(&server), Vec::<String>::new());
+}
+
+#[test]
+fn refused_and_abandoned_pushes_leave_nothing_behind() {
+    let server = Server::start(Settings::default());
+    let garbage = vec![7u8; 300_000];
+    let err = server
+        .client(Some(&server.admin))
+        .post_stream::<Value>("/v1/bundles", &mut &garbage[..])
+        .unwrap_err();
+    assert!(err.to_string().contains("bundle refused"), "{err}");
+    assert_eq!(unfinished_pushes(&server), Vec::<String>::new());
+
+    // A client that goes away mid-upload.
+    let mut stream = connect(&server);
+    write!(
+        stream,
+        "POST /v1/bundles HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 50000000\r\n\r\n",
+        server.admin
+    )
+    .unwrap();
+    stream.write_all(&vec![0u8; 1 << 20]).unwrap();
+    wait_for("the upload to start", Duration::from_secs(30), || {
+        !unfinished_pushes(&server).is_empty()
+    });
+    drop(stream);
+    wait_for("the abandoned upload's file to go", Duration::from_secs(30), || {
+        unfinished_pushes(&server).is_empty()
+    });
+    assert!(server.coordinator.with_store(|s| s.bundles()).unwrap().is_empty());
+}
+
+#[test]
+fn an_unfinished_push_left_by_a_kill_is_removed_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("bundles")).unwrap();
+    let leftover = dir.path().join("bundles/.push-4242-abc");
+    std::fs::write(&leftover, b"half a bundle").unwrap();
+    let key = turnout_proto::keys::SecretKey::from_seed([9; 32]);
+    let trust =
+        turnout_proto::trust::Trust::new(1, 1, std::time::SystemTime::UNIX_EPOCH, vec![key.public()])
+            .unwrap();
+    turnout::coordinator::Coordinator::open(dir.path(), trust, Settings::default()).unwrap();
+    assert!(!leftover.exists());
+}
+
+#[test]
+fn rollout_ids_that_cannot_be_addressed_are_refused() {
+    let server = Server::start(Settings::default());
+    let token = server.enroll_token(1);
+    let v1 = server.push_release("1.0.0");
+    server.push_release("2.0.0");
+    FakeAgent::join(&server.url, "web-01", 1, &token, &v1);
+    let admin = server.client(Some(&server.admin));
+    for id in ["a\nb", "../etc", "x\"y", "with space", "-leading", &"a".repeat(70_000)] {
+        let err = admin
+            .post::<Value>(
+                "/v1/rollouts",
+                &json!({"spec": {"service": "web", "release": "web@2.0.0"}, "id": id}),
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("rollout id") && err.to_string().contains("(HTTP 400)"),
+            "{id:?}: {err}"
+        );
+    }
+    let rollouts: Vec<Value> = admin.get("/v1/rollouts").unwrap();
+    assert!(rollouts.is_empty(), "nothing was started: {rollouts:?}");
+}
+
+#[test]
+fn token_requests_are_strict_and_cannot_overflow() {
+    let server = Server::start(Settings::default());
+    let admin = server.client(Some(&server.admin));
+    for (body, expect) in [
+        (json!({"rol": "admin"}), "unknown field `rol`"),
+        (json!({"enroll": true, "ttl_secs": u64::MAX}), "expected 1 to"),
+        (json!({"enroll": true, "ttl_secs": 0}), "expected 1 to"),
+        (json!({"enroll": true, "uses": 0}), "uses 0"),
+        (json!({"enroll": true, "role": "admin"}), "enrollment token has none"),
+        (json!({"role": "viewer", "ttl_secs": 5}), "are for enrollment tokens"),
+    ] {
+        let err = admin.post::<Value>("/v1/tokens", &body).unwrap_err();
+        assert!(
+            err.to_string().contains(expect) && err.to_string().contains("(HTTP 400)"),
+            "{body}: {err}"
+        );
+    }
+    let made: Value = admin
+        .post("/v1/tokens", &json!({"enroll": true, "ttl_secs": 366 * 24 * 3600}))
+        .unwrap();
+    let agent = FakeAgent::new(&server.url, "web-01", 1);
+    assert_eq!(
+        agent.enroll(made["token"].as_str().unwrap(), &[]).status,
+        200,
+        "a year-long token is valid now"
+    );
+}
+
+#[test]
+fn serve_refuses_an_empty_database_beside_a_bundle_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(state.join("bundles")).unwrap();
+    std::fs::write(state.join("bundles/0011.tnt"), b"a stored bundle").unwrap();
+    std::fs::write(state.join("coordinator.db"), b"").unwrap();
+    let key = turnout_proto::keys::SecretKey::from_seed([9; 32]);
+    let trust_key = dir.path().join("k.pub.pem");
+    std::fs::write(&trust_key, key.public().to_pem()).unwrap();
+    let trust = dir.path().join("trust.json");
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
+        .args(["trust", "init", "--key"])
+        .arg(&trust_key)
+        .arg("--out")
+        .arg(&trust)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(&state)
+        .arg("--trust")
+        .arg(&trust)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("the database is missing or empty, but the bundle store beside it holds 1 bundle(s)"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::metadata(state.join("coordinator.db")).unwrap().len(),
+        0,
+        "nothing was written"
+    );
+}
