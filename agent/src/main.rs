@@ -7,6 +7,7 @@ use turnout_agent::cli::{Cli, run};
 use turnout_agent::exit::classify;
 
 fn main() -> ExitCode {
+    turnout_agent::cli::quiet_on_closed_stdout();
     match run(Cli::parse()) {
         Ok(exit) => exit.into(),
         Err(err) => {

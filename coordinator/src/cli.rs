@@ -55,8 +55,8 @@ pub enum Command {
     Events(cmd::fleet::EventsArgs),
     /// Show the whole system on this machine: a coordinator, agents, three rollouts.
     Demo(crate::demo::Args),
-    /// Run the agent's command line from this binary (`turnout agent run`, …).
-    #[command(hide = true)]
+    /// Run the agent's command line from this binary (`turnout agent status`, …);
+    /// its exit codes are the agent's (see `turnout-agent --help`).
     Agent {
         /// The agent's arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -103,3 +103,5 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         }
     }
 }
+
+pub use turnout_agent::cli::quiet_on_closed_stdout;

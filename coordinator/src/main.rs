@@ -7,6 +7,7 @@ use turnout::cli::{Cli, run};
 use turnout::exit::classify;
 
 fn main() -> ExitCode {
+    turnout::cli::quiet_on_closed_stdout();
     match run(Cli::parse()) {
         Ok(exit) => exit.into(),
         Err(err) => {

@@ -221,6 +221,11 @@ pub fn events(args: &EventsArgs) -> anyhow::Result<Exit> {
             path.push_str("&wait=30s");
         }
         let events: Vec<Value> = client.get(&path)?;
+        // The server answers a page at a time: without --follow, read pages
+        // until one comes back empty, so the whole log is printed.
+        if events.is_empty() && !args.follow {
+            return Ok(Exit::Success);
+        }
         for event in &events {
             if args.remote.json {
                 println!("{}", serde_json::to_string(event)?);
@@ -228,9 +233,6 @@ pub fn events(args: &EventsArgs) -> anyhow::Result<Exit> {
                 print_event(event);
             }
             after = event["id"].as_u64().unwrap_or(after);
-        }
-        if !args.follow {
-            return Ok(Exit::Success);
         }
     }
 }

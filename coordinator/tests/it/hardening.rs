@@ -375,3 +375,37 @@ fn serve_refuses_an_empty_database_beside_a_bundle_store() {
         "nothing was written"
     );
 }
+
+#[test]
+fn events_prints_the_whole_log_and_a_closed_pipe_ends_it_quietly() {
+    let server = Server::start(Settings::default());
+    let admin = server.client(Some(&server.admin));
+    for _ in 0..1_050 {
+        let _: Value = admin.post("/v1/tokens", &json!({"role": "viewer"})).unwrap();
+    }
+    let events = || {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_turnout"));
+        command
+            .args(["events", "--coordinator", &server.url, "--token", &server.admin])
+            .stderr(std::process::Stdio::piped());
+        command
+    };
+    let out = events().output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let lines = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert_eq!(lines, 1_050, "every event, past the server's page of 1,000");
+
+    // `turnout events | head -1`: the reader goes away after one line.
+    let mut child = events()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 16];
+    stdout.read_exact(&mut first).unwrap();
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
