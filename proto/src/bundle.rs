@@ -241,6 +241,15 @@ pub enum BundleError {
         /// What it is.
         kind: String,
     },
+    /// Bytes after the archive's end: the same signed content with a new
+    /// file digest, which nobody's `turnout pack` made.
+    #[error(
+        "the archive's end is followed by {found} byte(s) where exactly {BLOCK} zero bytes were expected: bytes were added after `turnout pack` (a re-packed or tampered copy); fetch the bundle as it was packed"
+    )]
+    TrailingData {
+        /// How many bytes follow the first end block (up to about 1 MiB counted).
+        found: u64,
+    },
     /// The sink could not store a member (e.g. the disk is full).
     #[error("writing payload/{path} failed: {source}")]
     Sink {
@@ -449,6 +458,7 @@ fn read_head_from<R: Read>(
 fn with_head<R: Read, T>(
     reader: R,
     limits: &Limits,
+    to_the_end: bool,
     then: impl FnOnce(&Input, Head, &mut tar::Entries<'_, Counted<'_, R>>) -> Result<T, BundleError>,
 ) -> Result<T, BundleError> {
     let input = Input::new(limits);
@@ -457,12 +467,42 @@ fn with_head<R: Read, T>(
         .entries()
         .map_err(|err| input.error(err, MANIFEST_MEMBER))?;
     let head = read_head_from(&input, &mut entries, limits)?;
-    then(&input, head, &mut entries)
+    let value = then(&input, head, &mut entries)?;
+    drop(entries);
+    if to_the_end {
+        check_end(&input, archive.into_inner())?;
+    }
+    Ok(value)
 }
+
+/// After the tar reader met the first zero block of the archive's end, what
+/// follows must be exactly the second zero block, as `turnout pack` writes
+/// it. Anything more would give the same signed content a new file digest,
+/// so anyone could mint "new" bundles from a signed one without a key.
+fn check_end<R: Read>(input: &Input, mut rest: Counted<'_, R>) -> Result<(), BundleError> {
+    let mut tail = Vec::with_capacity(BLOCK + 1);
+    (&mut rest)
+        .take(BLOCK as u64 + 1)
+        .read_to_end(&mut tail)
+        .map_err(|err| input.error(err, "the end of the archive"))?;
+    if tail.len() == BLOCK && tail.iter().all(|b| *b == 0) {
+        return Ok(());
+    }
+    let mut more = 0u64;
+    if tail.len() > BLOCK {
+        more = io::copy(&mut rest.take(1 << 20), &mut io::sink()).unwrap_or(0);
+    }
+    Err(BundleError::TrailingData {
+        found: tail.len() as u64 + more,
+    })
+}
+
+/// A tar block.
+const BLOCK: usize = 512;
 
 /// Reads only the head of a bundle, trusting nothing: for `inspect` and `sign`.
 pub fn read_head<R: Read>(reader: R, limits: &Limits) -> Result<Head, BundleError> {
-    with_head(reader, limits, |_, head, _| Ok(head))
+    with_head(reader, limits, false, |_, head, _| Ok(head))
 }
 
 /// A link member's target, lossily decoded (it is compared, never trusted).
@@ -549,7 +589,7 @@ pub fn verify_and_unpack<R: Read>(
     limits: &Limits,
     sink: &mut dyn Sink,
 ) -> Result<Verified, BundleError> {
-    with_head(reader, limits, |input, head, entries| {
+    with_head(reader, limits, true, |input, head, entries| {
         verify_payload(input, head, entries, trust, now, sink)
     })
 }
@@ -763,7 +803,7 @@ pub fn rewrite_signatures<R: Read, W: Write>(
     signatures: &[SignatureEntry],
     limits: &Limits,
 ) -> Result<W, BundleError> {
-    with_head(reader, limits, |input, head, entries| {
+    with_head(reader, limits, false, |input, head, entries| {
         copy_with_signatures(input, &head, entries, out, signatures)
     })
 }

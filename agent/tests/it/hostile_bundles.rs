@@ -541,3 +541,27 @@ proptest! {
         }
     }
 }
+
+/// Bytes after the archive's end would give the same signed content a new
+/// file digest: a coordinator alternating padded copies made a host
+/// reinstall the same release again and again.
+#[test]
+fn data_after_the_end_of_the_archive() {
+    let good = good_bundle(&[&key(1)]);
+    for (tail, found) in [
+        (b"garbage".to_vec(), 512 + 7),
+        (vec![0u8; 512], 1024),
+        (vec![0u8; 10_240], 512 + 10_240),
+    ] {
+        let mut padded = good.clone();
+        padded.extend_from_slice(&tail);
+        assert!(
+            matches!(rejected(&padded), BundleError::TrailingData { found: f } if f == found),
+            "{} trailing byte(s)",
+            tail.len()
+        );
+    }
+    // A missing second end block is a truncated archive, also refused.
+    let cut = &good[..good.len() - 512];
+    assert!(matches!(rejected(cut), BundleError::TrailingData { found: 0 }));
+}
