@@ -250,6 +250,8 @@ pub struct Link {
     cache: PathBuf,
     /// Per service, why its desired release is refused here, for reports.
     refusals: Mutex<BTreeMap<String, String>>,
+    /// The last report's `seq`.
+    last_seq: Mutex<u64>,
 }
 
 /// How far one service got toward its desired release.
@@ -297,6 +299,7 @@ impl Link {
             status,
             cache,
             refusals: Mutex::new(BTreeMap::new()),
+            last_seq: Mutex::new(0),
         }
     }
 
@@ -704,9 +707,15 @@ impl Link {
     /// a host at rest on what it was last told from one not yet told.
     async fn report(&self, converged: u64) -> Result<(), LinkError> {
         let statuses = self.agent.status().await.unwrap_or_default();
+        // Strictly growing, also when the clock steps back while running.
+        let seq = {
+            let mut last = self.last_seq.lock().expect("not poisoned");
+            *last = now_ms().max(*last + 1);
+            *last
+        };
         let report = Report {
             host: self.identity.host.clone(),
-            seq: now_ms(),
+            seq,
             desired_index: converged,
             services: {
                 let refusals = self.refusals.lock().expect("not poisoned");

@@ -299,7 +299,10 @@ impl Coordinator {
         if removed > 0 {
             turnout_agent::log::line(
                 "turnout",
-                &format!("removed {removed} unfinished bundle upload(s) from {}", bundles_dir.display()),
+                &format!(
+                    "removed {removed} unfinished bundle upload(s) from {}",
+                    bundles_dir.display()
+                ),
             );
         }
         let store = Store::open(&state_dir.join("coordinator.db"))?;
@@ -443,11 +446,23 @@ impl Coordinator {
     /// Queues a report; the rollout loop writes queued reports in one
     /// transaction (see `flush`), and stepping a rollout flushes first.
     pub fn queue_report(&self, report: turnout_proto::messages::Report, now: u64) {
-        self.pending
-            .lock()
-            .expect("not poisoned")
-            .reports
-            .insert(report.host.to_string(), (report, now));
+        {
+            let mut pending = self.pending.lock().expect("not poisoned");
+            let queued = pending.reports.entry(report.host.to_string());
+            match queued {
+                std::collections::hash_map::Entry::Occupied(mut queued) => {
+                    // Reports may arrive out of order: keep the newest.
+                    if queued.get().0.seq < report.seq {
+                        queued.insert((report, now));
+                    } else {
+                        self.metrics.stale_report();
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert((report, now));
+                }
+            }
+        }
         self.wake();
     }
 
@@ -472,7 +487,9 @@ impl Coordinator {
         }
         store.atomically(|s| {
             for (report, at) in pending.reports.values() {
-                s.record_report(report, *at)?;
+                if !s.record_report(report, *at)? {
+                    self.metrics.stale_report();
+                }
             }
             for (host, (at, acked)) in &pending.seen {
                 s.touch(host, *at, *acked)?;

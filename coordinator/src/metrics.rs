@@ -25,6 +25,7 @@ struct Inner {
     auth_failures: BTreeMap<&'static str, u64>,
     bad_reports: u64,
     connections_refused: u64,
+    stale_reports: u64,
 }
 
 impl Metrics {
@@ -60,6 +61,11 @@ impl Metrics {
     /// Counts a malformed or oversized agent report.
     pub fn bad_report(&self) {
         self.inner.lock().expect("not poisoned").bad_reports += 1;
+    }
+
+    /// Counts a report dropped because the host's stored one is as new or newer.
+    pub fn stale_report(&self) {
+        self.inner.lock().expect("not poisoned").stale_reports += 1;
     }
 
     /// Counts a connection closed because `max_connections` were open.
@@ -126,6 +132,11 @@ impl Metrics {
             out,
             "# TYPE turnout_connections_refused_total counter\nturnout_connections_refused_total {}",
             inner.connections_refused
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE turnout_stale_reports_total counter\nturnout_stale_reports_total {}",
+            inner.stale_reports
         );
         let mut typed = std::collections::BTreeSet::new();
         for (name, labels, value) in gauges {

@@ -159,7 +159,10 @@ pub async fn serve(
             Err(err) => {
                 // Out of file descriptors, most often: say so, and give
                 // finishing connections a moment to free some.
-                complain(&mut last_complaint, &format!("accepting a connection: {err}"));
+                complain(
+                    &mut last_complaint,
+                    &format!("accepting a connection: {err}"),
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -176,9 +179,8 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let connection = graceful.watch(
-            http.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone()),
-        );
+        let connection = graceful
+            .watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone()));
         tokio::spawn(async move {
             let _ = connection.await;
             drop(slot);
@@ -680,7 +682,11 @@ async fn push_bundle(
                 message: format!(
                     "writing the upload to {}: {e}{}",
                     c.bundles_dir().display(),
-                    if full { "; nothing was stored: free space and push again" } else { "" }
+                    if full {
+                        "; nothing was stored: free space and push again"
+                    } else {
+                        ""
+                    }
                 ),
             }
         })?;
@@ -689,7 +695,9 @@ async fn push_bundle(
         .map_err(|e| internal("writing the upload", e))?;
     let sha256 = turnout_proto::Digest::from_bytes(hasher.finalize().into());
     let trust = c.trust().clone();
-    let check = temp.reopen().map_err(|e| internal("reading the upload", e))?;
+    let check = temp
+        .reopen()
+        .map_err(|e| internal("reading the upload", e))?;
     let verified = tokio::task::spawn_blocking(move || {
         turnout_proto::bundle::verify_and_unpack(
             std::io::BufReader::new(check),

@@ -437,20 +437,24 @@ impl Store {
         Ok(())
     }
 
-    /// Records a report (and that the host was seen).
-    pub fn record_report(&self, report: &Report, now: u64) -> Result<()> {
-        self.conn
-            .prepare_cached("UPDATE hosts SET report = ?2, last_seen_ms = MAX(last_seen_ms, ?3), acked_index = MAX(acked_index, ?4) WHERE id = ?1")
+    /// Records a report (and that the host was seen), unless the host's
+    /// stored report has a `seq` as high or higher: a late or replayed
+    /// report never overwrites a newer one, also across coordinator
+    /// restarts. Returns whether it was recorded.
+    pub fn record_report(&self, report: &Report, now: u64) -> Result<bool> {
+        let changed = self.conn
+            .prepare_cached("UPDATE hosts SET report = ?2, last_seen_ms = MAX(last_seen_ms, ?3), acked_index = MAX(acked_index, ?4) WHERE id = ?1 AND (report IS NULL OR COALESCE(json_extract(report, '$.seq'), 0) < ?5)")
             .and_then(|mut statement| {
                 statement.execute(params![
                     report.host.as_str(),
                     serde_json::to_string(report).expect("reports serialise"),
                     now as i64,
-                    report.desired_index.min(i64::MAX as u64) as i64
+                    report.desired_index.min(i64::MAX as u64) as i64,
+                    report.seq.min(i64::MAX as u64) as i64
                 ])
             })
             .map_err(self.err())?;
-        Ok(())
+        Ok(changed > 0)
     }
 
     /// Marks a host as seen (a long poll counts) and done with desired
@@ -759,6 +763,39 @@ mod tests {
                 .unwrap(),
             Err(EnrollRefusal::Unknown)
         );
+    }
+
+    #[test]
+    fn a_late_or_replayed_report_never_overwrites_a_newer_one_even_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let mut store = Store::open(&path).unwrap();
+        let token = store.create_enroll_token(1000, 1, 0).unwrap();
+        let host: HostId = "web-01".parse().unwrap();
+        store
+            .enroll(&token, &host, "KEY", &BTreeMap::new(), 0)
+            .unwrap()
+            .unwrap();
+        let report = |seq| Report {
+            host: host.clone(),
+            seq,
+            desired_index: 0,
+            services: Vec::new(),
+        };
+        assert!(store.record_report(&report(10), 1).unwrap());
+        assert!(!store.record_report(&report(9), 2).unwrap(), "older");
+        assert!(
+            !store.record_report(&report(10), 3).unwrap(),
+            "the same again"
+        );
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert!(
+            !store.record_report(&report(10), 4).unwrap(),
+            "replayed after a restart"
+        );
+        assert!(store.record_report(&report(11), 5).unwrap());
+        assert_eq!(store.hosts().unwrap()[0].report.as_ref().unwrap().seq, 11);
     }
 
     #[test]

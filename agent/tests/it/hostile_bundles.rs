@@ -563,5 +563,8 @@ fn data_after_the_end_of_the_archive() {
     }
     // A missing second end block is a truncated archive, also refused.
     let cut = &good[..good.len() - 512];
-    assert!(matches!(rejected(cut), BundleError::TrailingData { found: 0 }));
+    assert!(matches!(
+        rejected(cut),
+        BundleError::TrailingData { found: 0 }
+    ));
 }

@@ -122,7 +122,10 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
                     files::write_atomic(path, format!("{token}\n").as_bytes(), 0o600, true)?;
                     turnout_agent::log::line(
                         "turnout",
-                        &format!("wrote the first admin token to {} (mode 0600)", path.display()),
+                        &format!(
+                            "wrote the first admin token to {} (mode 0600)",
+                            path.display()
+                        ),
                     );
                 }
                 None => println!("admin token (shown once, keep it safe): {token}"),

@@ -132,20 +132,28 @@ fn connections_past_the_cap_are_closed_and_counted() {
     });
     let _held: Vec<TcpStream> = (0..3).map(|_| connect(&server)).collect();
     // The accept loop takes them in turn: wait until one more is refused.
-    wait_for("a connection past the cap to be closed", Duration::from_secs(30), || {
-        let mut extra = connect(&server);
-        extra
-            .set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        closed(&mut extra)
-    });
+    wait_for(
+        "a connection past the cap to be closed",
+        Duration::from_secs(30),
+        || {
+            let mut extra = connect(&server);
+            extra
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            closed(&mut extra)
+        },
+    );
     drop(_held);
-    wait_for("the coordinator to serve again", Duration::from_secs(30), || {
-        server
-            .client(Some(&server.admin))
-            .get::<Value>("/v1/hosts")
-            .is_ok()
-    });
+    wait_for(
+        "the coordinator to serve again",
+        Duration::from_secs(30),
+        || {
+            server
+                .client(Some(&server.admin))
+                .get::<Value>("/v1/hosts")
+                .is_ok()
+        },
+    );
     let metrics = reqwest_metrics(&server);
     assert!(
         metrics
@@ -157,7 +165,11 @@ fn connections_past_the_cap_are_closed_and_counted() {
 
 fn reqwest_metrics(server: &Server) -> String {
     let mut stream = connect(server);
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut text = String::new();
     let _ = stream.read_to_string(&mut text);
     text
@@ -215,11 +227,10 @@ fn concurrent_pushes_store_every_bundle_under_its_own_digest() {
                 let bundle = bundles[i % bundles.len()].clone();
                 let (url, admin) = (url.clone(), admin.clone());
                 scope.spawn(move || {
-                    turnout::client::Client::new(&url, Some(admin))
-                        .post_stream::<Value>(
-                            "/v1/bundles",
-                            &mut std::fs::File::open(bundle).unwrap(),
-                        )
+                    turnout::client::Client::new(&url, Some(admin)).post_stream::<Value>(
+                        "/v1/bundles",
+                        &mut std::fs::File::open(bundle).unwrap(),
+                    )
                 })
             })
             .collect();
@@ -232,8 +243,13 @@ fn concurrent_pushes_store_every_bundle_under_its_own_digest() {
     for entry in std::fs::read_dir(server.dir.path().join("bundles")).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        let digest = turnout_proto::Digest::from_bytes(Sha256::digest(std::fs::read(&path).unwrap()).into());
-        assert_eq!(name, format!("{digest}.tnt"), "a stored file's name is its digest");
+        let digest =
+            turnout_proto::Digest::from_bytes(Sha256::digest(std::fs::read(&path).unwrap()).into());
+        assert_eq!(
+            name,
+            format!("{digest}.tnt"),
+            "a stored file's name is its digest"
+        );
         stored += 1;
     }
     assert_eq!(stored, 6);
@@ -264,10 +280,18 @@ fn refused_and_abandoned_pushes_leave_nothing_behind() {
         !unfinished_pushes(&server).is_empty()
     });
     drop(stream);
-    wait_for("the abandoned upload's file to go", Duration::from_secs(30), || {
-        unfinished_pushes(&server).is_empty()
-    });
-    assert!(server.coordinator.with_store(|s| s.bundles()).unwrap().is_empty());
+    wait_for(
+        "the abandoned upload's file to go",
+        Duration::from_secs(30),
+        || unfinished_pushes(&server).is_empty(),
+    );
+    assert!(
+        server
+            .coordinator
+            .with_store(|s| s.bundles())
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[test]
@@ -277,9 +301,13 @@ fn an_unfinished_push_left_by_a_kill_is_removed_at_start() {
     let leftover = dir.path().join("bundles/.push-4242-abc");
     std::fs::write(&leftover, b"half a bundle").unwrap();
     let key = turnout_proto::keys::SecretKey::from_seed([9; 32]);
-    let trust =
-        turnout_proto::trust::Trust::new(1, 1, std::time::SystemTime::UNIX_EPOCH, vec![key.public()])
-            .unwrap();
+    let trust = turnout_proto::trust::Trust::new(
+        1,
+        1,
+        std::time::SystemTime::UNIX_EPOCH,
+        vec![key.public()],
+    )
+    .unwrap();
     turnout::coordinator::Coordinator::open(dir.path(), trust, Settings::default()).unwrap();
     assert!(!leftover.exists());
 }
@@ -292,7 +320,14 @@ fn rollout_ids_that_cannot_be_addressed_are_refused() {
     server.push_release("2.0.0");
     FakeAgent::join(&server.url, "web-01", 1, &token, &v1);
     let admin = server.client(Some(&server.admin));
-    for id in ["a\nb", "../etc", "x\"y", "with space", "-leading", &"a".repeat(70_000)] {
+    for id in [
+        "a\nb",
+        "../etc",
+        "x\"y",
+        "with space",
+        "-leading",
+        &"a".repeat(70_000),
+    ] {
         let err = admin
             .post::<Value>(
                 "/v1/rollouts",
@@ -314,11 +349,20 @@ fn token_requests_are_strict_and_cannot_overflow() {
     let admin = server.client(Some(&server.admin));
     for (body, expect) in [
         (json!({"rol": "admin"}), "unknown field `rol`"),
-        (json!({"enroll": true, "ttl_secs": u64::MAX}), "expected 1 to"),
+        (
+            json!({"enroll": true, "ttl_secs": u64::MAX}),
+            "expected 1 to",
+        ),
         (json!({"enroll": true, "ttl_secs": 0}), "expected 1 to"),
         (json!({"enroll": true, "uses": 0}), "uses 0"),
-        (json!({"enroll": true, "role": "admin"}), "enrollment token has none"),
-        (json!({"role": "viewer", "ttl_secs": 5}), "are for enrollment tokens"),
+        (
+            json!({"enroll": true, "role": "admin"}),
+            "enrollment token has none",
+        ),
+        (
+            json!({"role": "viewer", "ttl_secs": 5}),
+            "are for enrollment tokens",
+        ),
     ] {
         let err = admin.post::<Value>("/v1/tokens", &body).unwrap_err();
         assert!(
@@ -327,7 +371,10 @@ fn token_requests_are_strict_and_cannot_overflow() {
         );
     }
     let made: Value = admin
-        .post("/v1/tokens", &json!({"enroll": true, "ttl_secs": 366 * 24 * 3600}))
+        .post(
+            "/v1/tokens",
+            &json!({"enroll": true, "ttl_secs": 366 * 24 * 3600}),
+        )
         .unwrap();
     let agent = FakeAgent::new(&server.url, "web-01", 1);
     assert_eq!(
@@ -366,11 +413,15 @@ fn serve_refuses_an_empty_database_beside_a_bundle_store() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(
-        stderr.contains("the database is missing or empty, but the bundle store beside it holds 1 bundle(s)"),
+        stderr.contains(
+            "the database is missing or empty, but the bundle store beside it holds 1 bundle(s)"
+        ),
         "{stderr}"
     );
     assert_eq!(
-        std::fs::metadata(state.join("coordinator.db")).unwrap().len(),
+        std::fs::metadata(state.join("coordinator.db"))
+            .unwrap()
+            .len(),
         0,
         "nothing was written"
     );
@@ -381,12 +432,20 @@ fn events_prints_the_whole_log_and_a_closed_pipe_ends_it_quietly() {
     let server = Server::start(Settings::default());
     let admin = server.client(Some(&server.admin));
     for _ in 0..1_050 {
-        let _: Value = admin.post("/v1/tokens", &json!({"role": "viewer"})).unwrap();
+        let _: Value = admin
+            .post("/v1/tokens", &json!({"role": "viewer"}))
+            .unwrap();
     }
     let events = || {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_turnout"));
         command
-            .args(["events", "--coordinator", &server.url, "--token", &server.admin])
+            .args([
+                "events",
+                "--coordinator",
+                &server.url,
+                "--token",
+                &server.admin,
+            ])
             .stderr(std::process::Stdio::piped());
         command
     };
