@@ -256,6 +256,9 @@ fn requested(input: &Input) -> String {
     }
 }
 
+/// How often the rollout loop recomputes the fleet gauges of `/metrics`.
+const GAUGES_EVERY: Duration = Duration::from_secs(5);
+
 /// The coordinator.
 pub struct Coordinator {
     store: Mutex<Store>,
@@ -276,8 +279,10 @@ pub struct Coordinator {
     /// Parsed public keys of enrolled hosts: parsing one decompresses a curve
     /// point, too costly to do on every signed request.
     keys: Mutex<HashMap<String, turnout_proto::keys::PublicKey>>,
-    /// Request and refusal counters.
+    /// Request and refusal counters, and the fleet gauges.
     pub metrics: Metrics,
+    /// When the fleet gauges were last computed.
+    gauges_at: Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -325,6 +330,7 @@ impl Coordinator {
             desired_states: Mutex::new(HashMap::new()),
             pending: Mutex::new(Pending::default()),
             metrics: Metrics::default(),
+            gauges_at: Mutex::new(None),
         })
     }
 
@@ -837,9 +843,60 @@ impl Coordinator {
         }
     }
 
+    /// Recomputes the fleet gauges `/metrics` shows, from the store.
+    pub fn refresh_gauges(&self) -> Result<(), ApiError> {
+        let now = now_ms();
+        let (hosts, rollouts) =
+            self.with_store(|s| -> Result<_, StoreError> { Ok((s.hosts()?, s.rollouts()?)) })?;
+        let mut by_state: BTreeMap<&'static str, i64> =
+            [("online", 0), ("offline", 0), ("incompatible", 0)].into();
+        let mut agents: BTreeMap<(String, String), i64> = BTreeMap::new();
+        for h in &hosts {
+            let state = if h.incompatible.is_some() {
+                "incompatible"
+            } else if self.online(h, now) {
+                "online"
+            } else {
+                "offline"
+            };
+            *by_state.entry(state).or_default() += 1;
+            let key = (
+                h.agent_version.clone().unwrap_or_else(|| "unknown".into()),
+                h.proto.map_or("none".into(), |p| p.to_string()),
+            );
+            *agents.entry(key).or_default() += 1;
+        }
+        let mut states: BTreeMap<&'static str, i64> = BTreeMap::new();
+        let mut phases: BTreeMap<(String, &'static str), i64> = BTreeMap::new();
+        for r in &rollouts {
+            *states.entry(r.state.name()).or_default() += 1;
+            if !r.state.is_finished() {
+                for h in r.hosts.values() {
+                    *phases.entry((r.id.clone(), h.phase.name())).or_default() += 1;
+                }
+            }
+        }
+        self.metrics.set_fleet(&crate::metrics::FleetSnapshot {
+            hosts: by_state.into_iter().collect(),
+            agents: agents.into_iter().collect(),
+            rollouts: states.into_iter().collect(),
+            phases: phases.into_iter().collect(),
+        });
+        Ok(())
+    }
+
     /// Writes queued reports, then steps every unfinished rollout once.
     pub fn tick(&self) {
         self.flush_or_log();
+        {
+            let mut last = self.gauges_at.lock().expect("not poisoned");
+            if last.is_none_or(|at| at.elapsed() >= GAUGES_EVERY) {
+                *last = Some(std::time::Instant::now());
+                if let Err(err) = self.refresh_gauges() {
+                    turnout_agent::log::line("turnout", &format!("computing metrics: {err}"));
+                }
+            }
+        }
         let active: Vec<String> = match self.with_store(|s| s.active_rollout_ids()) {
             Ok(ids) => ids,
             Err(err) => {

@@ -542,7 +542,9 @@ async fn report(
     body: Body,
 ) -> Result<Response, ApiError> {
     let claim = host_claim(&c, &headers)?;
-    let body = read_body(&c, body).await?;
+    let body = read_body(&c, body)
+        .await
+        .inspect_err(|_| c.metrics.bad_report())?;
     let host = verify_host(&c, claim, &method, &uri, &body)?;
     let decoded = Reader::default().decode::<Report>(&body);
     let report = match decoded {
@@ -1076,72 +1078,12 @@ async fn events(
     Ok(json(&found))
 }
 
-async fn metrics(State(c): State<Shared>) -> Result<Response, ApiError> {
-    c.flush()?;
-    let now = now_ms();
-    let hosts = c.with_store(|s| s.hosts())?;
-    let rollouts = c.rollouts()?;
-    let mut gauges: Vec<crate::metrics::Gauge<'_>> = Vec::new();
-    let mut by_state: BTreeMap<&str, f64> = BTreeMap::new();
-    let mut by_version: BTreeMap<(String, String), f64> = BTreeMap::new();
-    for h in &hosts {
-        let state = if h.incompatible.is_some() {
-            "incompatible"
-        } else if c.online(h, now) {
-            "online"
-        } else {
-            "offline"
-        };
-        *by_state.entry(state).or_default() += 1.0;
-        let key = (
-            h.agent_version.clone().unwrap_or_else(|| "unknown".into()),
-            h.proto.map_or("none".into(), |p| p.to_string()),
-        );
-        *by_version.entry(key).or_default() += 1.0;
-    }
-    for state in ["online", "offline", "incompatible"] {
-        gauges.push((
-            "turnout_hosts",
-            vec![("state", state.into())],
-            by_state.get(state).copied().unwrap_or(0.0),
-        ));
-    }
-    for ((version, proto), n) in by_version {
-        gauges.push((
-            "turnout_hosts_by_agent",
-            vec![("agent_version", version), ("proto", proto)],
-            n,
-        ));
-    }
-    let mut rollout_states: BTreeMap<&str, f64> = BTreeMap::new();
-    for r in &rollouts {
-        *rollout_states.entry(r.state.name()).or_default() += 1.0;
-        if !r.state.is_finished() {
-            let mut phases: BTreeMap<String, f64> = BTreeMap::new();
-            for h in r.hosts.values() {
-                let name = serde_json::to_value(&h.phase)
-                    .ok()
-                    .and_then(|v| v["phase"].as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                *phases.entry(name).or_default() += 1.0;
-            }
-            for (phase, n) in phases {
-                gauges.push((
-                    "turnout_rollout_hosts",
-                    vec![("rollout", r.id.clone()), ("phase", phase)],
-                    n,
-                ));
-            }
-        }
-    }
-    for (state, n) in rollout_states {
-        gauges.push(("turnout_rollouts", vec![("state", state.into())], n));
-    }
-    Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        c.metrics.render(&gauges),
+async fn metrics(State(c): State<Shared>) -> Response {
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        c.metrics.render(),
     )
-        .into_response())
+        .into_response()
 }
 
 /// The one stream helper the push handler needs, without a futures dependency.

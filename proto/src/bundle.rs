@@ -468,7 +468,6 @@ fn with_head<R: Read, T>(
         .map_err(|err| input.error(err, MANIFEST_MEMBER))?;
     let head = read_head_from(&input, &mut entries, limits)?;
     let value = then(&input, head, &mut entries)?;
-    drop(entries);
     if to_the_end {
         check_end(&input, archive.into_inner())?;
     }

@@ -226,9 +226,12 @@ fn a_malformed_or_oversized_report_is_refused_counted_and_changes_nothing() {
     );
     assert_eq!(answer.status, 400);
     assert!(answer.text().contains("invalid `seq`"), "{}", answer.text());
+    // Refused as it arrives: the answer is a 413, or, when the coordinator
+    // closes before the client has sent it all, a broken connection.
     let huge = vec![b' '; 2 << 20];
-    let answer = agent.signed("POST", "/v1/agent/report", &huge);
-    assert_eq!(answer.status, 413, "{}", answer.text());
+    if let Some(answer) = agent.try_signed("POST", "/v1/agent/report", &huge) {
+        assert_eq!(answer.status, 413, "{}", answer.text());
+    }
     let after: Vec<Value> = server.client(Some(&server.admin)).get("/v1/hosts").unwrap();
     assert_eq!(before[0]["report"], after[0]["report"]);
     assert!(

@@ -219,6 +219,33 @@ impl FakeAgent {
         }
     }
 
+    /// A signed request whose connection may be cut off by the server
+    /// (a body refused as it arrives): None if it was.
+    pub(crate) fn try_signed(&self, method: &str, path: &str, body: &[u8]) -> Option<Answer> {
+        let auth = request_auth::sign(&self.key, &self.host, method, path, now_ms(), body);
+        let url = format!("{}{path}", self.url);
+        match self
+            .http
+            .post(&url)
+            .header("Authorization", auth)
+            .send(body)
+        {
+            Ok(mut response) => Some(Answer {
+                status: response.status().as_u16(),
+                body: response.body_mut().read_to_vec().unwrap_or_default(),
+            }),
+            Err(ureq::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                None
+            }
+            Err(other) => panic!("{method} {path}: {other}"),
+        }
+    }
+
     pub(crate) fn signed(&self, method: &str, path: &str, body: &[u8]) -> Answer {
         self.signed_as(&self.key, now_ms(), method, path, body)
     }
