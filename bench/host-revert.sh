@@ -36,6 +36,8 @@ url = "http://127.0.0.1:$port/healthz"
 interval = "$INTERVAL"
 timeout = "500ms"
 failure = 3
+# Measured from the first failing check: none is forgiven.
+start_period = "0s"
 TOML
 release() { # version mode
     demo_release "$work" web "$1" "$2" "$work/web-$1.tnt"

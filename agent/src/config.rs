@@ -25,6 +25,8 @@
 //! interval = "1s"                           # every check: interval, timeout,
 //! timeout = "1s"                            #   success (consecutive passes to pass, 1)
 //! failure = 3                               #   failure (consecutive fails to fail, 3)
+//! start_period = "15s"                      #   failures before the first pass, this
+//!                                           #   soon after the switch, do not count
 //! ```
 //!
 //! Other checks: `tcp` (`address`), `exec` (`command = [..]`), `systemd` (the
@@ -110,7 +112,13 @@ pub struct Check {
     pub success: u32,
     /// Consecutive failures that make the check fail.
     pub failure: u32,
+    /// After a switch, failures before the check's first pass do not count
+    /// for this long: a service is given time to start listening.
+    pub start_period: Duration,
 }
+
+/// The default start period of a check.
+pub const DEFAULT_START_PERIOD: Duration = Duration::from_secs(15);
 
 /// What a check probes.
 #[derive(Debug, Clone, PartialEq)]
@@ -629,6 +637,7 @@ fn read_check(path: &str, t: &toml::Table, problems: &mut Vec<Problem>) -> Optio
     );
     let success = count(problems, fields.get("success"), 1);
     let failure = count(problems, fields.get("failure"), 3);
+    let start_period = duration(problems, fields.get("start_period"), DEFAULT_START_PERIOD);
     let kind = string(problems, fields.get("kind"));
     if kind.is_none() && !t.contains_key("kind") {
         problem(
@@ -763,6 +772,7 @@ fn read_check(path: &str, t: &toml::Table, problems: &mut Vec<Problem>) -> Optio
         timeout,
         success,
         failure,
+        start_period,
     })
 }
 

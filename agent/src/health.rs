@@ -3,7 +3,11 @@
 //! A [`Judge`] is pure: it is fed probe results and the time since the
 //! switch, and says pending, healthy or unhealthy. A check passes after
 //! `success` consecutive passes and fails after `failure` consecutive
-//! failures; the release commits once every check has passed continuously
+//! failures. Within its `start_period` after the switch, failures before a
+//! check's first pass do not count (a service is given time to start
+//! listening, like Docker's `--start-period`); its first pass, or the
+//! period's end, starts the normal judgement. The release commits once
+//! every check has passed continuously
 //! for `min_healthy`, and reverts when any check fails, when the service's
 //! process dies (it restarted since the switch), or when `deadline` passes
 //! first. [`bake`] drives a judge with real probes and real time.
@@ -52,6 +56,9 @@ struct Tally {
     passes: u32,
     fails: u32,
     status: CheckStatus,
+    start_period: Duration,
+    /// It has passed once since the switch: its start period is over.
+    started: bool,
 }
 
 /// Decides a bake from probe results and elapsed time; see the module docs.
@@ -76,6 +83,10 @@ impl Judge {
                     passes: 0,
                     fails: 0,
                     status: CheckStatus::Pending,
+                    // Never past the deadline: a service that never starts
+                    // is still reverted in time.
+                    start_period: c.start_period.min(bake.deadline),
+                    started: false,
                 })
                 .collect(),
             bake,
@@ -84,11 +95,16 @@ impl Judge {
         }
     }
 
-    /// Records one result of check `index`.
-    pub fn observe(&mut self, index: usize, result: Result<(), String>) {
+    /// Records one result of check `index`, `elapsed` after the switch;
+    /// returns false if it did not count (a failure in the start period).
+    pub fn observe(&mut self, index: usize, result: Result<(), String>, elapsed: Duration) -> bool {
         let tally = &mut self.checks[index];
+        if result.is_err() && !tally.started && elapsed < tally.start_period {
+            return false;
+        }
         match result {
             Ok(()) => {
+                tally.started = true;
                 tally.passes += 1;
                 tally.fails = 0;
                 if tally.passes >= tally.success {
@@ -103,6 +119,7 @@ impl Judge {
                 }
             }
         }
+        true
     }
 
     /// Records that the service's process died or restarted.
@@ -400,9 +417,12 @@ pub async fn bake(
         for (i, check) in checks.iter().enumerate() {
             if due[i] <= now {
                 let result = probe(check, supervisor, baseline_restarts, &mut cpu[i]).await;
-                // The first failure of a streak is logged: when it began is
-                // what an operator reading a revert wants to know.
-                if let Err(reason) = &result
+                let failed = result.as_ref().err().cloned();
+                let counted = judge.observe(i, result, Instant::now() - start);
+                // The first counted failure of a streak is logged: when it
+                // began is what an operator reading a revert wants to know.
+                if let Some(reason) = &failed
+                    && counted
                     && !failing[i]
                 {
                     crate::log!(
@@ -411,8 +431,7 @@ pub async fn bake(
                         check.failure
                     );
                 }
-                failing[i] = result.is_err();
-                judge.observe(i, result);
+                failing[i] = failed.is_some() && counted;
                 due[i] = now + check.interval;
             }
         }
@@ -444,6 +463,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             success,
             failure,
+            start_period: Duration::from_secs(15),
         }
     }
 
@@ -461,13 +481,13 @@ mod tests {
     #[test]
     fn commits_after_min_healthy_of_continuous_green() {
         let mut judge = Judge::new(&[check(2, 3)], bake(3, 60));
-        judge.observe(0, Ok(()));
+        judge.observe(0, Ok(()), s(100));
         assert_eq!(
             judge.verdict(s(0)),
             Verdict::Pending,
             "one pass of two needed"
         );
-        judge.observe(0, Ok(()));
+        judge.observe(0, Ok(()), s(100));
         assert_eq!(judge.verdict(s(1)), Verdict::Pending);
         assert_eq!(judge.verdict(s(3)), Verdict::Pending);
         assert!(matches!(judge.verdict(s(4)), Verdict::Healthy(_)));
@@ -476,12 +496,12 @@ mod tests {
     #[test]
     fn failures_below_the_threshold_do_not_revert_but_reset_nothing_green() {
         let mut judge = Judge::new(&[check(1, 3)], bake(10, 60));
-        judge.observe(0, Ok(()));
+        judge.observe(0, Ok(()), s(100));
         assert_eq!(judge.verdict(s(0)), Verdict::Pending);
-        judge.observe(0, Err("503".into()));
-        judge.observe(0, Err("503".into()));
+        judge.observe(0, Err("503".into()), s(100));
+        judge.observe(0, Err("503".into()), s(100));
         assert_eq!(judge.verdict(s(2)), Verdict::Pending, "2 failures of 3");
-        judge.observe(0, Err("503".into()));
+        judge.observe(0, Err("503".into()), s(100));
         assert_eq!(
             judge.verdict(s(3)),
             Verdict::Unhealthy("check tcp 127.0.0.1:1 failed 3 times in a row: 503".into())
@@ -492,15 +512,50 @@ mod tests {
     fn a_pass_between_failures_restarts_the_count() {
         let mut judge = Judge::new(&[check(1, 2)], bake(10, 60));
         for result in [Err("x".to_owned()), Ok(()), Err("x".to_owned()), Ok(())] {
-            judge.observe(0, result);
+            judge.observe(0, result, s(100));
             assert_eq!(judge.verdict(s(1)), Verdict::Pending);
+        }
+    }
+
+    /// The newcomer's case: a service not listening yet for its first
+    /// seconds used to be reverted by its third refused connection.
+    #[test]
+    fn failures_before_the_first_pass_in_the_start_period_do_not_count() {
+        let mut judge = Judge::new(&[check(1, 3)], bake(2, 60));
+        for second in 0..10 {
+            assert!(!judge.observe(0, Err("connection refused".into()), s(second)));
+        }
+        assert_eq!(judge.verdict(s(10)), Verdict::Pending);
+        assert!(judge.observe(0, Ok(()), s(11)));
+        // After the first pass, failures count again at once.
+        for _ in 0..3 {
+            assert!(judge.observe(0, Err("503".into()), s(12)));
+        }
+        assert!(matches!(judge.verdict(s(12)), Verdict::Unhealthy(r) if r.contains("failed 3 times")));
+    }
+
+    #[test]
+    fn a_service_that_never_starts_fails_when_the_start_period_ends() {
+        let mut judge = Judge::new(&[check(1, 3)], bake(2, 60));
+        for second in 10..15 {
+            judge.observe(0, Err("connection refused".into()), s(second));
+        }
+        assert_eq!(judge.verdict(s(15)), Verdict::Pending);
+        for second in 15..18 {
+            assert!(judge.observe(0, Err("connection refused".into()), s(second)));
+        }
+        assert!(matches!(judge.verdict(s(18)), Verdict::Unhealthy(_)));
+        // The start period never outlasts the deadline.
+        let mut short = Judge::new(&[check(1, 3)], bake(1, 5));
+        for second in 5..8 {
+            assert!(short.observe(0, Err("refused".into()), s(second)));
         }
     }
 
     #[test]
     fn the_deadline_reverts_a_release_that_never_settles() {
         let mut judge = Judge::new(&[check(1, 3), check(1, 3)], bake(10, 30));
-        judge.observe(0, Ok(()));
+        judge.observe(0, Ok(()), s(100));
         assert_eq!(judge.verdict(s(29)), Verdict::Pending);
         let Verdict::Unhealthy(reason) = judge.verdict(s(30)) else {
             panic!()

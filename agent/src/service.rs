@@ -857,6 +857,7 @@ impl Agent {
             deadline: std::time::Duration::MAX,
         };
         let mut judge = health::Judge::new(checks, rest);
+        let mut since = tokio::time::Instant::now();
         let mut cpu: Vec<health::CpuSample> = vec![None; checks.len()];
         let mut due = vec![tokio::time::Instant::now(); checks.len()];
         loop {
@@ -865,10 +866,9 @@ impl Agent {
                 let restarts = service.supervisor.restarts().await;
                 for (i, check) in checks.iter().enumerate() {
                     if due[i] <= now {
-                        judge.observe(
-                            i,
-                            health::probe(check, &service.supervisor, restarts, &mut cpu[i]).await,
-                        );
+                        let result =
+                            health::probe(check, &service.supervisor, restarts, &mut cpu[i]).await;
+                        judge.observe(i, result, now - since);
                         due[i] = now + check.interval;
                     }
                 }
@@ -886,6 +886,7 @@ impl Agent {
             } else {
                 self.monitored.lock().expect("not poisoned").remove(name);
                 judge = health::Judge::new(checks, rest);
+                since = now;
                 due.iter_mut().for_each(|d| *d = now);
             }
             let wake = due

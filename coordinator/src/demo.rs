@@ -361,6 +361,8 @@ kind = "http"
 url = "http://127.0.0.1:{port}/healthz"
 interval = "200ms"
 failure = 3
+# The demo service listens at once; a real one may need the default 15s.
+start_period = "2s"
 "#,
         state = home.join("state").display(),
         trust = trust.display()

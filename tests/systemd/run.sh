@@ -126,6 +126,7 @@ deadline = "20s"
 kind = "http"
 url = "http://127.0.0.1:${PORT[$i]}/healthz"
 interval = "200ms"
+start_period = "3s"
 [[service.check]]
 kind = "systemd"
 interval = "200ms"

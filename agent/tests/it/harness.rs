@@ -56,6 +56,7 @@ impl Host {
             url = "http://127.0.0.1:{port}/healthz"
             interval = "100ms"
             failure = 3
+            start_period = "1s"
             "#,
             state = host.state().display(),
             trust = host.path("trust.json").display(),
