@@ -6,7 +6,7 @@
 //! release = "web@1.4.2"            # or a bundle sha256
 //! selector = "role=web,region=eu-1"
 //! waves = ["1", "10%", "50%", "100%"]   # cumulative share of the selected hosts
-//! max_parallel = 5                 # hosts switching at once within a wave
+//! max_parallel = 5                 # hosts switching at once within a wave (default: the whole wave)
 //! bake = "30s"                     # coordinator-side extra bake after a host commits
 //! healthy_deadline = "2m"          # per host, from dispatch to committed
 //! progress_deadline = "10m"        # per wave
@@ -137,6 +137,9 @@ pub enum Offline {
     Fail,
 }
 
+/// `max_parallel` when none is given: every host of a wave at once.
+pub const WHOLE_WAVE: usize = usize::MAX;
+
 /// A validated rollout spec.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RolloutSpec {
@@ -167,6 +170,39 @@ pub struct RolloutSpec {
     pub promote: Promote,
     /// Offline hosts at their turn.
     pub offline: Offline,
+}
+
+impl RolloutSpec {
+    /// Every setting that shapes the rollout, defaults included, on one line.
+    pub fn settings(&self) -> String {
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        let waves: Vec<String> = self.waves.iter().map(ToString::to_string).collect();
+        format!(
+            "waves [{}], max_parallel {}, bake {}, healthy_deadline {}, progress_deadline {}, max_failed {}, on_failure {}, promote {}, offline {}",
+            waves.join(", "),
+            if self.max_parallel == WHOLE_WAVE {
+                "the whole wave".to_owned()
+            } else {
+                self.max_parallel.to_string()
+            },
+            d(self.bake),
+            d(self.healthy_deadline),
+            d(self.progress_deadline),
+            self.max_failed,
+            match self.on_failure {
+                OnFailure::Rollback => "rollback",
+                OnFailure::Pause => "pause",
+            },
+            match self.promote {
+                Promote::Auto => "auto",
+                Promote::Manual => "manual",
+            },
+            match self.offline {
+                Offline::Skip => "skip",
+                Offline::Fail => "fail",
+            },
+        )
+    }
 }
 
 mod millis {
@@ -363,7 +399,8 @@ impl RolloutSpec {
                 },
             }
         };
-        let max_parallel = count("max_parallel", 1, &mut problem);
+        // By default a wave moves as a wave: its size is the blast radius.
+        let max_parallel = count("max_parallel", WHOLE_WAVE, &mut problem);
         let duration = |key: &str,
                         default: u64,
                         problem: &mut dyn FnMut(&str, String)|
@@ -470,6 +507,19 @@ impl RolloutSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With `max_parallel` defaulting to 1, a three-wave rollout of 20 hosts
+    /// moved one host at a time and lost to an Ansible play.
+    #[test]
+    fn defaults_move_a_wave_as_a_wave_and_are_all_shown() {
+        let raw = RolloutSpec::raw_from_toml("service = \"web\"\nrelease = \"web@1.0.0\"").unwrap();
+        let spec = RolloutSpec::from_raw(&raw).unwrap();
+        assert_eq!(spec.max_parallel, WHOLE_WAVE);
+        assert_eq!(
+            spec.settings(),
+            "waves [1, 100%], max_parallel the whole wave, bake 0s, healthy_deadline 2m, progress_deadline 10m, max_failed 0, on_failure rollback, promote auto, offline skip"
+        );
+    }
 
     #[test]
     fn the_design_example_parses() {

@@ -32,31 +32,31 @@ pub struct SpecArgs {
     /// Labels hosts must have, e.g. role=web,region=eu-1.
     #[arg(long)]
     pub selector: Option<String>,
-    /// Cumulative waves, e.g. 1,10%,50%,100%.
+    /// Cumulative waves, e.g. 1,10%,50%,100% [default: 1,100%].
     #[arg(long, value_delimiter = ',')]
     pub waves: Vec<String>,
-    /// Hosts switching at once within a wave.
+    /// Hosts switching at once within a wave [default: the whole wave].
     #[arg(long)]
     pub max_parallel: Option<u64>,
-    /// Coordinator-side bake after a host commits, e.g. 30s.
+    /// Coordinator-side bake after a host commits, e.g. 30s [default: 0s].
     #[arg(long)]
     pub bake: Option<String>,
-    /// Per host, from dispatch to committed, e.g. 2m.
+    /// Per host, from dispatch to committed, e.g. 2m [default: 2m].
     #[arg(long)]
     pub healthy_deadline: Option<String>,
-    /// Per wave, e.g. 10m.
+    /// Per wave, e.g. 10m [default: 10m].
     #[arg(long)]
     pub progress_deadline: Option<String>,
-    /// Failures allowed: a count or a percentage.
+    /// Failures allowed: a count or a percentage [default: 0].
     #[arg(long)]
     pub max_failed: Option<String>,
-    /// rollback or pause.
+    /// What a tripped gate does: rollback or pause [default: rollback].
     #[arg(long)]
     pub on_failure: Option<String>,
-    /// auto or manual.
+    /// Whether each wave after the first waits for `promote`: auto or manual [default: auto].
     #[arg(long)]
     pub promote: Option<String>,
-    /// skip or fail.
+    /// Hosts offline at their turn: skip or fail [default: skip].
     #[arg(long)]
     pub offline: Option<String>,
 }
@@ -108,6 +108,10 @@ pub enum Command {
     Start {
         #[command(flatten)]
         spec: SpecArgs,
+        /// Then follow it until it finishes, as `turnout rollout watch`
+        /// (exit 0 if it succeeded, 7 if not).
+        #[arg(long)]
+        watch: bool,
         #[command(flatten)]
         remote: Remote,
     },
@@ -186,6 +190,11 @@ pub fn run(command: Command) -> anyhow::Result<Exit> {
                     plan["target"]["name"].as_str().unwrap_or_default(),
                     plan["target"]["version"].as_str().unwrap_or_default()
                 );
+                if let Ok(spec) =
+                    serde_json::from_value::<crate::spec::RolloutSpec>(plan["spec"].clone())
+                {
+                    println!("  {}", spec.settings());
+                }
                 for (i, wave) in plan["waves"].as_array().into_iter().flatten().enumerate() {
                     let hosts: Vec<&str> = wave
                         .as_array()
@@ -206,12 +215,24 @@ pub fn run(command: Command) -> anyhow::Result<Exit> {
             }
             Ok(Exit::Success)
         }
-        Command::Start { spec, remote } => {
+        Command::Start {
+            spec,
+            watch: follow,
+            remote,
+        } => {
             let rollout: Rollout = remote
                 .client()
                 .post("/v1/rollouts", &json!({"spec": spec.raw()?, "id": spec.id}))?;
+            if follow {
+                if !remote.json {
+                    print_rollout(&rollout);
+                    println!("  {}", rollout.spec.settings());
+                }
+                return watch(&rollout.id, &remote);
+            }
             if !remote.print_json(&rollout)? {
                 print_rollout(&rollout);
+                println!("  {}", rollout.spec.settings());
                 println!("follow it with: turnout rollout watch {}", rollout.id);
             }
             Ok(Exit::Success)
