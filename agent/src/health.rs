@@ -531,7 +531,9 @@ mod tests {
         for _ in 0..3 {
             assert!(judge.observe(0, Err("503".into()), s(12)));
         }
-        assert!(matches!(judge.verdict(s(12)), Verdict::Unhealthy(r) if r.contains("failed 3 times")));
+        assert!(
+            matches!(judge.verdict(s(12)), Verdict::Unhealthy(r) if r.contains("failed 3 times"))
+        );
     }
 
     #[test]

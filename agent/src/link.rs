@@ -589,8 +589,15 @@ impl Link {
 
     /// Fetches a bundle into the cache, resuming a partial download, and
     /// checks its sha256 before handing it to the install cycle.
+    ///
+    /// The download is bounded by the size the desired state names: a server
+    /// sending more is cut off and what it sent discarded. A `.part` that is
+    /// already complete (the agent stopped between the last byte and the
+    /// rename) is checked and used, or discarded, never asked for again with
+    /// a range past its end. Hashing runs off the runtime's threads.
     async fn download(&self, desired: &DesiredService, resume: bool) -> Result<PathBuf, LinkError> {
         let sha = desired.release.sha256.to_string();
+        let size = desired.size;
         let io = |what: String| move |source| LinkError::Io { what, source };
         std::fs::create_dir_all(&self.cache).map_err(io("creating the bundle cache".into()))?;
         let done = self.cache.join(format!("{sha}.tnt"));
@@ -598,11 +605,15 @@ impl Link {
             return Ok(done);
         }
         let part = self.cache.join(format!("{sha}.part"));
-        let have = if resume {
-            std::fs::metadata(&part).map_or(0, |m| m.len())
-        } else {
-            0
-        };
+        let mut have = std::fs::metadata(&part).map_or(0, |m| m.len());
+        if have > 0 && (!resume || (size > 0 && have >= size)) {
+            if size > 0 && have == size && hash_matches(&part, &sha).await {
+                return self.finish_download(&part, &done);
+            }
+            // Not resumable here, or complete but wrong, or too long: start over.
+            let _ = std::fs::remove_file(&part);
+            have = 0;
+        }
         let path = format!("/v1/bundles/{sha}");
         let header = request_auth::sign(
             &self.identity.key,
@@ -614,7 +625,7 @@ impl Link {
         );
         let url = format!("{}{path}", self.identity.coordinator);
         let part_for_blocking = part.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), LinkError> {
+        let fetched = tokio::task::spawn_blocking(move || -> Result<(), LinkError> {
             let mut request = client().get(&url).header("Authorization", header);
             if have > 0 {
                 request = request.header("Range", format!("bytes={have}-"));
@@ -625,13 +636,19 @@ impl Link {
             })?;
             let status = response.status().as_u16();
             if status != 200 && status != 206 {
-                let body = response.body_mut().read_to_vec().unwrap_or_default();
+                let body = response
+                    .body_mut()
+                    .with_config()
+                    .limit(64 * 1024)
+                    .read_to_vec()
+                    .unwrap_or_default();
                 return Err(LinkError::Refused {
                     what: "the bundle download".into(),
                     status,
                     message: error_message(&body),
                 });
             }
+            let start = if status == 206 { have } else { 0 };
             let mut file = std::fs::OpenOptions::new()
                 .create(true)
                 .append(status == 206)
@@ -644,6 +661,7 @@ impl Link {
                 })?;
             let mut reader = response.body_mut().with_config().limit(u64::MAX).reader();
             let mut buffer = vec![0; 256 * 1024];
+            let mut written = start;
             loop {
                 let n = reader
                     .read(&mut buffer)
@@ -653,6 +671,17 @@ impl Link {
                     })?;
                 if n == 0 {
                     break;
+                }
+                written += n as u64;
+                if size > 0 && written > size {
+                    drop(file);
+                    let _ = std::fs::remove_file(&part_for_blocking);
+                    return Err(LinkError::Io {
+                        what: format!("the download of {}", part_for_blocking.display()),
+                        source: std::io::Error::other(format!(
+                            "the server sent more than the {size} bytes the desired state names; discarded"
+                        )),
+                    });
                 }
                 file.write_all(&buffer[..n])
                     .map_err(|source| LinkError::Io {
@@ -666,23 +695,30 @@ impl Link {
             })
         })
         .await
-        .expect("the download does not panic")?;
-        let mut hasher = Sha256::new();
-        let mut file = std::fs::File::open(&part).map_err(io("reading the download".into()))?;
-        std::io::copy(&mut file, &mut hasher).map_err(io("reading the download".into()))?;
-        let got = turnout_proto::Digest::from_bytes(hasher.finalize().into());
-        if got.as_str() != sha {
+        .expect("the download does not panic");
+        if let Err(LinkError::Refused { status: 416, .. }) = &fetched {
+            // The range is past what the server has: what is here is not a
+            // prefix of it. Start over at the next attempt.
+            let _ = std::fs::remove_file(&part);
+        }
+        fetched?;
+        if !hash_matches(&part, &sha).await {
             let _ = std::fs::remove_file(&part);
             return Err(LinkError::Io {
                 what: format!("the download of {sha}"),
-                source: std::io::Error::other(format!(
-                    "its sha256 is {got}: corrupt or swapped; discarded"
-                )),
+                source: std::io::Error::other("its sha256 differs: corrupt or swapped; discarded"),
             });
         }
-        std::fs::rename(&part, &done).map_err(io("finishing the download".into()))?;
-        self.prune_cache(&done);
-        Ok(done)
+        self.finish_download(&part, &done)
+    }
+
+    fn finish_download(&self, part: &Path, done: &Path) -> Result<PathBuf, LinkError> {
+        std::fs::rename(part, done).map_err(|source| LinkError::Io {
+            what: "finishing the download".into(),
+            source,
+        })?;
+        self.prune_cache(done);
+        Ok(done.to_owned())
     }
 
     /// Keeps the three newest bundles in the cache.
@@ -741,6 +777,24 @@ impl Link {
         }
         Ok(())
     }
+}
+
+/// Whether the file at `path` has sha256 `sha`, hashed on a blocking thread.
+async fn hash_matches(path: &Path, sha: &str) -> bool {
+    let path = path.to_owned();
+    let sha = sha.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut hasher = Sha256::new();
+        let Ok(mut file) = std::fs::File::open(&path) else {
+            return false;
+        };
+        if std::io::copy(&mut file, &mut hasher).is_err() {
+            return false;
+        }
+        turnout_proto::Digest::from_bytes(hasher.finalize().into()).as_str() == sha
+    })
+    .await
+    .unwrap_or(false)
 }
 
 fn service_report(s: &ServiceStatus, refusal: Option<&String>) -> ServiceReport {

@@ -2,6 +2,7 @@
 //! coordinator agree on the protocol, and fleets of real processes on
 //! loopback survive the faults of a real fleet.
 
+mod downloads;
 mod fleet;
 mod handshake;
 mod units;
