@@ -814,7 +814,7 @@ fn service_report(s: &ServiceStatus, refusal: Option<&String>) -> ServiceReport 
                 at_ms: o.at_ms,
             })
         }),
-        last_error: refusal.cloned().or_else(|| {
+        last_error: refusal.cloned().or(s.journal_error.clone()).or_else(|| {
             (s.health == Health::Unhealthy)
                 .then(|| s.health_detail.clone())
                 .flatten()

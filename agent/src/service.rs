@@ -179,6 +179,10 @@ pub struct ServiceStatus {
     pub running: bool,
     /// The last outcome.
     pub last_outcome: Option<HistoryEntry>,
+    /// Why the journal cannot be written, while it cannot: nothing moves
+    /// until it can (but a revert, which goes ahead unrecorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal_error: Option<String>,
 }
 
 struct Service {
@@ -206,6 +210,8 @@ pub struct Agent {
     monitoring: std::sync::atomic::AtomicBool,
     /// The coordinator link's state, for `status`.
     link: Arc<Mutex<crate::link::LinkStatus>>,
+    /// Why the journal cannot be written right now, while it cannot.
+    journal_error: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -269,6 +275,7 @@ impl Agent {
                 state: "standalone".into(),
                 detail: None,
             })),
+            journal_error: Mutex::new(None),
         })
     }
 
@@ -567,10 +574,12 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let service = self.service(name)?;
         let mut events = VecDeque::from([event]);
+        // Kept here, not re-read from the journal: a revert may go ahead
+        // unrecorded while the journal cannot be written (see `persist`).
+        let mut current = self.state(name)?;
         while let Some(event) = events.pop_front() {
-            let state = self.state(name)?;
             let (state, effects) =
-                machine::next(state, event).map_err(|source| AgentError::Busy {
+                machine::next(current.clone(), event).map_err(|source| AgentError::Busy {
                     service: name.to_owned(),
                     source,
                 })?;
@@ -591,10 +600,8 @@ impl Agent {
                     _ => None,
                 })
                 .collect();
-            self.journal
-                .lock()
-                .expect("not poisoned")
-                .persist(name, &state, &records, now)?;
+            self.persist(name, &state, &records, now).await?;
+            current = state.clone();
             let at_rest = matches!(state, State::Idle { committed: Some(_) });
             service.at_rest.store(at_rest, Ordering::SeqCst);
             crate::notify::notify(&format!("STATUS={}", self.status_line()));
@@ -606,6 +613,66 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Journals `state` before its effects run. A failed write (a full
+    /// disk, most often) is retried with backoff and reported in `status`
+    /// until it lands, so a transient failure never leaves a service
+    /// "baking" for good. One exception keeps the bake's deadline whatever
+    /// the journal does: a revert goes ahead unrecorded after a few
+    /// attempts, since recovery from the state still journaled (switching
+    /// or baking) reverts too.
+    async fn persist(
+        &self,
+        name: &str,
+        state: &State,
+        records: &[HistoryEntry],
+        now: u64,
+    ) -> Result<(), AgentError> {
+        let mut attempt = 0u32;
+        loop {
+            let written = self
+                .journal
+                .lock()
+                .expect("not poisoned")
+                .persist(name, state, records, now);
+            let err = match written {
+                Ok(()) => {
+                    if attempt > 0 {
+                        crate::log!(
+                            "{name}: the journal is writable again; recorded {}",
+                            state.name()
+                        );
+                        self.journal_error.lock().expect("not poisoned").take();
+                    }
+                    return Ok(());
+                }
+                Err(err) => err,
+            };
+            attempt += 1;
+            if attempt == 1 || attempt.is_multiple_of(60) {
+                crate::log!(
+                    "{name}: writing the journal failed (attempt {attempt}): {err}; retrying, nothing moves until it is recorded"
+                );
+            }
+            *self.journal_error.lock().expect("not poisoned") = Some(format!(
+                "the journal cannot be written ({err}); {name} waits to record {}",
+                state.name()
+            ));
+            // Baking and reverting are entered only from switching or
+            // baking, whose recovery after a crash is a revert: going ahead
+            // unrecorded changes nothing about what a restart would do, and
+            // keeps the bake's deadline and the revert on time.
+            if matches!(state, State::Baking { .. } | State::Reverting { .. }) && attempt >= 3 {
+                crate::log!(
+                    "{name}: going on to {} without recording it: the journal still cannot be written, and recovery from what it holds reverts anyway",
+                    state.name()
+                );
+                return Ok(());
+            }
+            let wait = std::time::Duration::from_millis(100 << attempt.min(6));
+            tokio::time::sleep(wait).await;
+        }
     }
 
     async fn perform(
@@ -974,6 +1041,7 @@ impl Agent {
                 health_detail,
                 running,
                 last_outcome,
+                journal_error: self.journal_error.lock().expect("not poisoned").clone(),
             });
         }
         Ok(out)

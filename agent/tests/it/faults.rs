@@ -166,37 +166,42 @@ fn a_missing_systemd_unit_is_refused_before_anything_is_touched() {
     );
 }
 
-#[test]
-fn disk_full_while_unpacking_keeps_the_committed_release() {
+/// Mounts a tmpfs of `size` on the host's state directory (root only);
+/// None when not root. It is unmounted when the guard drops.
+fn small_state_disk(host: &Host, size: &str) -> Option<Unmount> {
     if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) != 0 {
         eprintln!("skipped: mounting a small tmpfs needs root");
-        return;
+        return None;
     }
-    let mut host = Host::new("300ms");
     let state = host.state();
     std::fs::create_dir_all(&state).unwrap();
     let mounted = std::process::Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=4m",
-            "tmpfs",
-            state.to_str().unwrap(),
-        ])
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(&state)
         .status()
         .unwrap();
     assert!(mounted.success(), "mount tmpfs");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
+    Some(Unmount(state))
+}
+
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
     }
-    let _unmount = Unmount(state.clone());
+}
+
+#[test]
+fn disk_full_while_unpacking_keeps_the_committed_release() {
+    let mut host = Host::new("300ms");
+    let Some(_unmount) = small_state_disk(&host, "4m") else {
+        return;
+    };
+    let state = host.state();
     let v1 = host.bundle("1.0.0", "healthy");
     let big = host.bundle_with("2.0.0", "healthy", &[("data/blob", vec![7; 6 << 20])]);
     host.start_daemon(&[]);
@@ -209,5 +214,105 @@ fn disk_full_while_unpacking_keeps_the_committed_release() {
         !state.join("services/web/staging/unpack").exists(),
         "staging left behind"
     );
+    host.stop_daemon();
+}
+
+/// Fills the file system holding `dir` with one file; returns its path.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let block = vec![1u8; 64 * 1024];
+    while file.write_all(&block).is_ok() {}
+    let _ = file.sync_all();
+    path
+}
+
+/// A journal write failing mid-bake (disk full) used to leave the service
+/// "baking" for good: installs and rollbacks refused, no deadline, only a
+/// restart helped. Now the write is retried and reported, and the install
+/// finishes once the disk has room again.
+#[test]
+fn a_journal_write_failing_mid_bake_is_retried_until_it_lands() {
+    let mut host = Host::new("3s");
+    let Some(_unmount) = small_state_disk(&host, "16m") else {
+        return;
+    };
+    let v1 = host.bundle("1.0.0", "healthy");
+    let v2 = host.bundle("2.0.0", "healthy");
+    host.start_daemon(&[]);
+    assert_eq!(host.install(&v1).0, 0);
+    std::thread::scope(|scope| {
+        let install = scope.spawn(|| host.install(&v2));
+        wait_for("the bake of 2.0.0", Duration::from_secs(20), || {
+            host.status()["state"] == "baking"
+        });
+        let filler = fill(&host.state());
+        wait_for("the journal write to fail", Duration::from_secs(30), || {
+            host.daemon_log().contains("writing the journal failed")
+        });
+        let status = host.status();
+        assert!(
+            status["journal_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("the journal cannot be written")),
+            "{status}"
+        );
+        std::fs::remove_file(filler).unwrap();
+        let (code, out, err) = install.join().unwrap();
+        assert_eq!(code, 0, "{out}{err}");
+    });
+    let status = host.status();
+    assert_eq!(status["state"], "idle", "{status}");
+    assert_eq!(version(&status["committed"]), Some("2.0.0"));
+    assert!(status["journal_error"].is_null(), "{status}");
+    assert_eq!(host.served_version().as_deref(), Some("2.0.0"));
+    assert!(host.daemon_log().contains("the journal is writable again"));
+    host.stop_daemon();
+}
+
+/// The bake's deadline holds whatever the journal does: an unhealthy
+/// release is reverted on time with the disk full.
+#[test]
+fn an_unhealthy_release_is_reverted_on_time_with_the_journal_unwritable() {
+    let mut host = Host::new("3s");
+    let Some(_unmount) = small_state_disk(&host, "16m") else {
+        return;
+    };
+    let v1 = host.bundle("1.0.0", "healthy");
+    let bad = host.bundle("2.0.0", "fail-after");
+    host.start_daemon(&[]);
+    assert_eq!(host.install(&v1).0, 0);
+    std::thread::scope(|scope| {
+        let install = scope.spawn(|| host.install(&bad));
+        wait_for("the bake of 2.0.0", Duration::from_secs(20), || {
+            host.status()["state"] == "baking"
+        });
+        let filler = fill(&host.state());
+        wait_for("1.0.0 to serve again", Duration::from_secs(30), || {
+            host.served_version().as_deref() == Some("1.0.0")
+        });
+        assert!(
+            host.daemon_log().contains("writing the journal failed"),
+            "{}",
+            host.daemon_log()
+        );
+        std::fs::remove_file(filler).unwrap();
+        let _ = install.join().unwrap();
+    });
+    let recorded = || {
+        let status = host.status();
+        status["state"] == "idle" && version(&status["committed"]) == Some("1.0.0")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !recorded() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revert was not recorded: {}\n{}",
+            host.status(),
+            host.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     host.stop_daemon();
 }
