@@ -502,3 +502,67 @@ fn mixed_agent_versions_work_together_or_are_refused_cleanly() {
         "the agent without long polls converged"
     );
 }
+
+/// The defect found against a live fleet: when the gate trips while a host
+/// is still baking the release, that host was sent nothing ("reverting on
+/// its own"), kept a desired state naming the failed release, and committed
+/// it while the rollout said rolled back. Now it is told its previous
+/// release, and counted back only once it is at rest on it.
+#[test]
+fn a_host_still_baking_when_the_gate_trips_is_brought_back_and_verified() {
+    let ids: Vec<turnout_proto::HostId> = (0..3)
+        .map(|i| format!("host-{i:02}").parse().unwrap())
+        .collect();
+    let ranked = turnout::engine::rank("web-2.0.0-1", &ids);
+    let index = |h: &turnout_proto::HostId| -> usize {
+        h.as_str().trim_start_matches("host-").parse().unwrap()
+    };
+    // Wave 2 holds a host that fails 2.0.0 at once and one that bakes it
+    // healthily for 5 s: the gate trips in the middle of that bake.
+    let failing = index(&ranked[1]);
+    let baking = ranked[2].to_string();
+    let fleet = Fleet::start(Options {
+        hosts: 3,
+        min_healthy: "5s",
+        env: Box::new(move |i| {
+            if i == failing {
+                vec![("TURNOUT_DEMO_UNHEALTHY".into(), "2.0.0".into())]
+            } else {
+                vec![]
+            }
+        }),
+        ..Options::default()
+    });
+    fleet.install_everywhere("1.0.0");
+    let id =
+        fleet.rollout(json!({"service": "web", "release": "web@2.0.0", "waves": ["1", "100%"]}));
+    let rollout = fleet.wait_state(&id, "rolled_back", LONG);
+    let events = fleet.events(&id);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with(&format!("{baking} rolling back to 1.0.0"))),
+        "the baking host is told its previous release: {events:#?}"
+    );
+    assert_eq!(
+        rollout.hosts[&ranked[2]].phase,
+        Phase::Reverted,
+        "{events:#?}"
+    );
+    for host in &fleet.hosts {
+        assert_eq!(host.served().as_deref(), Some("1.0.0"), "{}", host.id);
+        assert_eq!(
+            host.status()["committed"]["version"],
+            "1.0.0",
+            "{} at rest on its previous release",
+            host.id
+        );
+    }
+    assert!(
+        events
+            .last()
+            .unwrap()
+            .contains("rolled back: 3 host(s) back on their previous release"),
+        "{events:#?}"
+    );
+}
