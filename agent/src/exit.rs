@@ -88,6 +88,8 @@ pub fn classify_agent(err: &AgentError) -> Exit {
         | AgentError::NoRollback { .. }
         | AgentError::NeedsDaemon { .. } => Exit::Refused,
         AgentError::Journal(crate::journal::JournalError::Newer { .. }) => Exit::Input,
+        // A damaged journal: a restart loop cannot help, and must not run.
+        AgentError::Journal(err) if err.is_damage() => Exit::Input,
         AgentError::Journal(_)
         | AgentError::Io { .. }
         | AgentError::SlotLost { .. }

@@ -71,6 +71,17 @@ pub enum JournalError {
         /// The newest this build knows.
         known: i64,
     },
+    /// The file is not a database, or a corrupt one.
+    #[error(
+        "the journal {path} is damaged ({detail}): move it away (e.g. `mv {path} {path}.damaged`) and start the agent again; \
+         it rebuilds what each service runs from the slots on disk and leaves running services alone"
+    )]
+    Damaged {
+        /// The database file.
+        path: PathBuf,
+        /// SQLite's complaint.
+        detail: String,
+    },
     /// A stored state that does not decode.
     #[error("the journal {path} holds an unreadable state for {service}: {detail}")]
     Corrupt {
@@ -81,6 +92,24 @@ pub enum JournalError {
         /// The decoder's complaint.
         detail: String,
     },
+}
+
+impl JournalError {
+    /// Whether the file itself is damaged (not a database, or corrupt): a
+    /// restart cannot help, an operator must move it away.
+    pub fn is_damage(&self) -> bool {
+        match self {
+            JournalError::Corrupt { .. } | JournalError::Damaged { .. } => true,
+            JournalError::Sqlite {
+                source: rusqlite::Error::SqliteFailure(e, _),
+                ..
+            } => matches!(
+                e.code,
+                rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt
+            ),
+            _ => false,
+        }
+    }
 }
 
 /// One outcome in the history.
@@ -113,9 +142,24 @@ impl std::fmt::Debug for Journal {
 impl Journal {
     /// Opens (creating if needed) and migrates the journal at `path`.
     pub fn open(path: &Path) -> Result<Journal, JournalError> {
-        let sqlite = |source| JournalError::Sqlite {
-            path: path.to_owned(),
-            source,
+        let damaged = |err: JournalError| {
+            if err.is_damage() {
+                JournalError::Damaged {
+                    path: path.to_owned(),
+                    detail: match &err {
+                        JournalError::Sqlite { source, .. } => source.to_string(),
+                        other => other.to_string(),
+                    },
+                }
+            } else {
+                err
+            }
+        };
+        let sqlite = |source| {
+            damaged(JournalError::Sqlite {
+                path: path.to_owned(),
+                source,
+            })
         };
         let mut conn = Connection::open(path).map_err(sqlite)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(sqlite)?;
@@ -123,7 +167,7 @@ impl Journal {
             .map_err(sqlite)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(sqlite)?;
-        migrate(&mut conn, path)?;
+        migrate(&mut conn, path).map_err(damaged)?;
         let crash_after = std::env::var(CRASH_HOOK).ok().and_then(|n| n.parse().ok());
         Ok(Journal {
             conn,
@@ -138,6 +182,17 @@ impl Journal {
             path: self.path.clone(),
             source,
         }
+    }
+
+    /// Whether the journal holds a state for `service` at all.
+    pub fn knows(&self, service: &str) -> Result<bool, JournalError> {
+        self.conn
+            .query_row("SELECT 1 FROM services WHERE name = ?1", [service], |_| {
+                Ok(())
+            })
+            .optional()
+            .map(|row| row.is_some())
+            .map_err(|e| self.sqlite(e))
     }
 
     /// The service's state; a service never seen is idle with nothing committed.

@@ -352,6 +352,10 @@ impl Agent {
     pub async fn recover_all(&self) -> Vec<(String, Result<(), AgentError>)> {
         let mut results = Vec::new();
         for name in self.services.keys() {
+            if let Err(err) = self.adopt_from_slots(name) {
+                results.push((name.clone(), Err(err)));
+                continue;
+            }
             results.push((name.clone(), self.drive(name, Event::Recover).await));
         }
         results
@@ -775,14 +779,11 @@ impl Agent {
             }
             Effect::EnsureRunning { release } => {
                 if let Some(release) = release {
-                    let slot =
-                        service
-                            .dir
-                            .slot_holding(&release)
-                            .ok_or_else(|| AgentError::SlotLost {
-                                service: name.to_owned(),
-                                version: release.version.to_string(),
-                            })?;
+                    repair_current_dir(name, &service.dir)?;
+                    let slot = match service.dir.slot_holding(&release) {
+                        Some(slot) => slot,
+                        None => self.heal_slot(name, service, &release).await?,
+                    };
                     if service.dir.active() != Some(slot) {
                         crate::log!(
                             "{name}: current did not point at the committed {}; repaired",
@@ -905,6 +906,96 @@ impl Agent {
                 format!("staging panicked: {err}"),
             )))
         })
+    }
+
+    /// A service the journal knows nothing of (a new or emptied journal)
+    /// but whose `current` points at a slot holding a release is taken to
+    /// have that release committed: the slots are the truth for what each
+    /// holds, and recovery then leaves the running service alone instead of
+    /// stopping it and starting over.
+    fn adopt_from_slots(&self, name: &str) -> Result<(), AgentError> {
+        let service = self.service(name)?;
+        let mut journal = self.journal.lock().expect("not poisoned");
+        if journal.knows(name)? {
+            return Ok(());
+        }
+        let Some(held) = service
+            .dir
+            .active()
+            .and_then(|slot| service.dir.release_in(slot))
+        else {
+            return Ok(());
+        };
+        let reason = format!(
+            "rebuilt from the slots on disk: the journal had no record of {name}, and current points at {} {}",
+            held.release.name, held.release.version
+        );
+        crate::log!("{name}: {reason}");
+        let now = now_ms();
+        journal.persist(
+            name,
+            &State::Idle {
+                committed: Some(held.release.clone()),
+            },
+            &[HistoryEntry {
+                kind: OutcomeKind::Committed,
+                release: Some(held.release),
+                reason,
+                at_ms: now,
+            }],
+            now,
+        )?;
+        Ok(())
+    }
+
+    /// Unpacks the committed `release` again from the bundle cache when its
+    /// slot is gone (deleted by hand, a disk replaced): the service comes
+    /// back without a coordinator. Refused, with the reason, when the
+    /// bundle is no longer cached or no longer verifies.
+    async fn heal_slot(
+        &self,
+        name: &str,
+        service: &Service,
+        release: &ReleaseRef,
+    ) -> Result<crate::slots::Slot, AgentError> {
+        let lost = |why: String| AgentError::SlotLost {
+            service: name.to_owned(),
+            version: format!("{} ({why})", release.version),
+        };
+        let cached = self
+            .config
+            .state_dir
+            .join("cache")
+            .join(format!("{}.tnt", release.sha256));
+        if !cached.exists() {
+            return Err(lost(format!(
+                "its bundle is not in the cache either: install it again with `turnout-agent install BUNDLE --service {name}`"
+            )));
+        }
+        if digest_of(&cached)? != release.sha256 {
+            return Err(lost(format!("the cached {} is damaged", cached.display())));
+        }
+        let trust = read_trust(&self.config.trust)?;
+        crate::log!(
+            "{name}: the slot holding the committed {} {} is gone; unpacking it again from {}",
+            release.name,
+            release.version,
+            cached.display()
+        );
+        let dir = service.dir.clone();
+        let (limits, name_owned, digest) = (self.limits, name.to_owned(), release.sha256.clone());
+        let staged = tokio::task::spawn_blocking(move || {
+            stage_blocking(&name_owned, &dir, &trust, &limits, &cached, digest, None)
+        })
+        .await
+        .map_err(|e| lost(format!("unpacking it again panicked: {e}")))?;
+        if let Err(failure) = staged {
+            return Err(lost(format!("unpacking it again failed: {}", failure.2)));
+        }
+        service
+            .dir
+            .slot_holding(release)
+            .ok_or_else(|| lost("unpacked again, but no slot holds it".into()))
     }
 
     /// Watches the health of service `name` while it is at rest, with the
@@ -1064,6 +1155,24 @@ fn committed_or_dummy(state: &State) -> ReleaseRef {
         .or(state.committed())
         .cloned()
         .expect("a busy state names a release")
+}
+
+/// A real directory where the `current` link belongs (someone copied a
+/// release there by hand) is moved aside, so the link can be made again.
+fn repair_current_dir(name: &str, dir: &ServiceDir) -> Result<(), AgentError> {
+    let current = dir.current_path();
+    let is_real_dir = std::fs::symlink_metadata(&current).is_ok_and(|m| m.file_type().is_dir());
+    if is_real_dir {
+        let aside = current.with_file_name(format!("current.moved-aside-{}", now_ms()));
+        std::fs::rename(&current, &aside)
+            .map_err(io_error(name, "moving a directory named current aside"))?;
+        crate::log!(
+            "{name}: {} was a directory, not the link to a slot; moved it to {} and linked current again",
+            current.display(),
+            aside.display()
+        );
+    }
+    Ok(())
 }
 
 fn read_trust(path: &Path) -> Result<Trust, AgentError> {

@@ -121,6 +121,103 @@ fn current_pointing_at_a_missing_slot_is_repaired_at_start() {
     });
 }
 
+/// The journal and its WAL files.
+fn journal_files(host: &Host) -> Vec<std::path::PathBuf> {
+    ["agent.db", "agent.db-wal", "agent.db-shm"]
+        .iter()
+        .map(|f| host.state().join(f))
+        .collect()
+}
+
+fn slots(host: &Host) -> Vec<(String, Vec<u8>)> {
+    let service = host.state().join("services/web");
+    ["blue", "green"]
+        .iter()
+        .filter_map(|slot| {
+            let release = std::fs::read(service.join(slot).join(".turnout-release.json")).ok()?;
+            Some(((*slot).to_owned(), release))
+        })
+        .collect()
+}
+
+/// A corrupted journal used to exit 1, so systemd restarted the agent in a
+/// loop; now it is an invalid input (3, which the unit does not restart),
+/// with what to do, and no slot is touched.
+#[test]
+fn a_damaged_journal_is_refused_with_exit_3_and_touches_nothing() {
+    let mut host = committed_host();
+    host.stop_daemon();
+    let before = slots(&host);
+    for file in journal_files(&host) {
+        let _ = std::fs::remove_file(file);
+    }
+    std::fs::write(host.state().join("agent.db"), vec![0x5a; 8192]).unwrap();
+    let (code, _, err) = host.run(&["run"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("is damaged"), "{err}");
+    assert!(err.contains("move it away"), "{err}");
+    assert_eq!(slots(&host), before, "the slots are as they were");
+}
+
+/// An empty journal used to make the agent stop the service and install
+/// again, overwriting the rollback slot; now what runs is taken from the
+/// slots on disk, and both slots are kept.
+#[test]
+fn an_empty_journal_is_rebuilt_from_the_slots_on_disk() {
+    let mut host = committed_host();
+    let v2 = host.bundle("2.0.0", "healthy");
+    assert_eq!(host.install(&v2).0, 0);
+    host.stop_daemon();
+    let before = slots(&host);
+    assert_eq!(before.len(), 2);
+    for file in journal_files(&host) {
+        let _ = std::fs::remove_file(file);
+    }
+    std::fs::write(host.state().join("agent.db"), b"").unwrap();
+    host.start_daemon(&[]);
+    let status = host.status();
+    assert_eq!(version(&status["committed"]), Some("2.0.0"), "{status}");
+    assert_eq!(version(&status["other"]), Some("1.0.0"), "{status}");
+    assert_eq!(slots(&host), before, "neither slot was rewritten");
+    assert!(host.daemon_log().contains("rebuilt from the slots on disk"));
+    wait_for("2.0.0 to serve", Duration::from_secs(10), || {
+        host.served_version().as_deref() == Some("2.0.0")
+    });
+    // The rollback slot still works.
+    let (code, out, _) = host.run(&["rollback", "--service", "web"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(host.served_version().as_deref(), Some("1.0.0"));
+}
+
+/// A real directory where the `current` link belongs (a copy by hand) used
+/// to stay; now it is moved aside and the link made again.
+#[test]
+fn a_directory_where_current_belongs_is_moved_aside() {
+    let mut host = committed_host();
+    host.stop_daemon();
+    let service = host.state().join("services/web");
+    let active = std::fs::read_link(service.join("current")).unwrap();
+    std::fs::remove_file(service.join("current")).unwrap();
+    std::fs::create_dir(service.join("current")).unwrap();
+    std::fs::write(service.join("current/stray"), b"copied by hand").unwrap();
+    host.start_daemon(&[]);
+    assert_eq!(std::fs::read_link(service.join("current")).unwrap(), active);
+    let aside: Vec<_> = std::fs::read_dir(&service)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("current.moved-aside-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "kept, not deleted");
+    assert!(aside[0].path().join("stray").exists());
+    wait_for("v1 to serve again", Duration::from_secs(10), || {
+        host.served_version().as_deref() == Some("1.0.0")
+    });
+}
+
 #[test]
 fn exec_services_need_the_daemon() {
     let host = Host::new("300ms");

@@ -114,3 +114,32 @@ fn a_server_sending_more_than_the_named_size_is_cut_off() {
         .sum();
     assert_eq!(left, 0, "nothing of the oversized download is kept");
 }
+
+/// `rm -rf` of the slot that runs: after an agent restart the service used
+/// to stay down although the bundle was cached. Now the slot is unpacked
+/// again from the cache and the service comes back without a coordinator.
+#[test]
+fn a_deleted_active_slot_is_unpacked_again_from_the_cache() {
+    let mut fleet = Fleet::start(Options {
+        hosts: 1,
+        ..Options::default()
+    });
+    fleet.install_everywhere("1.0.0");
+    fleet.kill_coordinator();
+    let host = &mut fleet.hosts[0];
+    host.kill();
+    let service = fleet.dir.path().join("host-00/state/services/web");
+    let active = std::fs::read_link(service.join("current")).unwrap();
+    std::fs::remove_dir_all(service.join(&active)).unwrap();
+    host.start(&[]);
+    turnout_tests::wait_for("1.0.0 to serve again", LONG, || {
+        host.served().as_deref() == Some("1.0.0")
+    });
+    assert!(
+        host.log().contains("unpacking it again from"),
+        "{}",
+        host.log()
+    );
+    assert_eq!(std::fs::read_link(service.join("current")).unwrap(), active);
+    assert_eq!(host.status()["committed"]["version"], "1.0.0");
+}
