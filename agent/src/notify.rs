@@ -55,6 +55,30 @@ pub async fn keep_watchdog() {
     }
 }
 
+/// Like [`keep_watchdog`], but pings only while `healthy(period)` says the
+/// daemon's real work goes on (`period` is the whole watchdog timeout): a
+/// runtime that still schedules timers while its main loop is stuck or
+/// failing must not keep systemd from restarting it.
+pub async fn keep_watchdog_while(healthy: impl Fn(Duration) -> bool) {
+    let Some(interval) = watchdog_interval() else {
+        return std::future::pending().await;
+    };
+    let mut complained = false;
+    loop {
+        if healthy(interval * 2) {
+            notify("WATCHDOG=1");
+            complained = false;
+        } else if !complained {
+            complained = true;
+            crate::log::line(
+                "turnout",
+                "the main loop has not completed a round within the watchdog timeout; not pinging the watchdog",
+            );
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
 /// Test-only: when the file named by `TURNOUT_TEST_FREEZE` appears, block
 /// the runtime's thread for good, as a wedged main loop would.
 pub async fn freeze_switch() {

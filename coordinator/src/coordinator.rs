@@ -283,6 +283,10 @@ pub struct Coordinator {
     pub metrics: Metrics,
     /// When the fleet gauges were last computed.
     gauges_at: Mutex<Option<std::time::Instant>>,
+    /// When the rollout loop last completed a round with the store answering.
+    last_round: Mutex<Option<std::time::Instant>>,
+    /// Rollouts whose step fails, and when that was last logged.
+    step_failures: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -331,12 +335,37 @@ impl Coordinator {
             pending: Mutex::new(Pending::default()),
             metrics: Metrics::default(),
             gauges_at: Mutex::new(None),
+            last_round: Mutex::new(Some(std::time::Instant::now())),
+            step_failures: Mutex::new(HashMap::new()),
         })
     }
 
     /// Runs `f` with the store.
+    ///
+    /// A panic while the store was held (a bug) does not take every later
+    /// request down with it: the lock is taken back, and a transaction the
+    /// panic left open is rolled back first.
     pub fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> T) -> T {
-        f(&mut self.store.lock().expect("not poisoned"))
+        let mut store = self.store.lock().unwrap_or_else(|poisoned| {
+            turnout_agent::log::line(
+                "turnout",
+                "a request failed while holding the store; rolling back what it left open",
+            );
+            let store = poisoned.into_inner();
+            store.roll_back_open_transaction();
+            store
+        });
+        self.store.clear_poison();
+        f(&mut store)
+    }
+
+    /// Whether the rollout loop completed a round (the store answered)
+    /// within `period`: what the watchdog is fed on.
+    pub fn loop_alive(&self, period: Duration) -> bool {
+        self.last_round
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|at| at.elapsed() < period)
     }
 
     /// The trust bundles are checked against on push.
@@ -612,8 +641,20 @@ impl Coordinator {
         }
         let target = ReleaseRef {
             name: bundle.name.clone(),
-            version: bundle.version.parse().expect("stored versions are valid"),
-            sha256: bundle.sha256.parse().expect("stored digests are valid"),
+            version: bundle.version.parse().map_err(|e| {
+                ApiError::from(StoreError::Corrupt {
+                    path: "coordinator.db".into(),
+                    what: format!("bundle {}", bundle.sha256),
+                    detail: format!("version {:?}: {e}", bundle.version),
+                })
+            })?,
+            sha256: bundle.sha256.parse().map_err(|e: turnout_proto::IdError| {
+                ApiError::from(StoreError::Corrupt {
+                    path: "coordinator.db".into(),
+                    what: format!("bundle {}", bundle.sha256),
+                    detail: e.to_string(),
+                })
+            })?,
         };
         let mut eligible = Vec::new();
         let mut excluded = BTreeMap::new();
@@ -905,10 +946,34 @@ impl Coordinator {
             }
         };
         for id in active {
-            if let Err(err) = self.step(&id, Input::Tick, "engine") {
-                turnout_agent::log::line("turnout", &format!("stepping rollout {id}: {err}"));
+            match self.step(&id, Input::Tick, "engine") {
+                Ok(_) => {
+                    self.step_failures
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .remove(&id);
+                }
+                Err(err) => {
+                    // Said once a minute, not at every tick.
+                    let mut failures = self
+                        .step_failures
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let last = failures.get(&id).copied();
+                    if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                        failures.insert(id.clone(), std::time::Instant::now());
+                        turnout_agent::log::line(
+                            "turnout",
+                            &format!("stepping rollout {id}: {err}"),
+                        );
+                    }
+                }
             }
         }
+        *self
+            .last_round
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(std::time::Instant::now());
     }
 
     /// Writes queued reports and steps rollouts every tick, and soon after a

@@ -137,7 +137,12 @@ pub async fn serve(
             "READY=1\nSTATUS=coordinator listening on {address}"
         ));
     }
-    let watchdog = tokio::spawn(turnout_agent::notify::keep_watchdog());
+    let watchdog = {
+        let c = coordinator.clone();
+        tokio::spawn(turnout_agent::notify::keep_watchdog_while(move |period| {
+            c.loop_alive(period)
+        }))
+    };
     let freeze = tokio::spawn(turnout_agent::notify::freeze_switch());
     let settings = coordinator.settings();
     let service = hyper_util::service::TowerToHyperService::new(router(coordinator.clone()));

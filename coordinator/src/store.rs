@@ -93,6 +93,18 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    /// A stored row that does not read back: damaged by hand or by a bug.
+    #[error(
+        "the coordinator database {path} holds an unreadable {what}: {detail}; fix or delete that row (or restore a backup)"
+    )]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Which row, e.g. `rollout web-1.0.0-1`.
+        what: String,
+        /// Why it does not read.
+        detail: String,
+    },
     /// Written by a newer coordinator.
     #[error(
         "the coordinator database {path} has schema version {found}; this build knows up to {known}: run the newer coordinator"
@@ -274,6 +286,13 @@ impl Store {
         |source| StoreError::Sqlite {
             path: self.path.clone(),
             source,
+        }
+    }
+
+    /// Rolls back a transaction left open (by a panic mid-transaction).
+    pub fn roll_back_open_transaction(&self) {
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
         }
     }
 
@@ -476,11 +495,15 @@ impl Store {
         let rows = statement
             .query_map([], |r| {
                 let json = |i: usize| -> rusqlite::Result<Option<String>> { r.get(i) };
+                let id: String = r.get(0)?;
                 Ok(HostRecord {
-                    id: r
-                        .get::<_, String>(0)?
-                        .parse()
-                        .expect("stored ids are valid"),
+                    id: id.parse().map_err(|e: turnout_proto::IdError| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            0,
+                            rusqlite::types::Type::Text,
+                            format!("host id {id:?}: {e}").into(),
+                        )
+                    })?,
                     labels: serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or_default(),
                     enrolled_ms: r.get::<_, i64>(2)? as u64,
                     last_seen_ms: r.get::<_, i64>(3)? as u64,
@@ -495,7 +518,22 @@ impl Store {
             })
             .map_err(self.err())?;
         rows.collect::<std::result::Result<_, _>>()
-            .map_err(self.err())
+            .map_err(|e| self.corrupt("row of the hosts table", e))
+    }
+
+    /// A read error, named for the row it came from when the row itself is bad.
+    fn corrupt(&self, what: &str, err: rusqlite::Error) -> StoreError {
+        match err {
+            rusqlite::Error::FromSqlConversionFailure(_, _, detail) => StoreError::Corrupt {
+                path: self.path.clone(),
+                what: what.to_owned(),
+                detail: detail.to_string(),
+            },
+            other => StoreError::Sqlite {
+                path: self.path.clone(),
+                source: other,
+            },
+        }
     }
 
     /// Removes a host and its desired state; true if it existed.
@@ -565,13 +603,21 @@ impl Store {
         let mut statement = self.conn.prepare_cached("SELECT service, release, size, rollout FROM desired WHERE host = ?1 ORDER BY service").map_err(self.err())?;
         let services = statement
             .query_map([host.as_str()], |r| {
+                let bad = |detail: String| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        0,
+                        rusqlite::types::Type::Text,
+                        detail.into(),
+                    )
+                };
+                let service: String = r.get(0)?;
+                let release: String = r.get(1)?;
                 Ok(DesiredService {
-                    service: r
-                        .get::<_, String>(0)?
-                        .parse()
-                        .expect("stored names are valid"),
-                    release: serde_json::from_str(&r.get::<_, String>(1)?)
-                        .expect("stored releases are valid"),
+                    service: service.parse().map_err(|e: turnout_proto::IdError| {
+                        bad(format!("service {service:?}: {e}"))
+                    })?,
+                    release: serde_json::from_str(&release)
+                        .map_err(|e| bad(format!("release of service {service}: {e}")))?,
                     size: r.get::<_, i64>(2)? as u64,
                     urls: Vec::new(),
                     rollout: r.get(3)?,
@@ -579,7 +625,7 @@ impl Store {
             })
             .map_err(self.err())?
             .collect::<std::result::Result<_, _>>()
-            .map_err(self.err())?;
+            .map_err(|e| self.corrupt(&format!("desired state of host {host}"), e))?;
         Ok(DesiredState {
             host: host.clone(),
             index: index as u64,
@@ -632,17 +678,15 @@ impl Store {
     pub fn rollouts(&self) -> Result<Vec<Rollout>> {
         let mut statement = self
             .conn
-            .prepare_cached("SELECT body FROM rollouts ORDER BY created_ms, id")
+            .prepare_cached("SELECT id, body FROM rollouts ORDER BY created_ms, id")
             .map_err(self.err())?;
         let rows = statement
-            .query_map([], |r| r.get::<_, String>(0))
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
             .map_err(self.err())?;
         let mut out = Vec::new();
-        for body in rows {
-            out.push(
-                serde_json::from_str(&body.map_err(self.err())?)
-                    .expect("stored rollouts are valid"),
-            );
+        for row in rows {
+            let (id, body) = row.map_err(self.err())?;
+            out.push(self.rollout_body(&id, &body)?);
         }
         Ok(out)
     }
@@ -654,7 +698,15 @@ impl Store {
             .prepare_cached("SELECT body FROM rollouts WHERE id = ?1")
             .and_then(|mut statement| statement.query_row([id], |r| r.get(0)).optional())
             .map_err(self.err())?;
-        Ok(body.map(|b| serde_json::from_str(&b).expect("stored rollouts are valid")))
+        body.map(|b| self.rollout_body(id, &b)).transpose()
+    }
+
+    fn rollout_body(&self, id: &str, body: &str) -> Result<Rollout> {
+        serde_json::from_str(body).map_err(|e| StoreError::Corrupt {
+            path: self.path.clone(),
+            what: format!("rollout {id:?}"),
+            detail: e.to_string(),
+        })
     }
 
     /// The ids of unfinished rollouts, oldest first: what the engine steps.
