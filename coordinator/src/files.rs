@@ -15,14 +15,22 @@ use turnout_proto::trust::TrustFile;
 /// An input the operator named is missing or invalid.
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
+    /// The file could not be read. (The cause is in the message and not a
+    /// `source`, so that printing the chain does not say it twice.)
+    #[error("cannot read {path}: {cause}")]
     Read {
         /// The file.
         path: PathBuf,
         /// Why.
-        #[source]
-        source: io::Error,
+        cause: io::Error,
+    },
+    /// The file could not be written.
+    #[error("cannot write {path}: {cause}{}", missing_dir_hint(path, cause))]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        cause: io::Error,
     },
     /// The file was read but its content is wrong.
     #[error("{path}: {detail}")]
@@ -37,11 +45,20 @@ pub enum InputError {
     Exists(PathBuf),
 }
 
+fn missing_dir_hint(path: &Path, source: &io::Error) -> String {
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) if source.kind() == io::ErrorKind::NotFound && !dir.exists() => {
+            format!(" (the directory {} does not exist: create it first)", dir.display())
+        }
+        _ => String::new(),
+    }
+}
+
 /// Reads a whole file.
 pub fn read(path: &Path) -> Result<Vec<u8>, InputError> {
     fs::read(path).map_err(|source| InputError::Read {
         path: path.to_owned(),
-        source,
+        cause: source,
     })
 }
 
@@ -144,9 +161,9 @@ fn parent(path: &Path) -> &Path {
 
 /// Writes `bytes` to `dest` atomically.
 pub fn write_atomic(dest: &Path, bytes: &[u8], mode: u32, no_clobber: bool) -> anyhow::Result<()> {
-    let mut pending = Pending::create(dest, mode).map_err(|source| InputError::Read {
+    let mut pending = Pending::create(dest, mode).map_err(|source| InputError::Write {
         path: dest.to_owned(),
-        source,
+        cause: source,
     })?;
     pending.file().write_all(bytes)?;
     pending.commit(no_clobber)

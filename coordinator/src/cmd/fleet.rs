@@ -160,7 +160,7 @@ pub fn bundle(command: BundleCommand) -> anyhow::Result<Exit> {
             let mut reader =
                 std::fs::File::open(&file).map_err(|source| files::InputError::Read {
                     path: file.clone(),
-                    source,
+                    cause: source,
                 })?;
             let record: Value = remote.client().post_stream("/v1/bundles", &mut reader)?;
             if !remote.print_json(&record)? {

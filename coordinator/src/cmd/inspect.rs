@@ -25,7 +25,7 @@ pub struct Args {
 pub fn run(args: &Args) -> anyhow::Result<Exit> {
     let file = File::open(&args.bundle).map_err(|source| InputError::Read {
         path: args.bundle.clone(),
-        source,
+        cause: source,
     })?;
     let head = read_head(BufReader::new(file), &Limits::default())
         .with_context(|| format!("reading {}", args.bundle.display()))?;

@@ -7,6 +7,8 @@ use anyhow::anyhow;
 use turnout_proto::keys::SecretKey;
 
 use crate::exit::Exit;
+use std::os::unix::fs::DirBuilderExt;
+
 use crate::files::{InputError, write_atomic};
 
 /// Arguments of `turnout keygen`.
@@ -34,6 +36,17 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
         if path.exists() {
             return Err(InputError::Exists(path.clone()).into());
         }
+    }
+    // `--out keys/a` with no `keys/` yet: make it, private to its owner.
+    if let Some(dir) = private.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| InputError::Write {
+                path: dir.to_owned(),
+                cause: source,
+            })?;
     }
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed)

@@ -92,7 +92,7 @@ fn walk(root: &Path, dir: &Path, items: &mut BTreeMap<PayloadPath, Item>) -> any
     let mut children: Vec<_> = fs::read_dir(dir)
         .map_err(|source| InputError::Read {
             path: dir.to_owned(),
-            source,
+            cause: source,
         })?
         .collect::<Result<_, _>>()?;
     children.sort_by_key(|entry| entry.file_name());
@@ -134,7 +134,7 @@ fn walk(root: &Path, dir: &Path, items: &mut BTreeMap<PayloadPath, Item>) -> any
             })?;
             let mut file = File::open(&source).map_err(|err| InputError::Read {
                 path: source.clone(),
-                source: err,
+                cause: err,
             })?;
             let (sha256, size) = sha256_of(&mut file)?;
             let entry = FileEntry {
@@ -195,7 +195,7 @@ pub fn pack(
 ) -> anyhow::Result<(Manifest, PathBuf, usize)> {
     let meta = fs::metadata(&args.dir).map_err(|source| InputError::Read {
         path: args.dir.clone(),
-        source,
+        cause: source,
     })?;
     if !meta.is_dir() {
         return Err(invalid(&args.dir, "expected a directory of release files").into());

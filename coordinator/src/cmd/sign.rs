@@ -44,7 +44,7 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
             .map(BufReader::new)
             .map_err(|source| InputError::Read {
                 path: args.bundle.clone(),
-                source,
+                cause: source,
             })
     };
     let head = read_head(open()?, &limits)

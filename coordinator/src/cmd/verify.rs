@@ -30,7 +30,7 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
     let trust = files::trust_file(&args.trust)?.trust;
     let file = File::open(&args.bundle).map_err(|source| InputError::Read {
         path: args.bundle.clone(),
-        source,
+        cause: source,
     })?;
     let reader = BufReader::with_capacity(256 * 1024, file);
     match verify_and_unpack(

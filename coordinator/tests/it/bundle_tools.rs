@@ -593,3 +593,39 @@ fn pack_refuses_what_a_bundle_cannot_hold_and_writes_nothing() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// The newcomer's first commands: `keygen --out keys/a` with no `keys/`
+/// used to fail with the io error printed twice; `trust init` with one key
+/// demanded `--threshold`.
+#[test]
+fn first_keys_need_no_preparation_and_errors_say_things_once() {
+    let dir = workspace();
+    let d = dir.path();
+    ok(d, &["keygen", "--out", "keys/a"]);
+    let mode = std::fs::metadata(d.join("keys")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o700,
+        "the new key directory is private"
+    );
+    ok(
+        d,
+        &["trust", "init", "--key", "keys/a.pub.pem", "--out", "trust.json"],
+    );
+    ok(d, &["keygen", "--out", "keys/b"]);
+    let two = turnout(
+        d,
+        &["trust", "init", "--key", "keys/a.pub.pem", "--key", "keys/b.pub.pem", "--out", "t2.json"],
+    );
+    assert_eq!(two.code, 3, "{}", two.stderr);
+    assert!(two.stderr.contains("2 keys given and no --threshold"), "{}", two.stderr);
+    assert!(!d.join("t2.json").exists());
+    let missing = turnout(d, &["verify", "nowhere.tnt", "--trust", "trust.json"]);
+    assert_eq!(missing.code, 3, "{}", missing.stderr);
+    assert_eq!(
+        missing.stderr.matches("No such file or directory").count(),
+        1,
+        "{}",
+        missing.stderr
+    );
+}
