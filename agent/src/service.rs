@@ -720,9 +720,15 @@ impl Agent {
                 Ok(vec![])
             }
             Effect::Activate { release } => {
-                if matches!(state, State::Switching { .. }) {
-                    // The health of what runs now, to tell "broke it" from "was broken".
-                    let note = health::probe_all(&service.config.checks, &service.supervisor).await;
+                if let State::Switching { previous, .. } = state {
+                    // The health of what runs now, to tell "broke it" from
+                    // "was broken"; with no previous release, nothing ran.
+                    let note = match previous {
+                        Some(_) => {
+                            health::probe_all(&service.config.checks, &service.supervisor).await
+                        }
+                        None => None,
+                    };
                     *service.baseline_note.lock().expect("not poisoned") = note;
                 }
                 match release {

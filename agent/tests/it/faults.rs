@@ -413,3 +413,22 @@ fn an_unhealthy_release_is_reverted_on_time_with_the_journal_unwritable() {
     }
     host.stop_daemon();
 }
+
+/// A first install has no previous release: its failure used to be
+/// explained with "the previous release was already unhealthy before the
+/// switch", which confused every newcomer.
+#[test]
+fn a_failed_first_install_blames_no_previous_release() {
+    let mut host = Host::new("300ms");
+    let bad = host.bundle("1.0.0", "unhealthy");
+    host.start_daemon(&[]);
+    let (code, out, err) = host.install(&bad);
+    assert_eq!(code, 5, "{out}{err}");
+    let reason = host.status()["last_outcome"]["reason"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(reason.contains("check"), "{reason}");
+    assert!(!reason.contains("previous release"), "{reason}");
+    host.stop_daemon();
+}
