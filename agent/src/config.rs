@@ -16,6 +16,9 @@
 //! supervisor = "systemd"                    # or "exec" with exec = ["bin/web", "--port", "8080"]
 //! unit = "web.service"                      # systemd; default NAME.service
 //! stop_timeout = "10s"                      # exec: SIGTERM, then SIGKILL after this
+//! env = { PORT = "8080" }                   # exec: environment; ${NAME} in exec is expanded
+//! environment_file = "/etc/turnout/web.env" # exec: more KEY=VALUE lines, read at each start
+//! working_directory = "data"                # exec: relative to the release, or absolute
 //! [service.bake]
 //! min_healthy = "10s"                       # all checks green this long commits
 //! deadline = "60s"                          # not committed by then reverts
@@ -87,7 +90,22 @@ pub enum SupervisorConfig {
         argv: Vec<String>,
         /// How long a SIGTERM may take before SIGKILL.
         stop_timeout: Duration,
+        /// Per-host configuration: what a bundle, the same on every host,
+        /// cannot carry.
+        host: ExecHost,
     },
+}
+
+/// What an exec service gets from this host, not from its release.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExecHost {
+    /// Environment variables, over the agent's own.
+    pub env: BTreeMap<String, String>,
+    /// A file of `KEY=VALUE` lines (`#` comments, blank lines), read at
+    /// each start; `env` wins over it.
+    pub environment_file: Option<PathBuf>,
+    /// The working directory: relative to the release, or absolute.
+    pub working_directory: Option<String>,
 }
 
 /// How long a new release must stay healthy, and may take to get there.
@@ -556,6 +574,17 @@ fn read_service(path: &str, t: &toml::Table, problems: &mut Vec<Problem>) -> Opt
                     "`exec` is for supervisor = \"exec\"; a systemd unit's ExecStart says what runs",
                 );
             }
+            for key in ["env", "environment_file", "working_directory"] {
+                if let Some((p, _)) = fields.get(key) {
+                    problem(
+                        problems,
+                        &p,
+                        format!(
+                            "`{key}` is for supervisor = \"exec\"; set it in the systemd unit (Environment=, EnvironmentFile=, WorkingDirectory=)"
+                        ),
+                    );
+                }
+            }
             let unit = unit
                 .map(|(_, u)| u)
                 .or_else(|| name.as_ref().map(|n| format!("{n}.service")));
@@ -577,7 +606,62 @@ fn read_service(path: &str, t: &toml::Table, problems: &mut Vec<Problem>) -> Opt
                     ),
                 );
             }
-            Some(SupervisorConfig::Exec { argv, stop_timeout })
+            let mut env = BTreeMap::new();
+            if let Some((path, t)) = table(problems, fields.get("env")) {
+                for (key, value) in t {
+                    let valid_name = !key.is_empty()
+                        && !key.as_bytes()[0].is_ascii_digit()
+                        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                    match value.as_str() {
+                        Some(v) if valid_name && !v.contains('\0') => {
+                            env.insert(key.clone(), v.to_owned());
+                        }
+                        Some(_) => problem(
+                            problems,
+                            &join(&path, key),
+                            "expected a name of letters, digits and '_' not starting with a digit, and a value without NUL",
+                        ),
+                        None => problem(
+                            problems,
+                            &join(&path, key),
+                            format!("expected a string, found {}", type_name(value)),
+                        ),
+                    }
+                }
+            }
+            let environment_file =
+                string(problems, fields.get("environment_file")).map(|(p, f)| {
+                    if !Path::new(&f).is_absolute() {
+                        problem(
+                            problems,
+                            &p,
+                            format!("expected an absolute path, found {f:?}"),
+                        );
+                    }
+                    PathBuf::from(f)
+                });
+            let working_directory =
+                string(problems, fields.get("working_directory")).map(|(p, dir)| {
+                    if !Path::new(&dir).is_absolute()
+                        && let Err(err) = PayloadPath::new(&dir)
+                    {
+                        problem(
+                            problems,
+                            &p,
+                            format!("expected an absolute path or one inside the release: {err}"),
+                        );
+                    }
+                    dir
+                });
+            Some(SupervisorConfig::Exec {
+                argv,
+                stop_timeout,
+                host: ExecHost {
+                    env,
+                    environment_file,
+                    working_directory,
+                },
+            })
         }
         Some((p, other)) => {
             problem(

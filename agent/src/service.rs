@@ -761,12 +761,13 @@ impl Agent {
             }
             Effect::Restart => {
                 let restarted = match self.launch(service) {
-                    Some(launch) => service
+                    Ok(Some(launch)) => service
                         .supervisor
                         .restart(&launch)
                         .await
                         .map_err(|e| e.to_string()),
-                    None => Ok(()),
+                    Ok(None) => Ok(()),
+                    Err(reason) => Err(reason),
                 };
                 let restarts = service.supervisor.restarts().await;
                 service.baseline_restarts.store(restarts, Ordering::SeqCst);
@@ -800,7 +801,12 @@ impl Agent {
                             .point(slot)
                             .map_err(io_error(name, "repairing current"))?;
                     }
-                    if let Some(launch) = self.launch(service) {
+                    let launch = self.launch(service).map_err(|detail| AgentError::Io {
+                        service: name.to_owned(),
+                        what: "preparing to start the service".into(),
+                        source: std::io::Error::other(detail),
+                    })?;
+                    if let Some(launch) = launch {
                         service
                             .supervisor
                             .ensure_running(&launch)
@@ -862,17 +868,54 @@ impl Agent {
     }
 
     /// What the exec supervisor runs for the active slot; `None` if nothing is active.
-    fn launch(&self, service: &Service) -> Option<Launch> {
-        let active = service.dir.active()?;
-        let held = service.dir.release_in(active)?;
-        let cwd = service.dir.current_path();
-        let (program, args) = match &service.config.supervisor {
-            SupervisorConfig::Exec { argv, .. } if !argv.is_empty() => {
-                (cwd.join(&argv[0]), argv[1..].to_vec())
-            }
-            _ => (cwd.join(held.entry.as_str()), Vec::new()),
+    /// How to start the active release; `Ok(None)` when none is active.
+    /// An exec service's environment file is read here, at each start: an
+    /// unreadable one is an error, not a start without it.
+    fn launch(&self, service: &Service) -> Result<Option<Launch>, String> {
+        let Some(held) = service
+            .dir
+            .active()
+            .and_then(|active| service.dir.release_in(active))
+        else {
+            return Ok(None);
         };
-        Some(Launch { program, args, cwd })
+        let release = service.dir.current_path();
+        let SupervisorConfig::Exec { argv, host, .. } = &service.config.supervisor else {
+            return Ok(Some(Launch {
+                program: release.join(held.entry.as_str()),
+                args: Vec::new(),
+                cwd: release,
+                env: Vec::new(),
+            }));
+        };
+        let mut env = BTreeMap::new();
+        if let Some(file) = &host.environment_file {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| format!("reading the environment file {}: {e}", file.display()))?;
+            env.extend(
+                crate::supervisor::parse_env_file(&text)
+                    .map_err(|e| format!("the environment file {}: {e}", file.display()))?,
+            );
+        }
+        env.extend(host.env.clone());
+        let expand = |arg: &String| crate::supervisor::expand(arg, &env);
+        let (program, args) = match argv.split_first() {
+            Some((program, args)) => (
+                release.join(expand(program)),
+                args.iter().map(expand).collect(),
+            ),
+            None => (release.join(held.entry.as_str()), Vec::new()),
+        };
+        let cwd = host
+            .working_directory
+            .as_ref()
+            .map_or_else(|| release.clone(), |dir| release.join(dir));
+        Ok(Some(Launch {
+            program,
+            args,
+            cwd,
+            env: env.into_iter().collect(),
+        }))
     }
 
     /// Verifies and unpacks into the idle slot; the error is the outcome to record.
@@ -1113,6 +1156,9 @@ impl Agent {
                         }
                     }
                 }
+                // Why it reverts travels with the reverting report, so the
+                // coordinator can say why before the revert is done.
+                (State::Reverting { reason, .. }, _) => (Health::Unhealthy, Some(reason.clone())),
                 _ => (
                     Health::Pending,
                     Some(format!("{} in progress", state.name())),

@@ -72,8 +72,63 @@ pub struct Launch {
     pub program: PathBuf,
     /// Its arguments.
     pub args: Vec<String>,
-    /// Its working directory, `…/current`.
+    /// Its working directory, `…/current` unless configured.
     pub cwd: PathBuf,
+    /// Environment variables set for it, over the agent's own.
+    pub env: Vec<(String, String)>,
+}
+
+/// Parses an environment file: `KEY=VALUE` lines, `#` comments and blank
+/// lines; a value may be wrapped in double or single quotes.
+pub fn parse_env_file(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(format!(
+                "line {}: expected KEY=VALUE, found {line:?}",
+                n + 1
+            ));
+        };
+        let key = key.trim();
+        let valid = !key.is_empty()
+            && !key.as_bytes()[0].is_ascii_digit()
+            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid {
+            return Err(format!(
+                "line {}: {key:?} is not a variable name (letters, digits, '_')",
+                n + 1
+            ));
+        }
+        let value = value.trim();
+        let value = [('"', '"'), ('\'', '\'')]
+            .iter()
+            .find_map(|(a, b)| value.strip_prefix(*a).and_then(|v| v.strip_suffix(*b)))
+            .unwrap_or(value);
+        out.push((key.to_owned(), value.to_owned()));
+    }
+    Ok(out)
+}
+
+/// Expands `${NAME}` in `arg` from `env` (unknown names expand to nothing).
+pub fn expand(arg: &str, env: &std::collections::BTreeMap<String, String>) -> String {
+    let mut out = String::new();
+    let mut rest = arg;
+    while let Some(start) = rest.find("${") {
+        let Some(len) = rest[start + 2..].find('}') else {
+            break;
+        };
+        out.push_str(&rest[..start]);
+        let name = &rest[start + 2..start + 2 + len];
+        out.push_str(env.get(name).map_or("", String::as_str));
+        rest = &rest[start + 3 + len..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A service's supervisor.
@@ -244,6 +299,7 @@ impl Exec {
     fn start(self: &Arc<Self>, launch: Launch) -> Result<(), SupervisorError> {
         let mut child = Command::new(&launch.program)
             .args(&launch.args)
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&launch.cwd)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -349,5 +405,45 @@ async fn forward(service: String, stream: impl tokio::io::AsyncRead + Unpin) {
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         crate::log!("[{service}] {line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn an_environment_file_reads_like_systemds_and_says_where_it_is_wrong() {
+        let parsed =
+            parse_env_file("# per host\nPORT=8081\n\nexport REGION = \"eu-1\"\nNAME='web one'\n")
+                .unwrap();
+        assert_eq!(
+            parsed,
+            [
+                ("PORT".to_owned(), "8081".to_owned()),
+                ("REGION".to_owned(), "eu-1".to_owned()),
+                ("NAME".to_owned(), "web one".to_owned()),
+            ]
+        );
+        assert_eq!(
+            parse_env_file("PORT=1\njust words\n").unwrap_err(),
+            "line 2: expected KEY=VALUE, found \"just words\""
+        );
+        assert!(
+            parse_env_file("9X=1")
+                .unwrap_err()
+                .contains("not a variable name")
+        );
+    }
+
+    #[test]
+    fn arguments_expand_variables() {
+        let env: BTreeMap<String, String> = [("PORT".to_owned(), "8081".to_owned())].into();
+        assert_eq!(expand("--port=${PORT}", &env), "--port=8081");
+        assert_eq!(expand("${MISSING}x", &env), "x");
+        assert_eq!(expand("${unterminated", &env), "${unterminated");
+        assert_eq!(expand("plain", &env), "plain");
     }
 }

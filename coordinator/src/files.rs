@@ -48,7 +48,10 @@ pub enum InputError {
 fn missing_dir_hint(path: &Path, source: &io::Error) -> String {
     match path.parent().filter(|d| !d.as_os_str().is_empty()) {
         Some(dir) if source.kind() == io::ErrorKind::NotFound && !dir.exists() => {
-            format!(" (the directory {} does not exist: create it first)", dir.display())
+            format!(
+                " (the directory {} does not exist: create it first)",
+                dir.display()
+            )
         }
         _ => String::new(),
     }

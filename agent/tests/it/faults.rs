@@ -432,3 +432,72 @@ fn a_failed_first_install_blames_no_previous_release() {
     assert!(!reason.contains("previous release"), "{reason}");
     host.stop_daemon();
 }
+
+/// A bundle is the same on every host; what differs (a port, a region)
+/// comes from the host: an environment file, `env`, `${NAME}` in `exec`.
+/// Before, a newcomer had to write a wrapper script for it.
+#[test]
+fn an_exec_service_takes_its_port_from_the_hosts_environment_file() {
+    let mut host = Host::new("300ms");
+    let env_file = host.path("web.env");
+    std::fs::write(&env_file, format!("# this host\nPORT={}\n", host.port)).unwrap();
+    host.write_config(&format!(
+        r#"
+        state_dir = "{state}"
+        trust = "{trust}"
+        [[service]]
+        name = "web"
+        supervisor = "exec"
+        exec = ["bin/demo", "--port", "${{PORT}}"]
+        environment_file = "{env_file}"
+        env = {{ GREETING = "hello" }}
+        working_directory = "bin"
+        [service.bake]
+        min_healthy = "300ms"
+        deadline = "20s"
+        [[service.check]]
+        kind = "http"
+        url = "http://127.0.0.1:{port}/healthz"
+        interval = "100ms"
+        start_period = "1s"
+        "#,
+        state = host.state().display(),
+        trust = host.path("trust.json").display(),
+        env_file = env_file.display(),
+        port = host.port,
+    ));
+    let v1 = host.bundle("1.0.0", "healthy");
+    host.start_daemon(&[]);
+    let (code, out, err) = host.install(&v1);
+    assert_eq!(code, 0, "{out}{err}{}", host.daemon_log());
+    assert_eq!(host.served_version().as_deref(), Some("1.0.0"));
+    let pid = std::fs::read_to_string(host.state().join("services/web/exec.pid")).unwrap();
+    let proc_dir = std::path::Path::new("/proc").join(pid.trim());
+    let environ = std::fs::read(proc_dir.join("environ")).unwrap();
+    assert!(
+        environ
+            .split(|b| *b == 0)
+            .any(|var| var == b"GREETING=hello"),
+        "env reaches the service"
+    );
+    assert!(
+        std::fs::read_link(proc_dir.join("cwd"))
+            .unwrap()
+            .ends_with("bin"),
+        "working_directory is relative to the release"
+    );
+    // A host whose environment file is gone does not start the service
+    // without it: the install fails and says why.
+    std::fs::remove_file(&env_file).unwrap();
+    let v2 = host.bundle("2.0.0", "healthy");
+    let (code, out, _) = host.install(&v2);
+    assert_eq!(code, 5, "{out}");
+    assert!(
+        host.status()["last_outcome"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("reading the environment file")
+    );
+    assert_eq!(host.served_version().as_deref(), Some("1.0.0"));
+    host.stop_daemon();
+}

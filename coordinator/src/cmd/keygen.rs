@@ -38,7 +38,10 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
         }
     }
     // `--out keys/a` with no `keys/` yet: make it, private to its owner.
-    if let Some(dir) = private.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+    if let Some(dir) = private
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)

@@ -721,12 +721,18 @@ fn the_demo_runs_the_whole_story_and_cleans_up() {
     for line in [
         "Rollout 1: install web 1.0.0",
         "=> succeeded",
-        "failed: reverted: check http",
         "=> rolled_back",
         "every host runs 2.0.0",
     ] {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
     }
+    // The canary's failure names its check, whether the coordinator saw
+    // the revert under way ("reverting: …") or done ("reverted: …").
+    assert!(
+        text.lines()
+            .any(|l| l.contains("failed: revert") && l.contains("check http")),
+        "the canary's failure does not name its check:\n{text}"
+    );
     let dir = text
         .lines()
         .find_map(|l| l.strip_prefix("==> Turnout demo in "))

@@ -610,15 +610,35 @@ fn first_keys_need_no_preparation_and_errors_say_things_once() {
     );
     ok(
         d,
-        &["trust", "init", "--key", "keys/a.pub.pem", "--out", "trust.json"],
+        &[
+            "trust",
+            "init",
+            "--key",
+            "keys/a.pub.pem",
+            "--out",
+            "trust.json",
+        ],
     );
     ok(d, &["keygen", "--out", "keys/b"]);
     let two = turnout(
         d,
-        &["trust", "init", "--key", "keys/a.pub.pem", "--key", "keys/b.pub.pem", "--out", "t2.json"],
+        &[
+            "trust",
+            "init",
+            "--key",
+            "keys/a.pub.pem",
+            "--key",
+            "keys/b.pub.pem",
+            "--out",
+            "t2.json",
+        ],
     );
     assert_eq!(two.code, 3, "{}", two.stderr);
-    assert!(two.stderr.contains("2 keys given and no --threshold"), "{}", two.stderr);
+    assert!(
+        two.stderr.contains("2 keys given and no --threshold"),
+        "{}",
+        two.stderr
+    );
     assert!(!d.join("t2.json").exists());
     let missing = turnout(d, &["verify", "nowhere.tnt", "--trust", "trust.json"]);
     assert_eq!(missing.code, 3, "{}", missing.stderr);
