@@ -879,6 +879,56 @@ fn parse_bytes(text: &str) -> Option<u64> {
 }
 
 #[cfg(test)]
+mod fuzz {
+    //! The config reader against arbitrary and mutated text: it reports
+    //! problems, and never panics.
+
+    use proptest::prelude::*;
+
+    const EXAMPLE: &str = include_str!("../../systemd/agent.toml.example");
+
+    fn cases() -> u32 {
+        std::env::var("FUZZ_CASES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(256)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_text_is_reported_not_a_panic(text in "\\PC{0,400}") {
+            let _ = super::Config::parse(&text);
+        }
+
+        #[test]
+        fn mutated_examples_are_reported_not_a_panic(
+            edits in proptest::collection::vec((any::<proptest::sample::Index>(), "[\\PC\n]{0,8}", 0usize..16), 1..6),
+        ) {
+            let mut text = EXAMPLE.to_owned();
+            for (at, insert, remove) in edits {
+                let mut i = at.index(text.len().max(1)).min(text.len());
+                while !text.is_char_boundary(i) {
+                    i -= 1;
+                }
+                let mut end = (i + remove).min(text.len());
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text.replace_range(i..end, &insert);
+            }
+            let _ = super::Config::parse(&text);
+        }
+    }
+
+    #[test]
+    fn the_example_is_valid() {
+        super::Config::parse(EXAMPLE).unwrap();
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

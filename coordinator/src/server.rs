@@ -1112,3 +1112,31 @@ mod futures_util_lite {
         stream.poll_next(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::parse_range;
+
+    proptest! {
+        /// Whatever a client sends as `Range`, the answer is a range inside
+        /// the file, or none (416): never past its end, never empty.
+        #[test]
+        fn a_range_is_inside_the_file_or_refused(value in "(bytes=)?[0-9 ]{0,25}-?[0-9 ]{0,25}|\\PC{0,40}", size in 0u64..10_000_000) {
+            if let Some((start, end)) = parse_range(&value, size) {
+                prop_assert!(start < end && end <= size, "{} of {}: {}..{}", value, size, start, end);
+            }
+        }
+    }
+
+    #[test]
+    fn ranges_as_clients_send_them() {
+        assert_eq!(parse_range("bytes=0-99", 1000), Some((0, 100)));
+        assert_eq!(parse_range("bytes=900-", 1000), Some((900, 1000)));
+        assert_eq!(parse_range("bytes=-100", 1000), Some((900, 1000)));
+        assert_eq!(parse_range("bytes=1000-", 1000), None, "past the end: 416");
+        assert_eq!(parse_range("bytes=5-1", 1000), None);
+        assert_eq!(parse_range("bytes=0-99999999999999999999", 1000), None);
+    }
+}

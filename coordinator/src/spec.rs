@@ -505,6 +505,45 @@ impl RolloutSpec {
 }
 
 #[cfg(test)]
+mod fuzz {
+    //! The spec readers (TOML, flags, API bodies) and the selector parser
+    //! against arbitrary input: every problem reported, never a panic.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_toml_is_reported_not_a_panic(text in "\\PC{0,300}") {
+            if let Ok(raw) = RolloutSpec::raw_from_toml(&text) {
+                let _ = RolloutSpec::from_raw(&raw);
+            }
+            let _ = parse_selector(&text);
+        }
+
+        #[test]
+        fn arbitrary_values_for_every_key_are_reported_not_a_panic(
+            values in proptest::collection::vec(
+                prop_oneof![
+                    "\\PC{0,20}".prop_map(serde_json::Value::from),
+                    any::<i64>().prop_map(serde_json::Value::from),
+                    any::<f64>().prop_map(serde_json::Value::from),
+                    any::<bool>().prop_map(serde_json::Value::from),
+                    proptest::collection::vec("[0-9%]{0,6}", 0..5).prop_map(serde_json::Value::from),
+                ],
+                13,
+            ),
+        ) {
+            let keys = ["service", "release", "selector", "waves", "max_parallel", "bake", "healthy_deadline",
+                "progress_deadline", "max_failed", "on_failure", "promote", "offline", "unknown"];
+            let raw: RawSpec = keys.iter().map(|k| (*k).to_owned()).zip(values).collect();
+            let _ = RolloutSpec::from_raw(&raw);
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
