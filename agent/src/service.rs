@@ -405,6 +405,12 @@ impl Agent {
         }
         let trust_path = trust.unwrap_or(&self.config.trust).to_owned();
         let trust = read_trust(&trust_path)?;
+        if let Some(result) = self
+            .same_release_renamed(name, service, &state, bundle, &trust, &digest)
+            .await?
+        {
+            return Ok(result);
+        }
         let before = self.history_len(name)?;
         self.drive_with(
             name,
@@ -416,6 +422,101 @@ impl Agent {
         .await?;
         let _ = service;
         self.result(name, before)
+    }
+
+    /// A bundle whose signed manifest is the one the committed release was
+    /// installed from is the same release in another file (signatures
+    /// added or reordered, headers rewritten): it is verified, then only
+    /// recorded under its new digest. Nothing is unpacked or restarted, so
+    /// a coordinator alternating copies of one release cannot make a host
+    /// reinstall it again and again.
+    async fn same_release_renamed(
+        &self,
+        name: &str,
+        service: &Service,
+        state: &State,
+        bundle: &Path,
+        trust: &Trust,
+        digest: &Digest,
+    ) -> Result<Option<OperationResult>, AgentError> {
+        let State::Idle {
+            committed: Some(committed),
+        } = state
+        else {
+            return Ok(None);
+        };
+        let Some(slot) = service.dir.slot_holding(committed) else {
+            return Ok(None);
+        };
+        let Some(held) = service.dir.release_in(slot) else {
+            return Ok(None);
+        };
+        let Some(known) = held.manifest_sha256.clone() else {
+            return Ok(None);
+        };
+        let (path, trust, limits) = (bundle.to_owned(), trust.clone(), self.limits);
+        let verified = tokio::task::spawn_blocking(move || {
+            let file = File::open(&path).ok()?;
+            turnout_proto::bundle::verify_and_unpack(
+                BufReader::new(file),
+                &trust,
+                SystemTime::now(),
+                &limits,
+                &mut turnout_proto::bundle::Discard,
+            )
+            .ok()
+        })
+        .await
+        .ok()
+        .flatten();
+        // Anything that does not verify goes the normal way, and is
+        // refused there with its reason.
+        let Some(verified) = verified else {
+            return Ok(None);
+        };
+        if manifest_digest(&verified.manifest_bytes) != known {
+            return Ok(None);
+        }
+        let renamed = ReleaseRef {
+            sha256: digest.clone(),
+            ..committed.clone()
+        };
+        service
+            .dir
+            .rewrite_release(
+                slot,
+                &SlotRelease {
+                    release: renamed.clone(),
+                    ..held
+                },
+            )
+            .map_err(io_error(name, "recording the release's new bundle digest"))?;
+        let reason = format!(
+            "already running {} {} from the same signed manifest; now known by bundle {digest} (was {})",
+            renamed.name, renamed.version, committed.sha256
+        );
+        let now = now_ms();
+        let record = HistoryEntry {
+            kind: OutcomeKind::Committed,
+            release: Some(renamed.clone()),
+            reason: reason.clone(),
+            at_ms: now,
+        };
+        self.persist(
+            name,
+            &State::Idle {
+                committed: Some(renamed),
+            },
+            std::slice::from_ref(&record),
+            now,
+        )
+        .await?;
+        crate::log!("{name}: {reason}");
+        Ok(Some(OperationResult {
+            service: name.to_owned(),
+            outcome: Some(record),
+            summary: format!("{name}: {reason}"),
+        }))
     }
 
     /// Switches service `name` back to the release in its other slot, with a bake.
@@ -1227,6 +1328,11 @@ fn repair_current_dir(name: &str, dir: &ServiceDir) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// The sha256 of a bundle's `manifest.json` bytes.
+fn manifest_digest(bytes: &[u8]) -> Digest {
+    Digest::from_bytes(Sha256::digest(bytes).into())
+}
+
 fn read_trust(path: &Path) -> Result<Trust, AgentError> {
     let bytes = std::fs::read(path).map_err(|err| AgentError::Trust {
         path: path.to_owned(),
@@ -1363,6 +1469,7 @@ fn stage_blocking(
         release: release.clone(),
         entry: m.entry.clone(),
         installed_ms: now_ms(),
+        manifest_sha256: Some(manifest_digest(&verified.manifest_bytes)),
     };
     if let Err(err) = dir.promote(idle, &held) {
         return fail(

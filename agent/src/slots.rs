@@ -72,6 +72,10 @@ pub struct SlotRelease {
     pub entry: PayloadPath,
     /// When it was unpacked, ms since the epoch.
     pub installed_ms: u64,
+    /// The sha256 of its `manifest.json`: what the release is, whatever
+    /// bundle file carried it (absent in slots written before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_sha256: Option<turnout_proto::Digest>,
 }
 
 /// The directory of one service.
@@ -169,6 +173,19 @@ impl ServiceDir {
         }
     }
 
+    /// Replaces what `slot` says it holds (its release file), atomically.
+    pub fn rewrite_release(&self, slot: Slot, release: &SlotRelease) -> io::Result<()> {
+        let dir = self.slot_path(slot);
+        let temp = dir.join(format!("{RELEASE_FILE}.next"));
+        fs::write(
+            &temp,
+            serde_json::to_vec_pretty(release).expect("releases serialise"),
+        )?;
+        File::open(&temp)?.sync_all()?;
+        fs::rename(&temp, dir.join(RELEASE_FILE))?;
+        sync_dir(&dir)
+    }
+
     /// Makes the unpacked release at [`unpack_path`](Self::unpack_path) the
     /// content of `slot`: writes its release file, flushes, then swaps the
     /// directories by rename. `slot` must not be active.
@@ -208,6 +225,7 @@ mod tests {
             },
             entry: PayloadPath::new("bin/web").unwrap(),
             installed_ms: 1,
+            manifest_sha256: None,
         }
     }
 

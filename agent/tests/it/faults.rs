@@ -501,3 +501,51 @@ fn an_exec_service_takes_its_port_from_the_hosts_environment_file() {
     assert_eq!(host.served_version().as_deref(), Some("1.0.0"));
     host.stop_daemon();
 }
+
+/// The same signed release in another file (here: its signature listed
+/// twice) has another digest. A coordinator alternating such copies used to
+/// make a host reinstall and restart the release again and again; now it is
+/// verified and only recorded under its new digest.
+#[test]
+fn the_same_release_in_another_file_is_not_installed_again() {
+    let mut host = Host::new("300ms");
+    let v1 = host.bundle("1.0.0", "healthy");
+    host.start_daemon(&[]);
+    assert_eq!(host.install(&v1).0, 0);
+    let bytes = std::fs::read(&v1).unwrap();
+    let head =
+        turnout_proto::bundle::read_head(&bytes[..], &turnout_proto::Limits::default()).unwrap();
+    let doubled: Vec<_> = head
+        .signatures
+        .iter()
+        .chain(head.signatures.iter())
+        .cloned()
+        .collect();
+    let copy = turnout_proto::bundle::rewrite_signatures(
+        &bytes[..],
+        Vec::new(),
+        &doubled,
+        &turnout_proto::Limits::default(),
+    )
+    .unwrap();
+    assert_ne!(copy, bytes);
+    std::fs::write(host.path("copy.tnt"), &copy).unwrap();
+    let pid = std::fs::read_to_string(host.state().join("services/web/exec.pid")).unwrap();
+    for _ in 0..2 {
+        for bundle in [host.path("copy.tnt"), v1.clone()] {
+            let (code, out, err) = host.install(&bundle);
+            assert_eq!(code, 0, "{out}{err}");
+            assert!(out.contains("from the same signed manifest"), "{out}");
+        }
+    }
+    assert_eq!(
+        std::fs::read_to_string(host.state().join("services/web/exec.pid")).unwrap(),
+        pid,
+        "never restarted"
+    );
+    let status = host.status();
+    assert_eq!(version(&status["committed"]), Some("1.0.0"));
+    assert!(status["other"].is_null(), "nothing was unpacked: {status}");
+    still_serving_v1(&host);
+    host.stop_daemon();
+}
