@@ -31,7 +31,11 @@ pub(crate) struct Server {
 
 impl Server {
     pub(crate) fn start(settings: Settings) -> Server {
-        let dir = tempfile::tempdir().unwrap();
+        Server::start_in(settings, tempfile::tempdir().unwrap())
+    }
+
+    /// A coordinator whose state lives in `dir`.
+    pub(crate) fn start_in(settings: Settings, dir: tempfile::TempDir) -> Server {
         let key = SecretKey::from_seed([9; 32]);
         let trust =
             turnout_proto::trust::Trust::new(1, 1, SystemTime::UNIX_EPOCH, vec![key.public()])

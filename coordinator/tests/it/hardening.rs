@@ -520,3 +520,84 @@ fn a_damaged_row_is_an_error_naming_it_and_the_rest_keeps_working() {
         .unwrap();
     assert!(made["token"].is_string(), "and still writes");
 }
+
+/// A push filling the disk used to leave its temporary file, after which
+/// the coordinator refused to start ("database or disk is full"). Now a
+/// push that cannot fit is refused before a byte is written, one that
+/// fills the disk anyway is cleaned up, and the coordinator still starts.
+#[test]
+fn a_push_on_a_full_disk_is_refused_and_leaves_nothing() {
+    if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) != 0 {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_owned();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=96m", "tmpfs"])
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(path.clone());
+    let server = Server::start_in(Settings::default(), dir);
+    // Declared too large for the free space: refused before writing.
+    let mut stream = connect(&server);
+    write!(
+        stream,
+        "POST /v1/bundles HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 209715200\r\n\r\n",
+        server.admin
+    )
+    .unwrap();
+    let answer = read_answer(&mut stream);
+    assert!(answer.starts_with("HTTP/1.1 507"), "{answer}");
+    drop(stream);
+    assert_eq!(unfinished_pushes(&server), Vec::<String>::new());
+    // Undeclared (chunked) and larger than the disk: cut off when it fills.
+    let mut stream = connect(&server);
+    write!(
+        stream,
+        "POST /v1/bundles HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nTransfer-Encoding: chunked\r\n\r\n",
+        server.admin
+    )
+    .unwrap();
+    let chunk = vec![1u8; 1 << 20];
+    for _ in 0..120 {
+        if write!(stream, "{:x}\r\n", chunk.len()).is_err()
+            || stream.write_all(&chunk).is_err()
+            || stream.write_all(b"\r\n").is_err()
+        {
+            break;
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n");
+    let answer = read_answer(&mut stream);
+    assert!(
+        answer.starts_with("HTTP/1.1 507") || answer == "reset",
+        "{answer}"
+    );
+    wait_for("the upload's file to go", Duration::from_secs(30), || {
+        unfinished_pushes(&server).is_empty()
+    });
+    still_serves(&server);
+    // And a coordinator starts on that state directory again.
+    let key = turnout_proto::keys::SecretKey::from_seed([9; 32]);
+    let trust = turnout_proto::trust::Trust::new(
+        1,
+        1,
+        std::time::SystemTime::UNIX_EPOCH,
+        vec![key.public()],
+    )
+    .unwrap();
+    drop(server);
+    turnout::coordinator::Coordinator::open(&path, trust, Settings::default()).unwrap();
+}
