@@ -817,17 +817,23 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_late_or_replayed_report_never_overwrites_a_newer_one_even_after_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
-        let mut store = Store::open(&path).unwrap();
+    /// A store at `path` with host `web-01` enrolled.
+    fn store_with_host(path: &Path) -> (Store, HostId) {
+        let mut store = Store::open(path).unwrap();
         let token = store.create_enroll_token(1000, 1, 0).unwrap();
         let host: HostId = "web-01".parse().unwrap();
         store
             .enroll(&token, &host, "KEY", &BTreeMap::new(), 0)
             .unwrap()
             .unwrap();
+        (store, host)
+    }
+
+    #[test]
+    fn a_late_or_replayed_report_never_overwrites_a_newer_one_even_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let (store, host) = store_with_host(&path);
         let report = |seq| Report {
             host: host.clone(),
             seq,
@@ -853,13 +859,7 @@ mod tests {
     #[test]
     fn desired_index_grows_with_every_change() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("c.db")).unwrap();
-        let token = store.create_enroll_token(1000, 1, 0).unwrap();
-        let host: HostId = "web-01".parse().unwrap();
-        store
-            .enroll(&token, &host, "KEY", &BTreeMap::new(), 0)
-            .unwrap()
-            .unwrap();
+        let (store, host) = store_with_host(&dir.path().join("c.db"));
         let release = ReleaseRef {
             name: "web".into(),
             version: "1.0.0".parse().unwrap(),

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest as _, Sha256};
@@ -91,4 +91,38 @@ pub fn write_bundle(
             .unwrap();
     }
     writer.finish().unwrap();
+}
+
+/// A small tmpfs mounted for a test (a disk that fills up); unmounted when
+/// dropped. Mounting needs root: `mount` returns `None` otherwise, and the
+/// test says it was skipped.
+#[derive(Debug)]
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `16m`) on `path`, creating it.
+    pub fn mount(path: &Path, size: &str) -> Option<Tmpfs> {
+        let root = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+        if root.ok() != Some(0) {
+            eprintln!("skipped: mounting a small tmpfs needs root");
+            return None;
+        }
+        std::fs::create_dir_all(path).expect("the mount point");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .expect("mount runs");
+        assert!(mounted.success(), "mount tmpfs on {}", path.display());
+        Some(Tmpfs(path.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
 }

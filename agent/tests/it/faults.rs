@@ -263,33 +263,9 @@ fn a_missing_systemd_unit_is_refused_before_anything_is_touched() {
     );
 }
 
-/// Mounts a tmpfs of `size` on the host's state directory (root only);
-/// None when not root. It is unmounted when the guard drops.
-fn small_state_disk(host: &Host, size: &str) -> Option<Unmount> {
-    if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) != 0 {
-        eprintln!("skipped: mounting a small tmpfs needs root");
-        return None;
-    }
-    let state = host.state();
-    std::fs::create_dir_all(&state).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-        .arg(&state)
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount tmpfs");
-    Some(Unmount(state))
-}
-
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
+/// A small tmpfs on the host's state directory (root only), so its disk fills.
+fn small_state_disk(host: &Host, size: &str) -> Option<turnout_testkit::Tmpfs> {
+    turnout_testkit::Tmpfs::mount(&host.state(), size)
 }
 
 #[test]

@@ -58,6 +58,15 @@ fn closed(stream: &mut TcpStream) -> bool {
     }
 }
 
+/// An enrolled host's fresh authorization header for `path` (signed over
+/// a body other than the one sent: the body is never read that far).
+fn enrolled_header(server: &Server, path: &str) -> String {
+    let token = server.enroll_token(1);
+    let agent = FakeAgent::new(&server.url, "web-01", 1);
+    assert_eq!(agent.enroll(&token, &[]).status, 200);
+    request_auth::sign(&agent.key, &agent.host, "POST", path, now_ms(), b"x")
+}
+
 fn still_serves(server: &Server) {
     let hosts: Value = server.client(Some(&server.admin)).get("/v1/hosts").unwrap();
     assert!(hosts.is_array());
@@ -86,17 +95,7 @@ fn an_oversized_body_is_refused_before_it_is_read() {
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
 
     // An enrolled host's fresh header gets its body read, up to the limit.
-    let token = server.enroll_token(1);
-    let agent = FakeAgent::new(&server.url, "web-01", 1);
-    assert_eq!(agent.enroll(&token, &[]).status, 200);
-    let header = request_auth::sign(
-        &agent.key,
-        &agent.host,
-        "POST",
-        "/v1/agent/report",
-        now_ms(),
-        b"whatever",
-    );
+    let header = enrolled_header(&server, "/v1/agent/report");
     let mut stream = connect(&server);
     write!(
         stream,
@@ -189,17 +188,7 @@ fn a_half_sent_request_does_not_keep_a_stopping_coordinator_alive() {
         shutdown_grace: Duration::from_millis(500),
         ..Settings::default()
     });
-    let token = server.enroll_token(1);
-    let agent = FakeAgent::new(&server.url, "web-01", 1);
-    assert_eq!(agent.enroll(&token, &[]).status, 200);
-    let header = request_auth::sign(
-        &agent.key,
-        &agent.host,
-        "POST",
-        "/v1/agent/report",
-        now_ms(),
-        b"x",
-    );
+    let header = enrolled_header(&server, "/v1/agent/report");
     let mut stream = connect(&server);
     write!(
         stream,
@@ -527,28 +516,11 @@ fn a_damaged_row_is_an_error_naming_it_and_the_rest_keeps_working() {
 /// fills the disk anyway is cleaned up, and the coordinator still starts.
 #[test]
 fn a_push_on_a_full_disk_is_refused_and_leaves_nothing() {
-    if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) != 0 {
-        eprintln!("skipped: mounting a small tmpfs needs root");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_owned();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=96m", "tmpfs"])
-        .arg(&path)
-        .status()
-        .unwrap();
-    assert!(mounted.success());
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(path.clone());
+    let Some(_unmount) = turnout_testkit::Tmpfs::mount(&path, "96m") else {
+        return;
+    };
     let server = Server::start_in(Settings::default(), dir);
     // Declared too large for the free space: refused before writing.
     let mut stream = connect(&server);
