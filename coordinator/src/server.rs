@@ -88,6 +88,10 @@ pub fn router(coordinator: Shared) -> Router {
         .route("/v1/rollouts/{id}/{command}", post(command_rollout))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(
+            coordinator.clone(),
+            bounded_body,
+        ))
         .layer(middleware::from_fn_with_state(coordinator.clone(), measure))
         // Bodies read whole (`Bytes`, `Json`) are refused past this as they
         // arrive; a bundle push streams to disk under its own limit.
@@ -95,6 +99,44 @@ pub fn router(coordinator: Shared) -> Router {
             Limits::default().max_body_bytes,
         ))
         .with_state(coordinator)
+}
+
+/// Every body a handler reads whole is bounded before the handler runs: a
+/// declared length over the limit is refused at once (413), and the body is
+/// read with the limit and `body_timeout`, so a client that never sends it
+/// cannot hold a connection. The bundle push (which streams to disk under
+/// its own limit and idle timeout) and the signed agent routes (which check
+/// the host's headers before reading) bound theirs themselves.
+async fn bounded_body(State(c): State<Shared>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    let own_bounds = (request.method() == Method::POST && path == "/v1/bundles")
+        || path == "/v1/agent/hello"
+        || path == "/v1/agent/report";
+    if own_bounds {
+        return next.run(request).await;
+    }
+    let limit = Limits::default().max_body_bytes;
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return ApiError {
+            status: 413,
+            code: ErrorCode::TooLarge,
+            message: format!(
+                "the request body is {} bytes, over the limit of {limit} bytes",
+                declared.unwrap_or_default()
+            ),
+        }
+        .into_response();
+    }
+    let (parts, body) = request.into_parts();
+    match read_body(&c, body).await {
+        Ok(bytes) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
+        Err(err) => err.into_response(),
+    }
 }
 
 async fn measure(State(c): State<Shared>, request: Request, next: Next) -> Response {

@@ -573,3 +573,34 @@ fn a_push_on_a_full_disk_is_refused_and_leaves_nothing() {
     drop(server);
     turnout::coordinator::Coordinator::open(&path, trust, Settings::default()).unwrap();
 }
+
+/// Found by attacking the first fix: the operator and enrollment routes
+/// read their bodies before anything else, with no timeout, so sockets that
+/// declared a huge body and never sent it held every connection slot.
+#[test]
+fn every_route_bounds_its_body_in_size_and_time() {
+    let server = Server::start(Settings {
+        body_timeout: Duration::from_millis(500),
+        ..Settings::default()
+    });
+    for route in ["/v1/tokens", "/v1/enroll", "/v1/rollouts"] {
+        let mut stream = connect(&server);
+        write!(
+            stream,
+            "POST {route} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n"
+        )
+        .unwrap();
+        let answer = read_answer(&mut stream);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{route}: {answer}");
+        assert!(answer.contains("application/json"), "{route}: {answer}");
+        let mut trickle = connect(&server);
+        write!(
+            trickle,
+            "POST {route} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{"
+        )
+        .unwrap();
+        let answer = read_answer(&mut trickle);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{route}: {answer}");
+    }
+    still_serves(&server);
+}
