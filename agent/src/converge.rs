@@ -13,6 +13,8 @@
 //! alone: a local rollback or install after the failure must not make the
 //! coordinator's next poll retry a release that already failed on this host.
 //! Installing it by hand (`turnout-agent install`) and committing it clears it.
+//! Only verdicts on the release count (see [`is_failure`]): a download that
+//! was cut or corrupted is tried again.
 
 use turnout_proto::messages::{OutcomeKind, ReleaseRef};
 
@@ -64,14 +66,15 @@ pub fn failed_here<'a>(
         .filter(|h| is_failure(&h.kind))
 }
 
-/// Whether an outcome means the release did not stay.
+/// Whether an outcome is a verdict on the release itself: it failed its
+/// bake (or the agent stopped during it), or its verified bytes broke a
+/// rule. An install that could not proceed (a download cut or corrupted, a
+/// full disk, a supervisor error) says nothing about the release and is
+/// tried again.
 pub fn is_failure(kind: &OutcomeKind) -> bool {
     match kind {
-        OutcomeKind::Reverted
-        | OutcomeKind::Rejected
-        | OutcomeKind::Failed
-        | OutcomeKind::Interrupted => true,
-        OutcomeKind::Committed | OutcomeKind::Unknown(_) => false,
+        OutcomeKind::Reverted | OutcomeKind::Rejected | OutcomeKind::Interrupted => true,
+        OutcomeKind::Failed | OutcomeKind::Committed | OutcomeKind::Unknown(_) => false,
     }
 }
 
@@ -150,6 +153,21 @@ mod tests {
         let local = Local {
             history: &history,
             ..local
+        };
+        assert_eq!(decide(&v2, &local, true), Decision::Install);
+    }
+
+    /// A flaky mirror or a network attacker must not make a host refuse a
+    /// correctly signed release for good.
+    #[test]
+    fn an_install_that_could_not_proceed_is_tried_again() {
+        let (v1, v2) = (release("1.0.0", 1), release("2.0.0", 2));
+        let history = [entry(OutcomeKind::Failed, &v2)];
+        let local = Local {
+            idle: true,
+            committed: Some(&v1),
+            other: None,
+            history: &history,
         };
         assert_eq!(decide(&v2, &local, true), Decision::Install);
     }

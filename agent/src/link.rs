@@ -522,12 +522,15 @@ impl Link {
                 {
                     Ok(path) => path,
                     Err(LinkError::Io { what, source }) if what.starts_with("the download of") => {
-                        // What was served is not what was asked for: refuse it once, and say so.
-                        let reason = format!("bundle rejected: {what}: {source}");
+                        // What was served is not what was asked for: a
+                        // fault of the transport or the server, not a verdict
+                        // on the release. Recorded as failed (the coordinator
+                        // sees it), and tried again at the next poll.
+                        let reason = format!("download failed: {what}: {source}; tried again at the next poll");
                         crate::log!("{name}: {reason}");
                         let _ = self.agent.record_outcome(
                             name,
-                            OutcomeKind::Rejected,
+                            OutcomeKind::Failed,
                             want.clone(),
                             reason,
                         );

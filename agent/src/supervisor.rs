@@ -105,10 +105,14 @@ pub fn parse_env_file(text: &str) -> Result<Vec<(String, String)>, String> {
             ));
         }
         let value = value.trim();
-        let value = [('"', '"'), ('\'', '\'')]
+        let value = match [('"', '"'), ('\'', '\'')]
             .iter()
             .find_map(|(a, b)| value.strip_prefix(*a).and_then(|v| v.strip_suffix(*b)))
-            .unwrap_or(value);
+        {
+            Some(quoted) => quoted,
+            // Unquoted, ` #` starts a comment, as in most .env files.
+            None => value.split_once(" #").map_or(value, |(v, _)| v).trim_end(),
+        };
         out.push((key.to_owned(), value.to_owned()));
     }
     Ok(out)
@@ -417,14 +421,14 @@ mod tests {
     #[test]
     fn an_environment_file_reads_like_systemds_and_says_where_it_is_wrong() {
         let parsed =
-            parse_env_file("# per host\nPORT=8081\n\nexport REGION = \"eu-1\"\nNAME='web one'\n")
+            parse_env_file("# per host\nPORT=8081 # this host's\n\nexport REGION = \"eu-1\"\nNAME='web # one'\n")
                 .unwrap();
         assert_eq!(
             parsed,
             [
                 ("PORT".to_owned(), "8081".to_owned()),
                 ("REGION".to_owned(), "eu-1".to_owned()),
-                ("NAME".to_owned(), "web one".to_owned()),
+                ("NAME".to_owned(), "web # one".to_owned()),
             ]
         );
         assert_eq!(
