@@ -512,6 +512,9 @@ impl Link {
                 return Ok(Converged::Settled);
             }
             converge::Decision::Rollback => {
+                if !self.still_wanted(desired).await? {
+                    return Ok(Converged::Settled);
+                }
                 self.reporting_progress(name, converged, self.agent.rollback(name))
                     .await
             }
@@ -526,7 +529,9 @@ impl Link {
                         // fault of the transport or the server, not a verdict
                         // on the release. Recorded as failed (the coordinator
                         // sees it), and tried again at the next poll.
-                        let reason = format!("download failed: {what}: {source}; tried again at the next poll");
+                        let reason = format!(
+                            "download failed: {what}: {source}; tried again at the next poll"
+                        );
                         crate::log!("{name}: {reason}");
                         let _ = self.agent.record_outcome(
                             name,
@@ -541,6 +546,9 @@ impl Link {
                         return Err(err);
                     }
                 };
+                if !self.still_wanted(desired).await? {
+                    return Ok(Converged::Settled);
+                }
                 self.reporting_progress(name, converged, self.agent.install(name, &bundle, None))
                     .await
             }
@@ -550,6 +558,45 @@ impl Link {
             Err(err) => crate::log!("{name}: {err}"),
         }
         Ok(Converged::Acted)
+    }
+
+    /// Whether the coordinator still wants `desired` for its service, asked
+    /// again right before an install or rollback starts: an agent that was
+    /// frozen, or slow to download, may hold a desired state that a
+    /// rollback has since replaced, and must not install the release the
+    /// rollback took back.
+    async fn still_wanted(&self, desired: &DesiredService) -> Result<bool, LinkError> {
+        let (status, body) = self
+            .call("GET", "/v1/agent/desired?index=0".into(), Vec::new())
+            .await?;
+        if status != 200 {
+            return Err(LinkError::Refused {
+                what: "the desired-state check".into(),
+                status,
+                message: error_message(&body),
+            });
+        }
+        let now: DesiredState =
+            turnout_proto::decode(&body)
+                .map(|e| e.body)
+                .map_err(|e| LinkError::Refused {
+                    what: "the desired state".into(),
+                    status,
+                    message: e.to_string(),
+                })?;
+        let wanted = now
+            .services
+            .iter()
+            .any(|s| s.service == desired.service && s.release.sha256 == desired.release.sha256);
+        if !wanted {
+            crate::log!(
+                "{}: {} {} is no longer wanted by the coordinator; not installing it",
+                desired.service,
+                desired.release.name,
+                desired.release.version
+            );
+        }
+        Ok(wanted)
     }
 
     /// Runs an install or rollback, reporting whenever the service's state

@@ -420,9 +420,10 @@ mod tests {
 
     #[test]
     fn an_environment_file_reads_like_systemds_and_says_where_it_is_wrong() {
-        let parsed =
-            parse_env_file("# per host\nPORT=8081 # this host's\n\nexport REGION = \"eu-1\"\nNAME='web # one'\n")
-                .unwrap();
+        let parsed = parse_env_file(
+            "# per host\nPORT=8081 # this host's\n\nexport REGION = \"eu-1\"\nNAME='web # one'\n",
+        )
+        .unwrap();
         assert_eq!(
             parsed,
             [

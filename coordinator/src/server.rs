@@ -134,7 +134,10 @@ async fn bounded_body(State(c): State<Shared>, request: Request, next: Next) -> 
     }
     let (parts, body) = request.into_parts();
     match read_body(&c, body).await {
-        Ok(bytes) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
+        Ok(bytes) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
         Err(err) => err.into_response(),
     }
 }
