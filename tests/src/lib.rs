@@ -47,6 +47,8 @@ pub struct Proxy {
     pub port: u16,
     cut: Arc<AtomicBool>,
     open: Arc<Mutex<Vec<TcpStream>>>,
+    hold: Arc<AtomicBool>,
+    held: Arc<Mutex<Vec<u8>>>,
 }
 
 impl Proxy {
@@ -58,7 +60,11 @@ impl Proxy {
             Arc::new(AtomicBool::new(false)),
             Arc::new(Mutex::new(Vec::<TcpStream>::new())),
         );
-        let (c, o) = (cut.clone(), open.clone());
+        let (hold, held) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(Mutex::new(Vec::<u8>::new())),
+        );
+        let (c, o, h, hd) = (cut.clone(), open.clone(), hold.clone(), held.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
                 if c.load(Ordering::SeqCst) {
@@ -70,18 +76,61 @@ impl Proxy {
                 o.lock()
                     .unwrap()
                     .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(Shutdown::Both);
-                    });
-                }
+                let mut upstream = client.try_clone().unwrap();
+                let mut to_server = server.try_clone().unwrap();
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut upstream, &mut to_server);
+                    let _ = to_server.shutdown(Shutdown::Both);
+                });
+                // Answers may be held (not delivered) while `hold` is set,
+                // and what is held is kept for the test to read.
+                let (h, hd) = (h.clone(), hd.clone());
+                let (mut from, mut to) = (server, client);
+                std::thread::spawn(move || {
+                    let mut buffer = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match from.read(&mut buffer) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if h.load(Ordering::SeqCst) {
+                            hd.lock().unwrap().extend_from_slice(&buffer[..n]);
+                            while h.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                        }
+                        if to.write_all(&buffer[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(Shutdown::Both);
+                });
             }
         });
-        Proxy { port, cut, open }
+        Proxy {
+            port,
+            cut,
+            open,
+            hold,
+            held,
+        }
+    }
+
+    /// Holds every answer from the coordinator (a stalled link), keeping
+    /// what arrives; [`Proxy::release`] delivers it.
+    pub fn hold(&self) {
+        self.held.lock().unwrap().clear();
+        self.hold.store(true, Ordering::SeqCst);
+    }
+
+    /// What the coordinator answered while held, as text.
+    pub fn held(&self) -> String {
+        String::from_utf8_lossy(&self.held.lock().unwrap()).into_owned()
+    }
+
+    /// Delivers what was held, and lets answers through again.
+    pub fn release(&self) {
+        self.hold.store(false, Ordering::SeqCst);
     }
 
     /// Cuts every open connection and refuses new ones.

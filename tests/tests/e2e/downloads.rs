@@ -145,3 +145,55 @@ fn a_deleted_active_slot_is_unpacked_again_from_the_cache() {
     assert_eq!(std::fs::read_link(service.join("current")).unwrap(), active);
     assert_eq!(host.status()["committed"]["version"], "1.0.0");
 }
+
+/// Found by attacking the rollback fix: an agent that was handed a release
+/// (here: its link stalls with the answer in flight) and got it only after
+/// a rollback took that release back, installed and committed it before
+/// going back. Now it asks again right before installing.
+#[test]
+fn a_stalled_agent_does_not_install_a_release_rolled_back_meanwhile() {
+    let fleet = Fleet::start(Options {
+        hosts: 1,
+        proxied: vec![0],
+        ..Options::default()
+    });
+    fleet.install_everywhere("1.0.0");
+    let host = &fleet.hosts[0];
+    let proxy = host.proxy.as_ref().unwrap();
+    for attempt in 1.. {
+        proxy.hold();
+        let id =
+            fleet.rollout(json!({"service": "web", "release": "web@2.0.0", "waves": ["100%"]}));
+        // The answer naming 2.0.0 is held unless the agent was between polls.
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let mut handed = false;
+        while !handed && std::time::Instant::now() < deadline {
+            handed = proxy.held().contains("\"2.0.0\"");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        fleet
+            .client()
+            .post::<serde_json::Value>(&format!("/v1/rollouts/{id}/rollback"), &json!({}))
+            .unwrap();
+        proxy.release();
+        fleet.wait_state(&id, "rolled_back", LONG);
+        turnout_tests::wait_for("the host to settle on 1.0.0", LONG, || {
+            host.served().as_deref() == Some("1.0.0") && host.status()["state"] == "idle"
+        });
+        assert!(
+            !host.log().contains("committed web 2.0.0"),
+            "it installed the rolled-back release:\n{}",
+            host.log()
+        );
+        if handed {
+            assert!(
+                host.log()
+                    .contains("no longer wanted by the coordinator; not installing it"),
+                "{}",
+                host.log()
+            );
+            return;
+        }
+        assert!(attempt < 3, "the answer never waited in the stalled link");
+    }
+}
