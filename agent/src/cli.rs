@@ -382,6 +382,9 @@ fn print_status(statuses: &[ServiceStatus], json: bool) -> anyhow::Result<()> {
                 last.reason
             );
         }
+        if let Some(error) = &s.journal_error {
+            println!("  journal: {error}");
+        }
     }
     Ok(())
 }

@@ -509,6 +509,7 @@ impl Agent {
             },
             std::slice::from_ref(&record),
             now,
+            true,
         )
         .await?;
         crate::log!("{name}: {reason}");
@@ -705,7 +706,8 @@ impl Agent {
                     _ => None,
                 })
                 .collect();
-            self.persist(name, &state, &records, now).await?;
+            let starting = matches!(current, State::Idle { .. });
+            self.persist(name, &state, &records, now, starting).await?;
             current = state.clone();
             let at_rest = matches!(state, State::Idle { committed: Some(_) });
             service.at_rest.store(at_rest, Ordering::SeqCst);
@@ -733,6 +735,7 @@ impl Agent {
         state: &State,
         records: &[HistoryEntry],
         now: u64,
+        starting: bool,
     ) -> Result<(), AgentError> {
         let mut attempt = 0u32;
         loop {
@@ -748,9 +751,16 @@ impl Agent {
                             "{name}: the journal is writable again; recorded {}",
                             state.name()
                         );
-                        self.journal_error.lock().expect("not poisoned").take();
                     }
+                    self.journal_error.lock().expect("not poisoned").take();
                     return Ok(());
+                }
+                // From rest nothing has been done yet: fail the operation at
+                // once, with the reason, instead of waiting for the disk.
+                Err(err) if starting => {
+                    *self.journal_error.lock().expect("not poisoned") =
+                        Some(format!("the journal cannot be written ({err})"));
+                    return Err(err.into());
                 }
                 Err(err) => err,
             };

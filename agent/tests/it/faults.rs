@@ -525,3 +525,30 @@ fn the_same_release_in_another_file_is_not_installed_again() {
     still_serving_v1(&host);
     host.stop_daemon();
 }
+
+/// Found by attacking the journal fix: with the disk already full, an
+/// install waited for the disk without a word, a second one waited too, and
+/// both ran once space was freed. Nothing has been done at that point, so
+/// the install now fails at once with the reason, and status says it.
+#[test]
+fn an_install_on_a_full_disk_fails_at_once_and_status_says_why() {
+    let mut host = Host::new("300ms");
+    let Some(_unmount) = small_state_disk(&host, "16m") else {
+        return;
+    };
+    let v1 = host.bundle("1.0.0", "healthy");
+    let v2 = host.bundle("2.0.0", "healthy");
+    host.start_daemon(&[]);
+    assert_eq!(host.install(&v1).0, 0);
+    let filler = fill(&host.state());
+    let (code, out, err) = host.install(&v2);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(format!("{out}{err}").contains("full"), "{out}{err}");
+    let (_, text, _) = host.run(&["status"]);
+    assert!(text.contains("journal: the journal cannot be written"), "{text}");
+    still_serving_v1(&host);
+    std::fs::remove_file(filler).unwrap();
+    assert_eq!(host.install(&v2).0, 0, "works again once there is room");
+    assert!(host.status()["journal_error"].is_null());
+    host.stop_daemon();
+}
