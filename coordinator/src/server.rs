@@ -448,6 +448,15 @@ async fn enroll(State(c): State<Shared>, body: Bytes) -> Result<Response, ApiErr
     })?;
     if let Err(refusal) = result {
         c.metrics.auth_failure("enroll");
+        if matches!(refusal, crate::store::EnrollRefusal::Taken(_)) {
+            c.log(
+                "coordinator",
+                None,
+                Some(request.host.as_str()),
+                "refused an enrollment with another key for this enrolled host",
+            )?;
+            return Err(ApiError::conflict(refusal.to_string()));
+        }
         return Err(ApiError::unauthorized(refusal.to_string()));
     }
     c.forget_key(request.host.as_str());

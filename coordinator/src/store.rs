@@ -161,6 +161,12 @@ pub enum EnrollRefusal {
     /// Used up.
     #[error("the enrollment token has been used as many times as it allows; create a new one")]
     UsedUp,
+    /// The host id is enrolled already, with another key: an enrollment
+    /// token (shared by many hosts) must not let one take over another.
+    #[error(
+        "host {0} is enrolled already with another key; if it was reinstalled, an admin forgets it first (`turnout host forget {0}`), then it enrolls again"
+    )]
+    Taken(String),
 }
 
 /// A host as the registry knows it.
@@ -393,6 +399,17 @@ impl Store {
         };
         if let Some(refusal) = refusal {
             return Ok(Err(refusal));
+        }
+        let enrolled: Option<String> = tx
+            .query_row(
+                "SELECT public_key FROM hosts WHERE id = ?1",
+                [id.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sqlite)?;
+        if enrolled.is_some_and(|key| key.trim() != public_key.trim()) {
+            return Ok(Err(EnrollRefusal::Taken(id.to_string())));
         }
         tx.execute(
             "UPDATE tokens SET uses_left = uses_left - 1 WHERE digest = ?1",

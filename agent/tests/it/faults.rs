@@ -545,7 +545,10 @@ fn an_install_on_a_full_disk_fails_at_once_and_status_says_why() {
     assert_eq!(code, 1, "{out}{err}");
     assert!(format!("{out}{err}").contains("full"), "{out}{err}");
     let (_, text, _) = host.run(&["status"]);
-    assert!(text.contains("journal: the journal cannot be written"), "{text}");
+    assert!(
+        text.contains("journal: the journal cannot be written"),
+        "{text}"
+    );
     still_serving_v1(&host);
     std::fs::remove_file(filler).unwrap();
     assert_eq!(host.install(&v2).0, 0, "works again once there is room");

@@ -604,3 +604,34 @@ fn every_route_bounds_its_body_in_size_and_time() {
     }
     still_serves(&server);
 }
+
+/// Found by attacking: anyone with an enrollment token (shared by many
+/// hosts) could enroll an existing host id with their own key, take over its
+/// desired state and lock the real agent out.
+#[test]
+fn an_enrolled_host_cannot_be_taken_over_with_an_enrollment_token() {
+    let server = Server::start(Settings::default());
+    let token = server.enroll_token(5);
+    let real = FakeAgent::new(&server.url, "web-01", 1);
+    assert_eq!(real.enroll(&token, &[]).status, 200);
+    assert_eq!(
+        real.enroll(&token, &[]).status,
+        200,
+        "the same key again is harmless"
+    );
+    let intruder = FakeAgent::new(&server.url, "web-01", 66);
+    let answer = intruder.enroll(&token, &[]);
+    assert_eq!(answer.status, 409, "{}", answer.text());
+    assert!(
+        answer.text().contains("turnout host forget web-01"),
+        "{}",
+        answer.text()
+    );
+    assert_eq!(real.hello().status, 200, "the real agent is not locked out");
+    // A reinstalled host: forgotten by an admin, then enrolled with its new key.
+    server
+        .client(Some(&server.admin))
+        .delete("/v1/hosts/web-01")
+        .unwrap();
+    assert_eq!(intruder.enroll(&token, &[]).status, 200);
+}
