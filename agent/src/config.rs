@@ -653,6 +653,22 @@ fn read_service(path: &str, t: &toml::Table, problems: &mut Vec<Problem>) -> Opt
                     }
                     dir
                 });
+            // Without an environment file, every `${NAME}` must be in `env`.
+            if environment_file.is_none() {
+                for (i, arg) in argv.iter().enumerate() {
+                    for name in crate::supervisor::references(arg) {
+                        if !env.contains_key(name) {
+                            problem(
+                                problems,
+                                &format!("{}[{i}]", join(path, "exec")),
+                                format!(
+                                    "${{{name}}} is not set: add {name} to env, or set environment_file"
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
             Some(SupervisorConfig::Exec {
                 argv,
                 stop_timeout,

@@ -1009,11 +1009,23 @@ impl Agent {
             );
         }
         env.extend(host.env.clone());
-        let expand = |arg: &String| crate::supervisor::expand(arg, &env);
+        let expand = |arg: &String| {
+            crate::supervisor::expand(arg, &env).map_err(|e| {
+                format!(
+                    "exec argument {e}{}",
+                    host.environment_file
+                        .as_ref()
+                        .map_or(" in env".to_owned(), |f| format!(
+                            " in env or {}",
+                            f.display()
+                        ))
+                )
+            })
+        };
         let (program, args) = match argv.split_first() {
             Some((program, args)) => (
-                release.join(expand(program)),
-                args.iter().map(expand).collect(),
+                release.join(expand(program)?),
+                args.iter().map(expand).collect::<Result<_, _>>()?,
             ),
             None => (release.join(held.entry.as_str()), Vec::new()),
         };

@@ -118,8 +118,12 @@ pub fn parse_env_file(text: &str) -> Result<Vec<(String, String)>, String> {
     Ok(out)
 }
 
-/// Expands `${NAME}` in `arg` from `env` (unknown names expand to nothing).
-pub fn expand(arg: &str, env: &std::collections::BTreeMap<String, String>) -> String {
+/// Expands `${NAME}` in `arg` from `env`; a name that is not set is an
+/// error (an empty `--port` would only crash the service, over and over).
+pub fn expand(
+    arg: &str,
+    env: &std::collections::BTreeMap<String, String>,
+) -> Result<String, String> {
     let mut out = String::new();
     let mut rest = arg;
     while let Some(start) = rest.find("${") {
@@ -128,11 +132,28 @@ pub fn expand(arg: &str, env: &std::collections::BTreeMap<String, String>) -> St
         };
         out.push_str(&rest[..start]);
         let name = &rest[start + 2..start + 2 + len];
-        out.push_str(env.get(name).map_or("", String::as_str));
+        let value = env
+            .get(name)
+            .ok_or_else(|| format!("{arg:?} uses ${{{name}}}, which is not set"))?;
+        out.push_str(value);
         rest = &rest[start + 3 + len..];
     }
     out.push_str(rest);
-    out
+    Ok(out)
+}
+
+/// The names `${NAME}` in `arg` refers to.
+pub fn references(arg: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    let mut rest = arg;
+    while let Some(start) = rest.find("${") {
+        let Some(len) = rest[start + 2..].find('}') else {
+            break;
+        };
+        names.push(&rest[start + 2..start + 2 + len]);
+        rest = &rest[start + 3 + len..];
+    }
+    names
 }
 
 /// A service's supervisor.
@@ -446,9 +467,13 @@ mod tests {
     #[test]
     fn arguments_expand_variables() {
         let env: BTreeMap<String, String> = [("PORT".to_owned(), "8081".to_owned())].into();
-        assert_eq!(expand("--port=${PORT}", &env), "--port=8081");
-        assert_eq!(expand("${MISSING}x", &env), "x");
-        assert_eq!(expand("${unterminated", &env), "${unterminated");
-        assert_eq!(expand("plain", &env), "plain");
+        assert_eq!(expand("--port=${PORT}", &env).unwrap(), "--port=8081");
+        assert_eq!(
+            expand("${MISSING}x", &env).unwrap_err(),
+            "\"${MISSING}x\" uses ${MISSING}, which is not set"
+        );
+        assert_eq!(expand("${unterminated", &env).unwrap(), "${unterminated");
+        assert_eq!(expand("plain", &env).unwrap(), "plain");
+        assert_eq!(references("a${B}c${D}"), ["B", "D"]);
     }
 }

@@ -555,3 +555,23 @@ fn an_install_on_a_full_disk_fails_at_once_and_status_says_why() {
     assert!(host.status()["journal_error"].is_null());
     host.stop_daemon();
 }
+
+/// Found by attacking: an undefined `${NAME}` in `exec` became an empty
+/// argument, and the service crash-looped after the next agent restart.
+#[test]
+fn an_undefined_variable_in_exec_is_a_config_error() {
+    let host = Host::new("300ms");
+    host.write_config(&format!(
+        "state_dir = \"{}\"\ntrust = \"{}\"\n[[service]]\nname = \"web\"\nsupervisor = \"exec\"\nexec = [\"bin/demo\", \"--port\", \"${{NOPE}}\"]\n",
+        host.state().display(),
+        host.path("trust.json").display()
+    ));
+    let (code, _, err) = host.run(&["run"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains(
+            "service[0].exec[2]: ${NOPE} is not set: add NOPE to env, or set environment_file"
+        ),
+        "{err}"
+    );
+}
