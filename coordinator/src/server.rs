@@ -775,6 +775,30 @@ async fn push_bundle(
         code: ErrorCode::BadRequest,
         message: format!("bundle refused: {err}"),
     })?;
+    // A release is immutable: another bundle of the same name and version
+    // is refused, unless it carries the very same signed manifest (the
+    // release re-signed, say).
+    let name = verified.manifest.name.to_string();
+    let version = verified.manifest.version.to_string();
+    let same_release = c
+        .with_store(|s| s.bundles())?
+        .into_iter()
+        .filter(|b| b.name == name && b.version == version && b.sha256 != sha256.as_str())
+        .find(|b| {
+            let stored = std::fs::File::open(c.bundle_path(&b.sha256))
+                .ok()
+                .and_then(|f| {
+                    turnout_proto::bundle::read_head(std::io::BufReader::new(f), &Limits::default())
+                        .ok()
+                });
+            stored.is_none_or(|head| head.manifest_bytes != verified.manifest_bytes)
+        });
+    if let Some(other) = same_release {
+        return Err(ApiError::conflict(format!(
+            "{name} {version} is stored already as another release (bundle {}): a release is immutable; pack this one under a new version",
+            other.sha256
+        )));
+    }
     // Content-addressed: a concurrent push of the same bytes renames the
     // same content over it, so whichever lands, the name matches the bytes.
     temp.persist(c.bundle_path(sha256.as_str()))

@@ -635,3 +635,41 @@ fn an_enrolled_host_cannot_be_taken_over_with_an_enrollment_token() {
         .unwrap();
     assert_eq!(intruder.enroll(&token, &[]).status, 200);
 }
+
+/// Found by attacking: a second, different `web 6.0.0` was accepted, and
+/// `web@6.0.0` then quietly named the newest push.
+#[test]
+fn a_release_is_immutable_once_pushed() {
+    let server = Server::start(Settings::default());
+    let dir = tempfile::tempdir().unwrap();
+    let key = turnout_proto::keys::SecretKey::from_seed([9; 32]);
+    let bundle = |file: &str, script: &[u8]| {
+        let path = dir.path().join(file);
+        turnout_testkit::write_bundle(
+            &path,
+            "web",
+            "6.0.0",
+            "bin/web",
+            &[("bin/web", 0o755, script.to_vec())],
+            &[&key],
+        );
+        std::fs::File::open(path).unwrap()
+    };
+    let admin = server.client(Some(&server.admin));
+    let first: Value = admin
+        .post_stream("/v1/bundles", &mut bundle("a.tnt", b"#!/bin/sh\necho a\n"))
+        .unwrap();
+    let err = admin
+        .post_stream::<Value>("/v1/bundles", &mut bundle("b.tnt", b"#!/bin/sh\necho b\n"))
+        .unwrap_err();
+    assert!(err.to_string().contains("(HTTP 409)"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("a release is immutable; pack this one under a new version"),
+        "{err}"
+    );
+    let stored: Vec<Value> = admin.get("/v1/bundles").unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0]["sha256"], first["sha256"]);
+    assert_eq!(unfinished_pushes(&server), Vec::<String>::new());
+}
