@@ -178,10 +178,22 @@ impl Journal {
     }
 
     fn sqlite(&self, source: rusqlite::Error) -> JournalError {
-        JournalError::Sqlite {
+        let err = JournalError::Sqlite {
             path: self.path.clone(),
             source,
+        };
+        // Damage found after opening (a page read later) says the same as
+        // damage found at open: what it is, and what to do.
+        if err.is_damage() {
+            return JournalError::Damaged {
+                path: self.path.clone(),
+                detail: match &err {
+                    JournalError::Sqlite { source, .. } => source.to_string(),
+                    other => other.to_string(),
+                },
+            };
         }
+        err
     }
 
     /// Whether the journal holds a state for `service` at all.

@@ -575,3 +575,27 @@ fn an_undefined_variable_in_exec_is_a_config_error() {
         "{err}"
     );
 }
+
+/// Found by attacking: a real SQLite file damaged inside (not at its header)
+/// failed without saying what to do.
+#[test]
+fn a_journal_damaged_inside_says_what_to_do() {
+    let mut host = committed_host();
+    host.stop_daemon();
+    let db = host.state().join("agent.db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    assert!(bytes.len() > 4096, "a journal of more than one page");
+    for b in &mut bytes[4096..] {
+        *b = 0xa5;
+    }
+    std::fs::write(&db, bytes).unwrap();
+    for file in ["agent.db-wal", "agent.db-shm"] {
+        let _ = std::fs::remove_file(host.state().join(file));
+    }
+    let (code, _, err) = host.run(&["run"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("is damaged") && err.contains("move it away"),
+        "{err}"
+    );
+}
