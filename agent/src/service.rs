@@ -393,7 +393,12 @@ impl Agent {
                 source,
             })?;
         let digest = digest_of(bundle)?;
-        if let Some(committed) = state.committed().filter(|c| c.sha256 == digest) {
+        // Committed and still on disk: nothing to do. (Committed but its slot
+        // gone, it is installed again: that is how an operator repairs it.)
+        if let Some(committed) = state
+            .committed()
+            .filter(|c| c.sha256 == digest && service.dir.slot_holding(c).is_some())
+        {
             return Ok(OperationResult {
                 service: name.to_owned(),
                 outcome: None,

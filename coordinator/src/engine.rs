@@ -590,9 +590,14 @@ pub fn rollback_conflict(rollout: &Rollout, all: &[Rollout]) -> Option<String> {
         ));
     }
     all[position + 1..].iter().rev().find(same_service).map(|newer| {
+        let instead = if newer.state == State::RolledBack {
+            String::new()
+        } else {
+            format!("roll back {} instead, or ", newer.id)
+        };
         format!(
-            "rollout {} of service {} came after it and its hosts have moved on; roll back {} instead, or start a rollout of the release you want",
-            newer.id, newer.spec.service, newer.id
+            "rollout {} of service {} came after it and its hosts have moved on; {instead}start a rollout of the release you want",
+            newer.id, newer.spec.service
         )
     })
 }
@@ -873,7 +878,7 @@ fn gate(rollout: &Rollout) -> Option<String> {
     let (failed, allowed) = (rollout.failed(), rollout.allowed_failures());
     (failed > allowed).then(|| {
         format!(
-            "{failed} host(s) failed, more than max_failed ({}) allows ({allowed})",
+            "{failed} host(s) failed, more than max_failed = {} allows ({allowed})",
             rollout.spec.max_failed
         )
     })
@@ -1038,7 +1043,7 @@ fn roll_back(rollout: &mut Rollout, all_at_once: bool, now: u64, fleet: &Fleet, 
         }
         if failed > 0 {
             parts.push(format!(
-                "{failed} rollback failed (`turnout rollout show {}` says why)",
+                "{failed} rollback failed (`turnout rollout status {}` says why)",
                 rollout.id
             ));
         }

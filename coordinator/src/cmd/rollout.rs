@@ -375,6 +375,18 @@ pub fn print_rollout(r: &Rollout) {
         r.failed(),
         r.allowed_failures()
     );
+    // Why each host that did not get where it should is where it is.
+    for (host, progress) in &r.hosts {
+        let why = match &progress.phase {
+            Phase::Failed { reason } => Some(("failed", reason)),
+            Phase::RevertFailed { reason } => Some(("rollback failed", reason)),
+            Phase::Skipped { reason } => Some(("skipped", reason)),
+            _ => None,
+        };
+        if let Some((what, reason)) = why {
+            println!("  {host}: {what}: {reason}");
+        }
+    }
 }
 
 fn watch(id: &str, remote: &Remote) -> anyhow::Result<Exit> {

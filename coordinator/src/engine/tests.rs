@@ -484,7 +484,7 @@ fn a_failing_canary_rolls_back_and_no_other_host_gets_the_release() {
         sim.log
     );
     assert!(sim.log.iter().any(|l| {
-        l.contains("gate tripped: 1 host(s) failed, more than max_failed (0) allows (0)")
+        l.contains("gate tripped: 1 host(s) failed, more than max_failed = 0 allows (0)")
     }));
 }
 
