@@ -11,6 +11,7 @@
 //! | `GET  /v1/bundles`                  | viewer        | list                               |
 //! | `GET  /v1/hosts`, `DELETE /v1/hosts/{id}` | viewer / admin | registry                   |
 //! | `POST /v1/tokens`                   | admin         | operator or enrollment token       |
+//! | `GET  /v1/auth?role=R`              | any token     | 204 if the token has role R        |
 //! | `POST /v1/rollouts/plan`, `POST /v1/rollouts` | viewer / operator | plan, start        |
 //! | `GET  /v1/rollouts[/{id}]`          | viewer        | list, one                          |
 //! | `POST /v1/rollouts/{id}/{command}`  | operator      | pause, resume, promote, abort, rollback |
@@ -82,6 +83,7 @@ pub fn router(coordinator: Shared) -> Router {
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{id}", axum::routing::delete(forget_host))
         .route("/v1/tokens", post(create_token))
+        .route("/v1/auth", get(check_role))
         .route("/v1/rollouts", get(list_rollouts).post(start_rollout))
         .route("/v1/rollouts/plan", post(plan_rollout))
         .route("/v1/rollouts/{id}", get(get_rollout))
@@ -973,6 +975,29 @@ async fn forget_host(
         return Err(ApiError::not_found(format!("no host {id}")));
     }
     c.log(&actor(role), None, Some(&id), "forgotten")?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+struct RoleQuery {
+    role: String,
+}
+
+/// Whether the caller's token has a role, answered before a client sends
+/// something large (a bundle push): a refused push of a big bundle would
+/// otherwise end in a broken pipe instead of the refusal.
+async fn check_role(
+    State(c): State<Shared>,
+    headers: HeaderMap,
+    Query(query): Query<RoleQuery>,
+) -> Result<Response, ApiError> {
+    let need = Role::parse(&query.role).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "role {:?}: expected viewer, operator or admin",
+            query.role
+        ))
+    })?;
+    operator(&c, &headers, need)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -162,7 +162,11 @@ pub fn bundle(command: BundleCommand) -> anyhow::Result<Exit> {
                     path: file.clone(),
                     cause: source,
                 })?;
-            let record: Value = remote.client().post_stream("/v1/bundles", &mut reader)?;
+            let client = remote.client();
+            // Credentials first: a refused push of a large bundle would end in
+            // a broken pipe, not in the refusal.
+            let _: Value = client.get("/v1/auth?role=operator")?;
+            let record: Value = client.post_stream("/v1/bundles", &mut reader)?;
             if !remote.print_json(&record)? {
                 println!(
                     "pushed {} {} ({}, sha256 {})",

@@ -673,3 +673,48 @@ fn a_release_is_immutable_once_pushed() {
     assert_eq!(stored[0]["sha256"], first["sha256"]);
     assert_eq!(unfinished_pushes(&server), Vec::<String>::new());
 }
+
+/// Found by attacking: pushing a real-sized bundle with a bad or too weak
+/// token reported a broken pipe ("cannot reach the coordinator"), exit 1.
+#[test]
+fn a_push_with_too_weak_a_token_is_refused_as_such() {
+    let server = Server::start(Settings::default());
+    let viewer: Value = server
+        .client(Some(&server.admin))
+        .post("/v1/tokens", &json!({"role": "viewer"}))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.tnt");
+    turnout_testkit::write_bundle(
+        &path,
+        "web",
+        "1.0.0",
+        "bin/web",
+        &[
+            ("bin/web", 0o755, b"#!/bin/sh\n".to_vec()),
+            ("data/blob", 0o644, vec![7; 24 << 20]),
+        ],
+        &[&turnout_proto::keys::SecretKey::from_seed([9; 32])],
+    );
+    for (token, code, says) in [
+        (viewer["token"].as_str().unwrap(), 5, "needs role operator"),
+        ("tnt_bogus", 5, "not known"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
+            .args(["bundle", "push"])
+            .arg(&path)
+            .args(["--coordinator", &server.url, "--token", token])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+    }
+    assert!(
+        server
+            .coordinator
+            .with_store(|s| s.bundles())
+            .unwrap()
+            .is_empty()
+    );
+}
