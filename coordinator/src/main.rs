@@ -11,7 +11,10 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(exit) => exit.into(),
         Err(err) => {
-            eprintln!("turnout: {err:#}");
+            eprintln!(
+                "turnout: {}",
+                turnout::cmd::remote::clean_lines(&format!("{err:#}"))
+            );
             classify(&err).into()
         }
     }

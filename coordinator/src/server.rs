@@ -422,6 +422,30 @@ async fn read_body(c: &Coordinator, body: Body) -> Result<Bytes, ApiError> {
     })
 }
 
+/// Labels are matched by selectors and shown to operators: keys are
+/// 1 to 63 letters, digits, `.`, `_`, `-` or `/`, and neither keys nor
+/// values may hold control characters.
+fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    for (key, value) in labels {
+        let key_ok = !key.is_empty()
+            && key.len() <= 63
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'));
+        if !key_ok {
+            return Err(ApiError::bad_request(format!(
+                "label {key:?}: expected a key of 1 to 63 letters, digits, '.', '_', '-' or '/'"
+            )));
+        }
+        if value.chars().any(char::is_control) {
+            return Err(ApiError::bad_request(format!(
+                "label {key}: its value holds control characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
 // ---- agents ----
 
 #[derive(Deserialize)]
@@ -439,6 +463,7 @@ async fn enroll(State(c): State<Shared>, body: Bytes) -> Result<Response, ApiErr
     })?;
     turnout_proto::keys::PublicKey::from_pem(&request.public_key)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    check_labels(&request.labels)?;
     let result = c.with_store(|s| {
         s.enroll(
             &request.token,
@@ -490,6 +515,7 @@ async fn hello(
             hello.host
         )));
     }
+    check_labels(&hello.labels)?;
     let offer = crate::offer();
     match negotiate(&hello.offer(), &offer) {
         Ok(agreed) => {

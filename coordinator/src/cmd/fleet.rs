@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Subcommand;
 use serde_json::{Value, json};
 
-use crate::cmd::remote::{Remote, when};
+use crate::cmd::remote::{Remote, clean, when};
 use crate::exit::Exit;
 use crate::files::{self, human_bytes};
 
@@ -123,15 +123,17 @@ pub fn host(command: HostCommand) -> anyhow::Result<Exit> {
                     .as_object()
                     .map(|m| {
                         m.iter()
-                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                            .map(|(k, v)| {
+                                format!("{}={}", clean(k), clean(v.as_str().unwrap_or_default()))
+                            })
                             .collect()
                     })
                     .unwrap_or_default();
                 println!(
                     "{:<24} {:<13} {:<9} {:<6} {:<20} {}",
-                    h["id"].as_str().unwrap_or_default(),
+                    clean(h["id"].as_str().unwrap_or_default()),
                     h["state"].as_str().unwrap_or_default(),
-                    h["agent_version"].as_str().unwrap_or("-"),
+                    clean(h["agent_version"].as_str().unwrap_or("-")),
                     h["proto"].as_u64().map_or("-".into(), |p| format!("v{p}")),
                     h["last_seen_ms"]
                         .as_u64()
@@ -140,7 +142,7 @@ pub fn host(command: HostCommand) -> anyhow::Result<Exit> {
                     labels.join(",")
                 );
                 if let Some(why) = h["incompatible"].as_str() {
-                    println!("  refused: {why}");
+                    println!("  refused: {}", clean(why));
                 }
             }
             Ok(Exit::Success)
@@ -206,9 +208,9 @@ pub fn print_event(event: &Value) {
     println!(
         "{} {:<14} {:<18} {}",
         when(event["at_ms"].as_u64().unwrap_or(0)),
-        event["actor"].as_str().unwrap_or_default(),
-        event["host"].as_str().unwrap_or("-"),
-        event["message"].as_str().unwrap_or_default()
+        clean(event["actor"].as_str().unwrap_or_default()),
+        clean(event["host"].as_str().unwrap_or("-")),
+        clean(event["message"].as_str().unwrap_or_default())
     );
 }
 

@@ -384,7 +384,7 @@ pub fn print_rollout(r: &Rollout) {
             _ => None,
         };
         if let Some((what, reason)) = why {
-            println!("  {host}: {what}: {reason}");
+            println!("  {host}: {what}: {}", crate::cmd::remote::clean(reason));
         }
     }
 }

@@ -718,3 +718,38 @@ fn a_push_with_too_weak_a_token_is_refused_as_such() {
             .is_empty()
     );
 }
+
+/// Found by attacking: label keys with line breaks were accepted, and host-
+/// chosen text reached the operator's terminal raw (fake rows, escape codes).
+#[test]
+fn host_chosen_text_cannot_forge_what_an_operator_reads() {
+    let server = Server::start(Settings::default());
+    let token = server.enroll_token(2);
+    let forger = FakeAgent::new(&server.url, "web-01", 1);
+    let answer = forger.enroll(&token, &[("a\nb", "x")]);
+    assert_eq!(answer.status, 400, "{}", answer.text());
+    assert!(
+        answer.text().contains("expected a key"),
+        "{}",
+        answer.text()
+    );
+    assert_eq!(forger.enroll(&token, &[("role", "web")]).status, 200);
+    let answer = forger.hello_with(turnout_proto::SUPPORTED, &[("role", "web\u{1b}[2J")]);
+    assert_eq!(answer.status, 400, "{}", answer.text());
+    // What is stored and shown anyway (an agent version) is written out.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
+        .args([
+            "host",
+            "list",
+            "--coordinator",
+            &server.url,
+            "--token",
+            &server.admin,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains('\u{1b}'), "{text}");
+    assert_eq!(text.lines().count(), 2, "a header and one host: {text}");
+}
