@@ -704,6 +704,21 @@ impl Coordinator {
             format!("{prefix}-{n}")
         });
         let waves = engine::plan(&id, &spec, &eligible);
+        // Hosts past the last wave are not moved: say so, not silently.
+        let planned: HashSet<&HostId> = waves.iter().flatten().collect();
+        let last = spec
+            .waves
+            .last()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        for host in eligible.iter().filter(|h| !planned.contains(h)) {
+            excluded.insert(
+                host.to_string(),
+                format!(
+                    "beyond the last wave (the waves end at {last}); add a wave of 100% to move it"
+                ),
+            );
+        }
         Ok(PlanView {
             id,
             spec,

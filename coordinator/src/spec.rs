@@ -359,6 +359,14 @@ impl RolloutSpec {
                         }
                         _ => None,
                     };
+                    // Waves are cumulative: each takes the fleet further.
+                    let last_same_kind = waves.iter().rev().find(|w: &&Amount| {
+                        matches!(
+                            (w, &parsed),
+                            (Amount::Count(_), Some(Amount::Count(_)))
+                                | (Amount::Percent(_), Some(Amount::Percent(_)))
+                        )
+                    });
                     match parsed {
                         Some(Amount::Count(0)) | None => problem(
                             &format!("waves[{i}]"),
@@ -366,6 +374,27 @@ impl RolloutSpec {
                                 "expected a host count above 0 or a percentage like \"10%\", found {item}"
                             ),
                         ),
+                        Some(Amount::Percent(p)) if !(p > 0.0 && p <= 100.0) => problem(
+                            &format!("waves[{i}]"),
+                            format!(
+                                "expected a percentage above 0% and at most 100%, found {item}"
+                            ),
+                        ),
+                        Some(amount)
+                            if last_same_kind.is_some_and(|before| match (before, &amount) {
+                                (Amount::Count(a), Amount::Count(b)) => b <= a,
+                                (Amount::Percent(a), Amount::Percent(b)) => b <= a,
+                                _ => false,
+                            }) =>
+                        {
+                            problem(
+                                &format!("waves[{i}]"),
+                                format!(
+                                    "waves are cumulative shares of the selected hosts, so each must be larger than the one before; found {item} after {}",
+                                    last_same_kind.map(ToString::to_string).unwrap_or_default()
+                                ),
+                            );
+                        }
                         Some(amount) => waves.push(amount),
                     }
                 }
@@ -558,6 +587,22 @@ mod tests {
             spec.settings(),
             "waves [1, 100%], max_parallel the whole wave, bake 0s, healthy_deadline 2m, progress_deadline 10m, max_failed 0, on_failure rollback, promote auto, offline skip"
         );
+    }
+
+    #[test]
+    fn waves_must_grow() {
+        for (waves, found) in [
+            (r#"["50%", "10%"]"#, "found \"10%\" after 50%"),
+            (r#"["3", "1"]"#, "found \"1\" after 3"),
+            (r#"["1", "150%"]"#, "found \"150%\""),
+        ] {
+            let raw = RolloutSpec::raw_from_toml(&format!(
+                "service = \"web\"\nrelease = \"web@1.0.0\"\nwaves = {waves}"
+            ))
+            .unwrap();
+            let err = RolloutSpec::from_raw(&raw).unwrap_err().to_string();
+            assert!(err.contains(found), "{waves}: {err}");
+        }
     }
 
     #[test]
