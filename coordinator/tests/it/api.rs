@@ -754,8 +754,14 @@ fn a_re_enrolled_host_is_known_by_its_new_key_at_once() {
         200,
         "caches the first key"
     );
-    // The host is reinstalled: same id, new key.
+    // The host is reinstalled: same id, new key. An admin forgets the old
+    // host first (an enrollment token alone cannot replace a key).
     let new = FakeAgent::new(&server.url, "web-01", 2);
+    assert_eq!(new.enroll(&server.enroll_token(1), &[]).status, 409);
+    server
+        .client(Some(&server.admin))
+        .delete("/v1/hosts/web-01")
+        .unwrap();
     assert_eq!(new.enroll(&server.enroll_token(1), &[]).status, 200);
     assert_eq!(
         new.signed("GET", "/v1/agent/desired?index=0", b"").status,
