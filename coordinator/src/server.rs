@@ -891,9 +891,12 @@ async fn get_bundle(
             message: e.to_string(),
         })?
         .len();
+    // A Range that is not a single `bytes=` range is ignored (RFC 9110
+    // §14.2): the whole file is sent. One past the end is refused (416).
     let range = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
+        .filter(|r| is_byte_range(r))
         .map(|r| parse_range(r, size));
     let (status, start, end) = match range {
         None => (StatusCode::OK, 0, size),
@@ -933,6 +936,17 @@ async fn get_bundle(
         );
     }
     Ok(response)
+}
+
+/// Whether `value` has the shape of one byte range: `bytes=A-B`,
+/// `bytes=A-` or `bytes=-N` with decimal digits.
+fn is_byte_range(value: &str) -> bool {
+    value.strip_prefix("bytes=").is_some_and(|spec| {
+        spec.split_once('-').is_some_and(|(a, b)| {
+            let digits = |t: &str| t.trim().bytes().all(|c| c.is_ascii_digit());
+            digits(a) && digits(b) && !(a.trim().is_empty() && b.trim().is_empty())
+        })
+    })
 }
 
 /// `bytes=A-B`, `bytes=A-`, `bytes=-N` → [start, end); `None` if unsatisfiable.
@@ -1256,6 +1270,22 @@ mod tests {
             if let Some((start, end)) = parse_range(&value, size) {
                 prop_assert!(start < end && end <= size, "{} of {}: {}..{}", value, size, start, end);
             }
+        }
+    }
+
+    #[test]
+    fn a_header_that_is_no_byte_range_is_ignored_not_refused() {
+        assert!(super::is_byte_range("bytes=0-99"));
+        assert!(super::is_byte_range("bytes=-5"));
+        for junk in [
+            "junk",
+            "bytes=",
+            "bytes=-",
+            "bytes=a-b",
+            "items=0-1",
+            "bytes=0-1,5-9",
+        ] {
+            assert!(!super::is_byte_range(junk), "{junk}");
         }
     }
 
