@@ -321,7 +321,7 @@ impl Link {
             &self.identity.host,
             method,
             &path,
-            now_ms(),
+            signing_time(),
             &body,
         );
         let base = self.identity.coordinator.clone();
@@ -670,7 +670,7 @@ impl Link {
             &self.identity.host,
             "GET",
             &path,
-            now_ms(),
+            signing_time(),
             b"",
         );
         let url = format!("{}{path}", self.identity.coordinator);
@@ -829,6 +829,28 @@ impl Link {
     }
 }
 
+/// The timestamp a request is signed with: the clock, but strictly growing
+/// within this process, so that two requests made in the same millisecond
+/// never carry the same signature (the coordinator would refuse the second
+/// as a replay).
+fn signing_time() -> u64 {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = now_ms();
+    let mut last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+    loop {
+        let next = now.max(last + 1);
+        match LAST.compare_exchange_weak(
+            last,
+            next,
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+        ) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
+        }
+    }
+}
+
 /// Whether the file at `path` has sha256 `sha`, hashed on a blocking thread.
 async fn hash_matches(path: &Path, sha: &str) -> bool {
     let path = path.to_owned();
@@ -880,4 +902,13 @@ pub fn backoff(failures: u32) -> Duration {
     let _ = getrandom::fill(&mut byte);
     let fraction = f64::from(u16::from_le_bytes(byte)) / f64::from(u16::MAX);
     ceiling.mul_f64(fraction.max(0.05))
+}
+
+#[cfg(test)]
+mod signing_tests {
+    #[test]
+    fn requests_in_one_millisecond_get_distinct_timestamps() {
+        let stamps: Vec<u64> = (0..1000).map(|_| super::signing_time()).collect();
+        assert!(stamps.windows(2).all(|w| w[1] > w[0]));
+    }
 }
