@@ -13,9 +13,11 @@
 #   SCENARIO=decision bash bench/fleet.sh           # a failing canary: first failing check to decision
 #   HOSTS=500 DURATION=20s RUNS=3 bash bench/fleet.sh
 #   SMOKE=1 SCENARIO=waves bash bench/fleet.sh      # CI: small N, debug build, checks the result
+#   SCRAPE=46 bash bench/fleet.sh                   # with a /metrics scrape 46 times a second
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCENARIO=${SCENARIO:-steady}
+SCRAPE=${SCRAPE:-0}
 SMOKE=${SMOKE:-}
 RUNS=${RUNS:-1}
 case "$SCENARIO" in
@@ -62,8 +64,30 @@ run() { # $1: the run's directory
         rollback) extra=(--release web@1.0.0 --release web@2.0.0) ;;
         decision) extra=(--release web@2.0.0 --fail-percent 100 --check-interval-ms 1000 --failure-threshold 3) ;;
     esac
+    local scraper=
+    if [ "$SCRAPE" -gt 0 ]; then
+        # A bounded scrape loop: SCRAPE requests a second while the coordinator runs.
+        python3 - "$port" "$SCRAPE" "$serve" <<'PY' &
+import os, sys, time, urllib.request
+port, rate, pid = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+deadline = time.time() + 3600
+while time.time() < deadline:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        break
+    started = time.time()
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    except Exception:
+        pass
+    time.sleep(max(0.0, 1 / rate - (time.time() - started)))
+PY
+        scraper=$!
+    fi
     "$bin/turnout-sim" --coordinator "$TURNOUT_COORDINATOR" --token "$token" --scenario "$SCENARIO" --hosts "$HOSTS" \
         --coordinator-pid "$serve" --json "$work/summary.json" "${extra[@]}" > "$work/summary.out"
+    [ -z "$scraper" ] || kill "$scraper" 2>/dev/null || true
     kill $serve 2>/dev/null || true
     wait $serve 2>/dev/null || true
     serve=
