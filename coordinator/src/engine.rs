@@ -207,6 +207,10 @@ pub struct HostProgress {
     pub phase: Phase,
     /// What it ran when dispatched: what a rollback restores.
     pub previous: Option<ReleaseRef>,
+    /// Why it failed, kept when a rollback moves it on: the gate's count,
+    /// and what an operator reads afterwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 /// A rollout and everything the engine needs to continue it.
@@ -343,6 +347,7 @@ impl Rollout {
                             wave,
                             phase: Phase::Waiting,
                             previous: None,
+                            failure: None,
                         },
                     )
                 })
@@ -368,7 +373,7 @@ impl Rollout {
     pub fn failed(&self) -> usize {
         self.hosts
             .values()
-            .filter(|h| matches!(h.phase, Phase::Failed { .. }))
+            .filter(|h| matches!(h.phase, Phase::Failed { .. }) || h.failure.is_some())
             .count()
     }
 
@@ -649,6 +654,9 @@ fn observe(rollout: &mut Rollout, now: u64, fleet: &Fleet, out: &mut Out) {
                         progress.phase = Phase::Failed {
                             reason: format!("the host reported: {reason}"),
                         };
+                        if let Phase::Failed { reason } = &progress.phase {
+                            progress.failure = Some(reason.clone());
+                        }
                         out.log(Some(&host), format!("failed: {reason}"));
                     } else if runs_target {
                         progress.phase = Phase::Committed { at_ms: now };
@@ -660,6 +668,9 @@ fn observe(rollout: &mut Rollout, now: u64, fleet: &Fleet, out: &mut Out) {
                         );
                         out.log(Some(&host), format!("failed: {reason}"));
                         progress.phase = Phase::Failed { reason };
+                        if let Phase::Failed { reason } = &progress.phase {
+                            progress.failure = Some(reason.clone());
+                        }
                     }
                 }
                 Phase::Committed { at_ms } => {
@@ -670,6 +681,9 @@ fn observe(rollout: &mut Rollout, now: u64, fleet: &Fleet, out: &mut Out) {
                         );
                         out.log(Some(&host), format!("failed after committing: {reason}"));
                         progress.phase = Phase::Failed { reason };
+                        if let Phase::Failed { reason } = &progress.phase {
+                            progress.failure = Some(reason.clone());
+                        }
                     } else if now.saturating_sub(at_ms) >= bake {
                         progress.phase = Phase::Done;
                         out.log(Some(&host), "done".into());
@@ -740,6 +754,9 @@ fn run_wave(
                     progress.phase = Phase::Failed {
                         reason: "offline at its turn".into(),
                     };
+                    if let Phase::Failed { reason } = &progress.phase {
+                        progress.failure = Some(reason.clone());
+                    }
                     out.log(
                         Some(host),
                         "failed: offline at its turn (offline = fail)".into(),

@@ -386,6 +386,16 @@ pub fn print_rollout(r: &Rollout) {
         if let Some((what, reason)) = why {
             println!("  {host}: {what}: {}", crate::cmd::remote::clean(reason));
         }
+        // A host that failed and was then moved back still says why it failed.
+        if let (Some(failure), false) = (
+            &progress.failure,
+            matches!(progress.phase, Phase::Failed { .. }),
+        ) {
+            println!(
+                "  {host}: failed earlier: {}",
+                crate::cmd::remote::clean(failure)
+            );
+        }
     }
 }
 

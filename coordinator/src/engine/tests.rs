@@ -842,3 +842,24 @@ proptest! {
         }
     }
 }
+
+/// Found by attacking: after the gate tripped and the rollout rolled back,
+/// `rollout status` said "failed 0", as the failed hosts had moved on to
+/// being rolled back.
+#[test]
+fn a_failure_is_still_counted_after_the_rollback() {
+    let mut sim = Sim::new(spec(&[Amount::Count(1), Amount::Percent(100.0)]), 3, &[]);
+    let canary = sim.rollout.waves[0][0].clone();
+    sim.bad.insert(canary.clone());
+    sim.run(20);
+    assert_eq!(sim.rollout.state, State::RolledBack, "{:#?}", sim.log);
+    assert_eq!(sim.rollout.failed(), 1);
+    assert!(
+        sim.rollout.hosts[&canary]
+            .failure
+            .as_deref()
+            .is_some_and(|f| f.contains("check http failed")),
+        "{:?}",
+        sim.rollout.hosts[&canary]
+    );
+}
