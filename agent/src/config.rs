@@ -383,11 +383,29 @@ fn duration(
     field: Option<(String, &toml::Value)>,
     default: Duration,
 ) -> Duration {
+    duration_from(problems, field, default, false)
+}
+
+/// Like [`duration`], where zero means "none" (a check's start period).
+fn duration_or_zero(
+    problems: &mut Vec<Problem>,
+    field: Option<(String, &toml::Value)>,
+    default: Duration,
+) -> Duration {
+    duration_from(problems, field, default, true)
+}
+
+fn duration_from(
+    problems: &mut Vec<Problem>,
+    field: Option<(String, &toml::Value)>,
+    default: Duration,
+    zero_allowed: bool,
+) -> Duration {
     let Some((path, text)) = string(problems, field) else {
         return default;
     };
     match humantime::parse_duration(&text) {
-        Ok(d) if !d.is_zero() => d,
+        Ok(d) if zero_allowed || !d.is_zero() => d,
         Ok(_) => {
             problem(
                 problems,
@@ -737,7 +755,7 @@ fn read_check(path: &str, t: &toml::Table, problems: &mut Vec<Problem>) -> Optio
     );
     let success = count(problems, fields.get("success"), 1);
     let failure = count(problems, fields.get("failure"), 3);
-    let start_period = duration(problems, fields.get("start_period"), DEFAULT_START_PERIOD);
+    let start_period = duration_or_zero(problems, fields.get("start_period"), DEFAULT_START_PERIOD);
     let kind = string(problems, fields.get("kind"));
     if kind.is_none() && !t.contains_key("kind") {
         problem(
@@ -1066,6 +1084,29 @@ mod tests {
                 max_cpu: Some(50.0)
             }
         );
+    }
+
+    /// Found by attacking: agent.md says `start_period = "0s"` counts every
+    /// failure from the first probe, and the config refused it.
+    #[test]
+    fn a_start_period_of_zero_is_allowed_and_the_default_is_documented() {
+        let config = Config::parse(
+            r#"
+            [[service]]
+            name = "api"
+            [[service.check]]
+            kind = "tcp"
+            address = "127.0.0.1:9000"
+            start_period = "0s"
+            [[service.check]]
+            kind = "tcp"
+            address = "127.0.0.1:9001"
+            "#,
+        )
+        .unwrap();
+        let checks = &config.services[0].checks;
+        assert_eq!(checks[0].start_period, Duration::ZERO);
+        assert_eq!(checks[1].start_period, DEFAULT_START_PERIOD);
     }
 
     #[test]

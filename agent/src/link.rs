@@ -541,6 +541,28 @@ impl Link {
                         );
                         return Ok(Converged::Acted);
                     }
+                    Err(LinkError::Io { what, source }) if what == "writing the download" => {
+                        // A full or failing disk here: say so to the
+                        // coordinator, and try again at the next poll.
+                        let reason = format!(
+                            "download failed: cannot write it to {}: {source}; tried again at the next poll",
+                            self.cache.display()
+                        );
+                        crate::log!("{name}: {reason}");
+                        // Reported as the service's last error too: with the
+                        // disk full, the journal may not take the outcome.
+                        self.refusals
+                            .lock()
+                            .expect("not poisoned")
+                            .insert(name.to_owned(), reason.clone());
+                        let _ = self.agent.record_outcome(
+                            name,
+                            OutcomeKind::Failed,
+                            want.clone(),
+                            reason,
+                        );
+                        return Ok(Converged::Acted);
+                    }
                     Err(err) => {
                         crate::log!("{name}: downloading {} {}: {err}", want.name, want.version);
                         return Err(err);

@@ -11,7 +11,10 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(exit) => exit.into(),
         Err(err) => {
-            eprintln!("turnout-agent: {err:#}");
+            eprintln!(
+                "turnout-agent: {}",
+                turnout_proto::text::clean_lines(&format!("{err:#}"))
+            );
             classify(&err).into()
         }
     }

@@ -943,8 +943,23 @@ async fn get_bundle(
 fn is_byte_range(value: &str) -> bool {
     value.strip_prefix("bytes=").is_some_and(|spec| {
         spec.split_once('-').is_some_and(|(a, b)| {
-            let digits = |t: &str| t.trim().bytes().all(|c| c.is_ascii_digit());
-            digits(a) && digits(b) && !(a.trim().is_empty() && b.trim().is_empty())
+            let (a, b) = (a.trim(), b.trim());
+            let number = |t: &str| -> Option<Option<u64>> {
+                if t.is_empty() {
+                    Some(None)
+                } else if t.bytes().all(|c| c.is_ascii_digit()) {
+                    // Past u64: as large as any file, not a syntax error.
+                    Some(Some(t.parse().unwrap_or(u64::MAX)))
+                } else {
+                    None
+                }
+            };
+            match (number(a), number(b)) {
+                (Some(None), Some(None)) | (None, _) | (_, None) => false,
+                // `bytes=5-2` is invalid (RFC 9110 §14.1.1), so ignored.
+                (Some(Some(first)), Some(Some(last))) => first <= last,
+                _ => true,
+            }
         })
     })
 }
@@ -955,13 +970,16 @@ fn parse_range(value: &str, size: u64) -> Option<(u64, u64)> {
     let (a, b) = spec.split_once('-')?;
     let (start, end) = match (a.trim(), b.trim()) {
         ("", n) => {
-            let n: u64 = n.parse().ok()?;
+            let n: u64 = n.parse().unwrap_or(u64::MAX);
             (size.saturating_sub(n), size)
         }
         (a, "") => (a.parse().ok()?, size),
         (a, b) => (
             a.parse().ok()?,
-            b.parse::<u64>().ok()?.saturating_add(1).min(size),
+            b.parse::<u64>()
+                .unwrap_or(u64::MAX)
+                .saturating_add(1)
+                .min(size),
         ),
     };
     (start < end && start < size).then_some((start, end))
@@ -1296,6 +1314,10 @@ mod tests {
         assert_eq!(parse_range("bytes=-100", 1000), Some((900, 1000)));
         assert_eq!(parse_range("bytes=1000-", 1000), None, "past the end: 416");
         assert_eq!(parse_range("bytes=5-1", 1000), None);
-        assert_eq!(parse_range("bytes=0-99999999999999999999", 1000), None);
+        assert_eq!(
+            parse_range("bytes=0-99999999999999999999", 1000),
+            Some((0, 1000)),
+            "a last byte past u64 is past the end: the whole file"
+        );
     }
 }

@@ -380,6 +380,16 @@ impl RolloutSpec {
                                 "expected a percentage above 0% and at most 100%, found {item}"
                             ),
                         ),
+                        Some(Amount::Count(_))
+                            if waves.iter().any(|w| matches!(w, Amount::Percent(_))) =>
+                        {
+                            problem(
+                                &format!("waves[{i}]"),
+                                format!(
+                                    "a host count after a percentage may make the waves shrink; found {item} after a percentage: use percentages from there on"
+                                ),
+                            );
+                        }
                         Some(amount)
                             if last_same_kind.is_some_and(|before| match (before, &amount) {
                                 (Amount::Count(a), Amount::Count(b)) => b <= a,
@@ -594,6 +604,7 @@ mod tests {
         for (waves, found) in [
             (r#"["50%", "10%"]"#, "found \"10%\" after 50%"),
             (r#"["3", "1"]"#, "found \"1\" after 3"),
+            (r#"["50%", "1"]"#, "found \"1\" after a percentage"),
             (r#"["1", "150%"]"#, "found \"150%\""),
         ] {
             let raw = RolloutSpec::raw_from_toml(&format!(

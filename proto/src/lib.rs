@@ -32,6 +32,7 @@ pub mod messages;
 pub mod negotiate;
 pub mod request_auth;
 pub mod signature;
+pub mod text;
 pub mod trust;
 pub mod version;
 

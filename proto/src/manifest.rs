@@ -91,6 +91,11 @@ impl PayloadPath {
                 "" => return rule("it has an empty component ('//' or a trailing '/')"),
                 "." | ".." => return rule("it has a '.' or '..' component"),
                 c if c.contains('\0') => return rule("it contains a NUL byte"),
+                // Names are printed to operators: no escape sequences, no
+                // line breaks, nothing that reorders text.
+                c if c.chars().any(crate::text::unsafe_on_a_terminal) => {
+                    return rule("it contains a control or invisible formatting character");
+                }
                 c if c.len() > MAX_COMPONENT_BYTES => {
                     return rule(&format!("a component is over {MAX_COMPONENT_BYTES} bytes"));
                 }

@@ -603,3 +603,17 @@ fn data_after_the_end_of_the_archive() {
         BundleError::TrailingData { found: 0 }
     ));
 }
+
+/// Found by attacking: member names with escape sequences and line breaks
+/// reached the operator's terminal through every command that named them.
+#[test]
+fn a_member_name_with_control_characters() {
+    let err = rejected(&with_extra(
+        b"payload/x\x1b[31mRED\nFAKE OK line",
+        tar::EntryType::Regular,
+        b"",
+    ));
+    assert!(matches!(&err, BundleError::UnsafePath { .. }), "{err}");
+    let text = err.to_string();
+    assert!(!text.contains('\x1b') && !text.contains('\n'), "{text}");
+}

@@ -45,40 +45,4 @@ pub fn when(ms: u64) -> String {
     text.trim_end_matches('Z').replace('T', " ")
 }
 
-/// `text` as it may reach an operator's terminal: control characters
-/// (escape sequences, line breaks) written out as escapes. Hosts choose
-/// their agent version and labels, and bundles their member names; none of
-/// it may move the cursor, recolour the screen or forge a row.
-pub fn clean(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
-        return std::borrow::Cow::Borrowed(text);
-    }
-    std::borrow::Cow::Owned(
-        text.chars()
-            .map(|c| {
-                if c.is_control() {
-                    c.escape_default().to_string()
-                } else {
-                    c.to_string()
-                }
-            })
-            .collect(),
-    )
-}
-
-/// Like [`clean`], keeping line breaks: for messages of several lines.
-pub fn clean_lines(text: &str) -> String {
-    text.split('\n').map(clean).collect::<Vec<_>>().join("\n")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn control_characters_are_written_out() {
-        assert_eq!(clean("web-01"), "web-01");
-        assert_eq!(clean("0.1.0\"} 1\n\u{1b}[2Jx"), "0.1.0\"} 1\\n\\u{1b}[2Jx");
-        assert_eq!(clean_lines("a\n\u{1b}b"), "a\n\\u{1b}b");
-    }
-}
+pub use turnout_proto::text::{clean, clean_lines};
