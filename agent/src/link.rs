@@ -420,22 +420,7 @@ impl Link {
             } else {
                 format!("/v1/agent/desired?index={index}")
             };
-            let (status, body) = self.call("GET", path, Vec::new()).await?;
-            if status != 200 {
-                return Err(LinkError::Refused {
-                    what: "the desired-state poll".into(),
-                    status,
-                    message: error_message(&body),
-                });
-            }
-            let desired: DesiredState =
-                turnout_proto::decode(&body)
-                    .map(|e| e.body)
-                    .map_err(|e| LinkError::Refused {
-                        what: "the desired state".into(),
-                        status,
-                        message: e.to_string(),
-                    })?;
+            let desired = self.fetch_desired(path, "the desired-state poll").await?;
             let mut waiting = false;
             for service in &desired.services {
                 match self.converge(service, &welcome.capabilities, index).await? {
@@ -582,30 +567,37 @@ impl Link {
         Ok(Converged::Acted)
     }
 
+    /// GETs the desired state at `path` (`what` names the request in errors).
+    async fn fetch_desired(&self, path: String, what: &str) -> Result<DesiredState, LinkError> {
+        let (status, body) = self.call("GET", path, Vec::new()).await?;
+        if status != 200 {
+            return Err(LinkError::Refused {
+                what: what.into(),
+                status,
+                message: error_message(&body),
+            });
+        }
+        turnout_proto::decode(&body)
+            .map(|e| e.body)
+            .map_err(|e| LinkError::Refused {
+                what: "the desired state".into(),
+                status,
+                message: e.to_string(),
+            })
+    }
+
     /// Whether the coordinator still wants `desired` for its service, asked
     /// again right before an install or rollback starts: an agent that was
     /// frozen, or slow to download, may hold a desired state that a
     /// rollback has since replaced, and must not install the release the
     /// rollback took back.
     async fn still_wanted(&self, desired: &DesiredService) -> Result<bool, LinkError> {
-        let (status, body) = self
-            .call("GET", "/v1/agent/desired?index=0".into(), Vec::new())
+        let now = self
+            .fetch_desired(
+                "/v1/agent/desired?index=0".into(),
+                "the desired-state check",
+            )
             .await?;
-        if status != 200 {
-            return Err(LinkError::Refused {
-                what: "the desired-state check".into(),
-                status,
-                message: error_message(&body),
-            });
-        }
-        let now: DesiredState =
-            turnout_proto::decode(&body)
-                .map(|e| e.body)
-                .map_err(|e| LinkError::Refused {
-                    what: "the desired state".into(),
-                    status,
-                    message: e.to_string(),
-                })?;
         let wanted = now
             .services
             .iter()
