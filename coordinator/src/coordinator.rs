@@ -217,6 +217,7 @@ pub fn host_view(report: Option<&ServiceReport>, online: bool, acked: bool) -> H
             )
         }),
         committed: report.and_then(|r| r.committed.clone()),
+        last_error: report.and_then(|r| r.last_error.clone()),
         failed: report.and_then(reverting).or_else(|| {
             report
                 .and_then(|r| r.last_outcome.as_ref())

@@ -44,6 +44,10 @@ pub struct HostView {
     /// An install or revert is under way on it: its committed release is
     /// what it falls back to, not necessarily what runs.
     pub busy: bool,
+    /// The service's last error as the host reported it (a refused
+    /// release, a download it could not write, a journal it cannot write):
+    /// what an operator reads when the host misses its deadline.
+    pub last_error: Option<String>,
     /// It has acted on its current desired state: it asked for the desired
     /// state after the last change of it, or reported having done so. Until
     /// then, a report of being at rest says nothing about what it was told.
@@ -663,8 +667,11 @@ fn observe(rollout: &mut Rollout, now: u64, fleet: &Fleet, out: &mut Out) {
                         out.log(Some(&host), format!("committed {}", target.version));
                     } else if now.saturating_sub(at_ms) >= deadline {
                         let reason = format!(
-                            "not committed within healthy_deadline ({})",
-                            humantime::format_duration(rollout.spec.healthy_deadline)
+                            "not committed within healthy_deadline ({}){}",
+                            humantime::format_duration(rollout.spec.healthy_deadline),
+                            view.last_error
+                                .as_ref()
+                                .map_or(String::new(), |e| format!("; the host says: {e}"))
                         );
                         out.log(Some(&host), format!("failed: {reason}"));
                         progress.phase = Phase::Failed { reason };

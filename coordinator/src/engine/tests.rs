@@ -76,6 +76,7 @@ impl Sim {
                         failed: None,
                         busy: false,
                         acked: true,
+                        last_error: None,
                     },
                 )
             })
@@ -861,5 +862,24 @@ fn a_failure_is_still_counted_after_the_rollback() {
             .is_some_and(|f| f.contains("check http failed")),
         "{:?}",
         sim.rollout.hosts[&canary]
+    );
+}
+
+/// A host that misses its deadline says why, when it said why: a download
+/// it could not write (disk full), a release it refuses.
+#[test]
+fn a_host_missing_its_deadline_carries_its_own_last_error() {
+    let mut sim = Sim::new(spec(&[Amount::Percent(100.0)]), 1, &[]);
+    sim.input(Input::Tick).unwrap();
+    let host = sim.rollout.waves[0][0].clone();
+    sim.pending.clear();
+    sim.fleet.get_mut(&host).unwrap().last_error =
+        Some("download failed: cannot write it: No space left on device".into());
+    sim.now += 61_000;
+    sim.input(Input::Tick).unwrap();
+    assert!(
+        matches!(&sim.rollout.hosts[&host].failure, Some(f) if f.contains("the host says: download failed: cannot write it: No space left on device")),
+        "{:#?}",
+        sim.log
     );
 }
