@@ -9,10 +9,10 @@
 //! | 0    | done                                                      |
 //! | 1    | failed at run time; a retry or restart may help           |
 //! | 2    | the command line was wrong                                |
-//! | 3    | an input (config, trust file, path) is invalid            |
+//! | 3    | an input (config, trust file, path, token) is invalid       |
 //! | 4    | verification refused a bundle                             |
 //! | 5    | the release was installed, failed its bake, and was reverted |
-//! | 6    | refused: another operation runs, or nothing to roll back to  |
+//! | 6    | refused: another operation runs, nothing to roll back to, or the coordinator refused (409) |
 
 use std::process::ExitCode;
 
@@ -73,6 +73,18 @@ pub fn classify(err: &anyhow::Error) -> Exit {
         }
         if let Some(err) = cause.downcast_ref::<AgentError>() {
             return classify_agent(err);
+        }
+        // The coordinator's answer to an enrollment: a token or request it
+        // will not take is an input to fix; a host id taken by another key
+        // is refused in the current state.
+        if let Some(crate::link::LinkError::Refused { status, .. }) =
+            cause.downcast_ref::<crate::link::LinkError>()
+        {
+            return match status {
+                409 => Exit::Refused,
+                400..=499 => Exit::Input,
+                _ => Exit::Failure,
+            };
         }
     }
     Exit::Failure

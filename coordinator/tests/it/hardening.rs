@@ -753,3 +753,53 @@ fn host_chosen_text_cannot_forge_what_an_operator_reads() {
     assert!(!text.contains('\u{1b}'), "{text}");
     assert_eq!(text.lines().count(), 2, "a header and one host: {text}");
 }
+
+/// Found by attacking: an enrollment the coordinator refused exited 1 (a
+/// run-time failure a retry may fix), whatever the reason.
+#[test]
+fn a_refused_enrollment_exits_with_what_it_means() {
+    let server = Server::start(Settings::default());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\ntrust = \"{}\"\n",
+            dir.path().join("state").display(),
+            dir.path().join("trust.json").display()
+        ),
+    )
+    .unwrap();
+    let enroll = |token: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
+            .args([
+                "agent",
+                "enroll",
+                "--coordinator",
+                &server.url,
+                "--token",
+                token,
+                "--host",
+                "web-09",
+            ])
+            .env("TURNOUT_AGENT_CONFIG", &config)
+            .output()
+            .unwrap()
+    };
+    let out = enroll("tne_bogus");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("not known"), "{stderr}");
+    // The id is taken by another host's key.
+    let token = server.enroll_token(2);
+    assert_eq!(
+        FakeAgent::new(&server.url, "web-09", 1)
+            .enroll(&token, &[])
+            .status,
+        200
+    );
+    let out = enroll(&token);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
+    assert!(stderr.contains("turnout host forget web-09"), "{stderr}");
+}
