@@ -627,9 +627,7 @@ fn read_service(path: &str, t: &toml::Table, problems: &mut Vec<Problem>) -> Opt
             let mut env = BTreeMap::new();
             if let Some((path, t)) = table(problems, fields.get("env")) {
                 for (key, value) in t {
-                    let valid_name = !key.is_empty()
-                        && !key.as_bytes()[0].is_ascii_digit()
-                        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                    let valid_name = crate::supervisor::is_variable_name(key);
                     match value.as_str() {
                         Some(v) if valid_name && !v.contains('\0') => {
                             env.insert(key.clone(), v.to_owned());

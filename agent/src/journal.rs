@@ -95,18 +95,34 @@ pub enum JournalError {
 }
 
 impl JournalError {
+    /// A SQLite error that means the file is damaged, as [`JournalError::Damaged`]
+    /// (which says what to do); any other error as it is.
+    fn named_if_damage(self) -> JournalError {
+        match self {
+            JournalError::Sqlite { path, source } if Self::is_damage_code(&source) => {
+                JournalError::Damaged {
+                    path,
+                    detail: source.to_string(),
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn is_damage_code(source: &rusqlite::Error) -> bool {
+        matches!(
+            source,
+            rusqlite::Error::SqliteFailure(e, _)
+                if matches!(e.code, rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+        )
+    }
+
     /// Whether the file itself is damaged (not a database, or corrupt): a
     /// restart cannot help, an operator must move it away.
     pub fn is_damage(&self) -> bool {
         match self {
             JournalError::Corrupt { .. } | JournalError::Damaged { .. } => true,
-            JournalError::Sqlite {
-                source: rusqlite::Error::SqliteFailure(e, _),
-                ..
-            } => matches!(
-                e.code,
-                rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt
-            ),
+            JournalError::Sqlite { source, .. } => Self::is_damage_code(source),
             _ => false,
         }
     }
@@ -142,19 +158,7 @@ impl std::fmt::Debug for Journal {
 impl Journal {
     /// Opens (creating if needed) and migrates the journal at `path`.
     pub fn open(path: &Path) -> Result<Journal, JournalError> {
-        let damaged = |err: JournalError| {
-            if err.is_damage() {
-                JournalError::Damaged {
-                    path: path.to_owned(),
-                    detail: match &err {
-                        JournalError::Sqlite { source, .. } => source.to_string(),
-                        other => other.to_string(),
-                    },
-                }
-            } else {
-                err
-            }
-        };
+        let damaged = |err: JournalError| err.named_if_damage();
         let sqlite = |source| {
             damaged(JournalError::Sqlite {
                 path: path.to_owned(),
@@ -178,22 +182,13 @@ impl Journal {
     }
 
     fn sqlite(&self, source: rusqlite::Error) -> JournalError {
-        let err = JournalError::Sqlite {
-            path: self.path.clone(),
-            source,
-        };
         // Damage found after opening (a page read later) says the same as
         // damage found at open: what it is, and what to do.
-        if err.is_damage() {
-            return JournalError::Damaged {
-                path: self.path.clone(),
-                detail: match &err {
-                    JournalError::Sqlite { source, .. } => source.to_string(),
-                    other => other.to_string(),
-                },
-            };
+        JournalError::Sqlite {
+            path: self.path.clone(),
+            source,
         }
-        err
+        .named_if_damage()
     }
 
     /// Whether the journal holds a state for `service` at all.

@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 use turnout_proto::keys::SecretKey;
 use turnout_proto::messages::{
     DesiredService, DesiredState, Health, Hello, Incompatible, Outcome, OutcomeKind, Report,
@@ -867,20 +866,9 @@ fn signing_time() -> u64 {
 
 /// Whether the file at `path` has sha256 `sha`, hashed on a blocking thread.
 async fn hash_matches(path: &Path, sha: &str) -> bool {
-    let path = path.to_owned();
-    let sha = sha.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let mut hasher = Sha256::new();
-        let Ok(mut file) = std::fs::File::open(&path) else {
-            return false;
-        };
-        if std::io::copy(&mut file, &mut hasher).is_err() {
-            return false;
-        }
-        turnout_proto::Digest::from_bytes(hasher.finalize().into()).as_str() == sha
-    })
-    .await
-    .unwrap_or(false)
+    crate::service::digest_of_file(path)
+        .await
+        .is_ok_and(|digest| digest.as_str() == sha)
 }
 
 fn service_report(s: &ServiceStatus, refusal: Option<&String>) -> ServiceReport {

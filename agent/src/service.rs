@@ -392,7 +392,7 @@ impl Agent {
                 service: name.to_owned(),
                 source,
             })?;
-        let digest = digest_of(bundle)?;
+        let digest = digest_of_file(bundle).await?;
         // Committed and still on disk: nothing to do. (Committed but its slot
         // gone, it is installed again: that is how an operator repairs it.)
         if let Some(committed) = state
@@ -1149,7 +1149,7 @@ impl Agent {
                 "its bundle is not in the cache either: install it again with `turnout-agent install BUNDLE --service {name}`"
             )));
         }
-        if digest_of(&cached)? != release.sha256 {
+        if digest_of_file(&cached).await? != release.sha256 {
             return Err(lost(format!("the cached {} is damaged", cached.display())));
         }
         let trust = read_trust(&self.config.trust)?;
@@ -1370,6 +1370,20 @@ fn read_trust(path: &Path) -> Result<Trust, AgentError> {
         .map_err(|err| AgentError::Trust {
             path: path.to_owned(),
             detail: err.to_string(),
+        })
+}
+
+/// The sha256 of the file at `path`, hashed on a blocking thread: a bundle
+/// may be gigabytes, and the runtime's threads serve the health checks.
+pub(crate) async fn digest_of_file(path: &Path) -> Result<Digest, AgentError> {
+    let owned = path.to_owned();
+    tokio::task::spawn_blocking(move || digest_of(&owned))
+        .await
+        .unwrap_or_else(|err| {
+            Err(AgentError::Bundle {
+                path: path.to_owned(),
+                source: std::io::Error::other(format!("hashing panicked: {err}")),
+            })
         })
 }
 

@@ -78,6 +78,14 @@ pub struct Launch {
     pub env: Vec<(String, String)>,
 }
 
+/// Whether `name` is an environment variable name: letters, digits and
+/// `_`, not starting with a digit.
+pub fn is_variable_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.as_bytes()[0].is_ascii_digit()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 /// Parses an environment file: `KEY=VALUE` lines, `#` comments and blank
 /// lines; a value may be wrapped in double or single quotes.
 pub fn parse_env_file(text: &str) -> Result<Vec<(String, String)>, String> {
@@ -95,10 +103,7 @@ pub fn parse_env_file(text: &str) -> Result<Vec<(String, String)>, String> {
             ));
         };
         let key = key.trim();
-        let valid = !key.is_empty()
-            && !key.as_bytes()[0].is_ascii_digit()
-            && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-        if !valid {
+        if !is_variable_name(key) {
             return Err(format!(
                 "line {}: {key:?} is not a variable name (letters, digits, '_')",
                 n + 1

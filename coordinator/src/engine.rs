@@ -217,6 +217,14 @@ pub struct HostProgress {
     pub failure: Option<String>,
 }
 
+impl HostProgress {
+    /// Marks the host failed, keeping why beyond the phase (see `failure`).
+    fn fail(&mut self, reason: String) {
+        self.failure = Some(reason.clone());
+        self.phase = Phase::Failed { reason };
+    }
+}
+
 /// A rollout and everything the engine needs to continue it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rollout {
@@ -655,12 +663,7 @@ fn observe(rollout: &mut Rollout, now: u64, fleet: &Fleet, out: &mut Out) {
             match before.clone() {
                 Phase::Dispatched { at_ms } => {
                     if let Some((_, reason)) = failed_on_target {
-                        progress.phase = Phase::Failed {
-                            reason: format!("the host reported: {reason}"),
-                        };
-                        if let Phase::Failed { reason } = &progress.phase {
-                            progress.failure = Some(reason.clone());
-                        }
+                        progress.fail(format!("the host reported: {reason}"));
                         out.log(Some(&host), format!("failed: {reason}"));
                     } else if runs_target {
                         progress.phase = Phase::Committed { at_ms: now };
@@ -674,10 +677,7 @@ fn observe(rollout: &mut Rollout, now: u64, fleet: &Fleet, out: &mut Out) {
                                 .map_or(String::new(), |e| format!("; the host says: {e}"))
                         );
                         out.log(Some(&host), format!("failed: {reason}"));
-                        progress.phase = Phase::Failed { reason };
-                        if let Phase::Failed { reason } = &progress.phase {
-                            progress.failure = Some(reason.clone());
-                        }
+                        progress.fail(reason);
                     }
                 }
                 Phase::Committed { at_ms } => {
@@ -687,10 +687,7 @@ fn observe(rollout: &mut Rollout, now: u64, fleet: &Fleet, out: &mut Out) {
                             |(_, r)| r.clone(),
                         );
                         out.log(Some(&host), format!("failed after committing: {reason}"));
-                        progress.phase = Phase::Failed { reason };
-                        if let Phase::Failed { reason } = &progress.phase {
-                            progress.failure = Some(reason.clone());
-                        }
+                        progress.fail(reason);
                     } else if now.saturating_sub(at_ms) >= bake {
                         progress.phase = Phase::Done;
                         out.log(Some(&host), "done".into());
@@ -758,12 +755,7 @@ fn run_wave(
                     );
                 }
                 Offline::Fail => {
-                    progress.phase = Phase::Failed {
-                        reason: "offline at its turn".into(),
-                    };
-                    if let Phase::Failed { reason } = &progress.phase {
-                        progress.failure = Some(reason.clone());
-                    }
+                    progress.fail("offline at its turn".into());
                     out.log(
                         Some(host),
                         "failed: offline at its turn (offline = fail)".into(),

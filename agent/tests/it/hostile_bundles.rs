@@ -512,9 +512,45 @@ fn staging_refuses_an_existing_directory_and_keeps_it() {
     assert_eq!(fs::read(staging.join("keep")).unwrap(), b"x");
 }
 
+/// Stages `bundle`: refused, it leaves the parent as it was; accepted, what
+/// unpacks is exactly the release.
+fn refused_cleanly_or_intact(bundle: &[u8]) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("sentinel"), b"before").unwrap();
+    let staging = dir.path().join("staging");
+    match unpack(
+        bundle,
+        &trust(1, &[&key(1)]),
+        SystemTime::now(),
+        &Limits::default(),
+        &staging,
+    ) {
+        Err(_) => assert_untouched(dir.path()),
+        Ok(_) => {
+            for (path, _, data) in files() {
+                prop_assert_eq!(
+                    fs::read(staging.join(path)).unwrap(),
+                    data,
+                    "{} changed",
+                    path
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Cases per property; `FUZZ_CASES=N` runs a longer fuzzing session.
+fn cases() -> u32 {
+    std::env::var("FUZZ_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(96)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 96,
+        cases: cases(),
         failure_persistence: Some(Box::new(
             proptest::test_runner::FileFailurePersistence::Direct("tests/proptest-regressions/hostile_bundles.txt"),
         )),
@@ -528,17 +564,7 @@ proptest! {
         let mut bundle = good_bundle(&[&key(1)]);
         let i = at.index(bundle.len());
         bundle[i] ^= xor;
-        let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("sentinel"), b"before").unwrap();
-        let staging = dir.path().join("staging");
-        match unpack(&bundle[..], &trust(1, &[&key(1)]), SystemTime::now(), &Limits::default(), &staging) {
-            Err(_) => assert_untouched(dir.path()),
-            Ok(_) => {
-                for (path, _, data) in files() {
-                    prop_assert_eq!(fs::read(staging.join(path)).unwrap(), data, "byte {} changed content", i);
-                }
-            }
-        }
+        refused_cleanly_or_intact(&bundle).map_err(|e| TestCaseError::fail(format!("byte {i}: {e}")))?;
     }
 
     /// Fuzzing the bundle reader: several edits at once (changed, inserted,
@@ -563,17 +589,7 @@ proptest! {
         if let Some(cut) = cut {
             bundle.truncate(cut.index(bundle.len()));
         }
-        let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("sentinel"), b"before").unwrap();
-        let staging = dir.path().join("staging");
-        match unpack(&bundle[..], &trust(1, &[&key(1)]), SystemTime::now(), &Limits::default(), &staging) {
-            Err(_) => assert_untouched(dir.path()),
-            Ok(_) => {
-                for (path, _, data) in files() {
-                    prop_assert_eq!(fs::read(staging.join(path)).unwrap(), data);
-                }
-            }
-        }
+        refused_cleanly_or_intact(&bundle)?;
     }
 }
 
