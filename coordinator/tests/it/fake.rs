@@ -36,11 +36,7 @@ impl Server {
 
     /// A coordinator whose state lives in `dir`.
     pub(crate) fn start_in(settings: Settings, dir: tempfile::TempDir) -> Server {
-        let key = SecretKey::from_seed([9; 32]);
-        let trust =
-            turnout_proto::trust::Trust::new(1, 1, SystemTime::UNIX_EPOCH, vec![key.public()])
-                .unwrap();
-        let coordinator = Arc::new(Coordinator::open(dir.path(), trust, settings).unwrap());
+        let coordinator = Arc::new(Coordinator::open(dir.path(), trust(), settings).unwrap());
         let admin = coordinator
             .with_store(|s| s.create_token(Role::Admin, now_ms()))
             .unwrap();
@@ -119,6 +115,17 @@ impl Drop for Server {
     }
 }
 
+/// The release key the test trust holds.
+pub(crate) fn release_key() -> SecretKey {
+    SecretKey::from_seed([9; 32])
+}
+
+/// The trust every test coordinator checks pushes against: [`release_key`], 1 of 1.
+pub(crate) fn trust() -> turnout_proto::trust::Trust {
+    turnout_proto::trust::Trust::new(1, 1, SystemTime::UNIX_EPOCH, vec![release_key().public()])
+        .unwrap()
+}
+
 /// A one-file bundle of `web` at `version`, signed with the test trust's key.
 pub(crate) fn demo_bundle(dir: &Path, version: &str) -> std::path::PathBuf {
     let path = dir.join(format!("web-{version}.tnt"));
@@ -129,7 +136,7 @@ pub(crate) fn demo_bundle(dir: &Path, version: &str) -> std::path::PathBuf {
         version,
         "bin/web",
         &[("bin/web", 0o755, script)],
-        &[&SecretKey::from_seed([9; 32])],
+        &[&release_key()],
     );
     path
 }

@@ -12,7 +12,7 @@ use sha2::{Digest as _, Sha256};
 use turnout::coordinator::Settings;
 use turnout_proto::request_auth;
 
-use crate::fake::{FakeAgent, Server, demo_bundle, now_ms, wait_for};
+use crate::fake::{FakeAgent, Server, demo_bundle, now_ms, release_key, trust, wait_for};
 
 fn connect(server: &Server) -> TcpStream {
     let stream = TcpStream::connect(server.url.trim_start_matches("http://")).unwrap();
@@ -65,6 +65,10 @@ fn enrolled_header(server: &Server, path: &str) -> String {
     let agent = FakeAgent::new(&server.url, "web-01", 1);
     assert_eq!(agent.enroll(&token, &[]).status, 200);
     request_auth::sign(&agent.key, &agent.host, "POST", path, now_ms(), b"x")
+}
+
+fn stored_bundles(server: &Server) -> Vec<turnout::store::BundleRecord> {
+    server.coordinator.with_store(|s| s.bundles()).unwrap()
 }
 
 fn still_serves(server: &Server) {
@@ -282,13 +286,7 @@ fn refused_and_abandoned_pushes_leave_nothing_behind() {
         Duration::from_secs(30),
         || unfinished_pushes(&server).is_empty(),
     );
-    assert!(
-        server
-            .coordinator
-            .with_store(|s| s.bundles())
-            .unwrap()
-            .is_empty()
-    );
+    assert!(stored_bundles(&server).is_empty());
 }
 
 #[test]
@@ -297,15 +295,7 @@ fn an_unfinished_push_left_by_a_kill_is_removed_at_start() {
     std::fs::create_dir_all(dir.path().join("bundles")).unwrap();
     let leftover = dir.path().join("bundles/.push-4242-abc");
     std::fs::write(&leftover, b"half a bundle").unwrap();
-    let key = turnout_proto::keys::SecretKey::from_seed([9; 32]);
-    let trust = turnout_proto::trust::Trust::new(
-        1,
-        1,
-        std::time::SystemTime::UNIX_EPOCH,
-        vec![key.public()],
-    )
-    .unwrap();
-    turnout::coordinator::Coordinator::open(dir.path(), trust, Settings::default()).unwrap();
+    turnout::coordinator::Coordinator::open(dir.path(), trust(), Settings::default()).unwrap();
     assert!(!leftover.exists());
 }
 
@@ -388,7 +378,7 @@ fn serve_refuses_an_empty_database_beside_a_bundle_store() {
     std::fs::create_dir_all(state.join("bundles")).unwrap();
     std::fs::write(state.join("bundles/0011.tnt"), b"a stored bundle").unwrap();
     std::fs::write(state.join("coordinator.db"), b"").unwrap();
-    let key = turnout_proto::keys::SecretKey::from_seed([9; 32]);
+    let key = release_key();
     let trust_key = dir.path().join("k.pub.pem");
     std::fs::write(&trust_key, key.public().to_pem()).unwrap();
     let trust = dir.path().join("trust.json");
@@ -562,16 +552,8 @@ fn a_push_on_a_full_disk_is_refused_and_leaves_nothing() {
     });
     still_serves(&server);
     // And a coordinator starts on that state directory again.
-    let key = turnout_proto::keys::SecretKey::from_seed([9; 32]);
-    let trust = turnout_proto::trust::Trust::new(
-        1,
-        1,
-        std::time::SystemTime::UNIX_EPOCH,
-        vec![key.public()],
-    )
-    .unwrap();
     drop(server);
-    turnout::coordinator::Coordinator::open(&path, trust, Settings::default()).unwrap();
+    turnout::coordinator::Coordinator::open(&path, trust(), Settings::default()).unwrap();
 }
 
 /// Found by attacking the first fix: the operator and enrollment routes
@@ -642,7 +624,7 @@ fn an_enrolled_host_cannot_be_taken_over_with_an_enrollment_token() {
 fn a_release_is_immutable_once_pushed() {
     let server = Server::start(Settings::default());
     let dir = tempfile::tempdir().unwrap();
-    let key = turnout_proto::keys::SecretKey::from_seed([9; 32]);
+    let key = release_key();
     let bundle = |file: &str, script: &[u8]| {
         let path = dir.path().join(file);
         turnout_testkit::write_bundle(
@@ -694,7 +676,7 @@ fn a_push_with_too_weak_a_token_is_refused_as_such() {
             ("bin/web", 0o755, b"#!/bin/sh\n".to_vec()),
             ("data/blob", 0o644, vec![7; 24 << 20]),
         ],
-        &[&turnout_proto::keys::SecretKey::from_seed([9; 32])],
+        &[&release_key()],
     );
     for (token, code, says) in [
         (viewer["token"].as_str().unwrap(), 5, "needs role operator"),
@@ -710,13 +692,7 @@ fn a_push_with_too_weak_a_token_is_refused_as_such() {
         assert_eq!(out.status.code(), Some(code), "{stderr}");
         assert!(stderr.contains(says), "{stderr}");
     }
-    assert!(
-        server
-            .coordinator
-            .with_store(|s| s.bundles())
-            .unwrap()
-            .is_empty()
-    );
+    assert!(stored_bundles(&server).is_empty());
 }
 
 /// Found by attacking: label keys with line breaks were accepted, and host-
