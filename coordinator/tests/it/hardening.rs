@@ -713,6 +713,16 @@ fn host_chosen_text_cannot_forge_what_an_operator_reads() {
     let answer = forger.hello_with(turnout_proto::SUPPORTED, &[("role", "web\u{1b}[2J")]);
     assert_eq!(answer.status, 400, "{}", answer.text());
     // What is stored and shown anyway (an agent version) is written out.
+    let hello = turnout_proto::messages::Hello {
+        agent_version: "1.0\u{1b}[2J\u{202e}\nweb-99 online FORGED".into(),
+        proto_range: turnout_proto::SUPPORTED,
+        capabilities: turnout_proto::CapabilitySet::all_known(),
+        host: forger.host.clone(),
+        labels: [("role".to_owned(), "web".to_owned())].into(),
+        facts: Default::default(),
+    };
+    let body = turnout_proto::encode(turnout_proto::SUPPORTED.max(), &hello);
+    assert_eq!(forger.signed("POST", "/v1/agent/hello", &body).status, 200);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
         .args([
             "host",
@@ -726,7 +736,11 @@ fn host_chosen_text_cannot_forge_what_an_operator_reads() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(!text.contains('\u{1b}'), "{text}");
+    assert!(text.contains("1.0\\u{1b}[2J"), "written out: {text}");
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{202e}'),
+        "{text}"
+    );
     assert_eq!(text.lines().count(), 2, "a header and one host: {text}");
 }
 
