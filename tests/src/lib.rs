@@ -326,7 +326,7 @@ impl Fleet {
             std::fs::write(
                 &config,
                 format!(
-                    "state_dir = \"{}\"\ntrust = \"{}\"\nlabels = {{ role = \"web\" }}\n[[service]]\nname = \"web\"\nsupervisor = \"exec\"\nexec = [\"bin/web\", \"--port\", \"{service_port}\"]\nstop_timeout = \"2s\"\n[service.bake]\nmin_healthy = \"{}\"\ndeadline = \"15s\"\n[[service.check]]\nkind = \"http\"\nurl = \"http://127.0.0.1:{service_port}/healthz\"\ninterval = \"100ms\"\nfailure = 3\nstart_period = \"1s\"\n",
+                    "state_dir = \"{}\"\ntrust = \"{}\"\nlabels = {{ role = \"web\" }}\n[[service]]\nname = \"web\"\nsupervisor = \"exec\"\nexec = [\"bin/web\", \"--port\", \"{service_port}\"]\nstop_timeout = \"2s\"\n[service.bake]\nmin_healthy = \"{}\"\ndeadline = \"15s\"\n[[service.check]]\nkind = \"http\"\nurl = \"http://127.0.0.1:{service_port}/healthz\"\ninterval = \"100ms\"\nfailure = 3\nstart_period = \"5s\"\n",
                     home.join("state").display(),
                     fleet.dir.path().join("trust.json").display(),
                     options.min_healthy
