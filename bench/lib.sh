@@ -35,7 +35,7 @@ demo_release() {
     local dir=$1 name=$2 version=$3 mode=$4 out=$5
     local src="$dir/src-$name-$version"
     mkdir -p "$src/bin"
-    printf '#!/bin/sh\nexec %s demo-service --behaviour "$(dirname "$0")/../behaviour.toml" "$@"\n' "$bin/turnout-agent" > "$src/bin/demo"
+    printf '#!/bin/sh\nexec %s demo-service --behaviour "$(dirname "$0")/../behaviour.toml" "$@"\n' "$bin/turnout" > "$src/bin/demo"
     chmod 755 "$src/bin/demo"
     printf 'version = "%s"\nmode = "%s"\nafter = "1s"\n' "$version" "$mode" > "$src/behaviour.toml"
     "$bin/turnout" pack "$src" --name "$name" --version "$version" --entry bin/demo --key "$dir/k.key.pem" --out "$out" >/dev/null

@@ -38,7 +38,7 @@ pub struct Cli {
         env = "TURNOUT_LOG_FORMAT",
         default_value = "text"
     )]
-    pub log_format: crate::log::LogFormat,
+    pub log_format: turnout_rt::log::LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -115,7 +115,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// The demo service that tests and the demo pack into bundles.
+    /// The demo service that tests pack into bundles (test builds only).
+    #[cfg(feature = "fault-injection")]
     #[command(hide = true)]
     DemoService {
         /// Its behaviour file.
@@ -129,7 +130,7 @@ pub enum Command {
 
 /// Runs one command; the returned value is the process's exit status.
 pub fn run(cli: Cli) -> anyhow::Result<Exit> {
-    crate::log::set_format(cli.log_format);
+    turnout_rt::log::init(cli.log_format);
     match cli.command {
         Command::Version { json } => {
             let offer = crate::offer();
@@ -144,8 +145,9 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
             crate::install::install(&root)?;
             Ok(Exit::Success)
         }
+        #[cfg(feature = "fault-injection")]
         Command::DemoService { behaviour, port } => {
-            crate::demo_service::run(&behaviour, port)?;
+            turnout_demo_service::run(&behaviour, port)?;
             Ok(Exit::Success)
         }
         Command::Verify {
@@ -431,22 +433,4 @@ fn verify(bundle: &Path, trust: &Path, unpack_to: Option<&Path>) -> anyhow::Resu
     Ok(Exit::Success)
 }
 
-/// Makes a closed standard output (`turnout events | head -1`) end the
-/// command quietly, as it ends other Unix tools, instead of with a panic:
-/// `print!` panics on EPIPE, since Rust ignores SIGPIPE. The exit status is
-/// 141, the shell's status for a command ended by SIGPIPE.
-pub fn quiet_on_closed_stdout() {
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let message = info
-            .payload()
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| info.payload().downcast_ref::<&str>().copied())
-            .unwrap_or_default();
-        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
-            std::process::exit(141);
-        }
-        default(info);
-    }));
-}
+pub use turnout_rt::cli::quiet_on_closed_stdout;

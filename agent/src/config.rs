@@ -781,19 +781,17 @@ fn read_check(path: &str, t: &toml::Table, problems: &mut Vec<Problem>) -> Optio
                 });
             let body_contains = string(problems, fields.get("body_contains")).map(|(_, s)| s);
             match url {
-                Some((p, url)) if !url.starts_with("http://") => {
-                    problem(
-                        problems,
-                        &p,
-                        format!("expected an http:// URL (health checks are local), found {url:?}"),
-                    );
-                    None
-                }
-                Some((_, url)) => Some(Probe::Http {
-                    url,
-                    status,
-                    body_contains,
-                }),
+                Some((p, url)) => match health_url(&url) {
+                    Err(why) => {
+                        problem(problems, &p, why);
+                        None
+                    }
+                    Ok(url) => Some(Probe::Http {
+                        url,
+                        status,
+                        body_contains,
+                    }),
+                },
                 None => {
                     if !t.contains_key("url") {
                         problem(
@@ -960,6 +958,51 @@ mod fuzz {
     }
 }
 
+/// A health check's URL, checked and written out in full: `http://` only
+/// (health endpoints are local), a host, the port (80 when not given) and
+/// a path (`/` when not given). A URL that could never be probed is
+/// refused here, with why, instead of failing every probe after a switch.
+pub fn health_url(url: &str) -> Result<String, String> {
+    let expected = "expected http://HOST[:PORT]/PATH (health checks are local; no https)";
+    let uri: ureq::http::Uri = url
+        .parse()
+        .map_err(|err| format!("{expected}, found {url:?} ({err})"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("{expected}, found {url:?}"));
+    }
+    let Some(authority) = uri.authority() else {
+        return Err(format!("{expected}, found {url:?} (no host)"));
+    };
+    if authority.as_str().contains('@') {
+        return Err(format!(
+            "{expected}, found {url:?} (credentials in a health URL are not supported)"
+        ));
+    }
+    if authority.host().is_empty() {
+        return Err(format!("{expected}, found {url:?} (no host)"));
+    }
+    let raw = url["http://".len()..]
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or_default();
+    let port = match raw.rsplit_once(':').filter(|(_, p)| !p.contains(']')) {
+        None => 80,
+        Some((_, "")) => return Err(format!("{expected}, found {url:?} (an empty port)")),
+        Some((_, text)) => match text.parse::<u16>() {
+            Ok(0) => return Err(format!("{expected}, found {url:?} (port 0)")),
+            Ok(port) => port,
+            Err(_) => {
+                return Err(format!(
+                    "{expected}, found {url:?} (the port is not a number from 1 to 65535)"
+                ));
+            }
+        },
+    };
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let path = if path.is_empty() { "/" } else { path };
+    Ok(format!("http://{}:{port}{path}", authority.host()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1122,5 +1165,38 @@ mod tests {
                 .contains("must be shorter than deadline"),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn health_urls_get_their_default_port_and_path_or_a_reason() {
+        assert_eq!(
+            health_url("http://127.0.0.1/healthz").unwrap(),
+            "http://127.0.0.1:80/healthz"
+        );
+        assert_eq!(
+            health_url("http://localhost").unwrap(),
+            "http://localhost:80/"
+        );
+        assert_eq!(
+            health_url("http://127.0.0.1:8080/h?full=1").unwrap(),
+            "http://127.0.0.1:8080/h?full=1"
+        );
+        assert_eq!(health_url("http://[::1]:81/").unwrap(), "http://[::1]:81/");
+        for (bad, says) in [
+            ("https://127.0.0.1/healthz", "no https"),
+            ("127.0.0.1:8080/healthz", "found"),
+            ("http:///healthz", "found"),
+            ("http://127.0.0.1:0/", "port 0"),
+            ("http://127.0.0.1:/", "empty port"),
+            ("http://u:p@127.0.0.1/", "credentials"),
+            ("http://127.0.0.1:99999/", "found"),
+        ] {
+            let err = health_url(bad).expect_err(bad);
+            assert!(err.contains(says), "{bad}: {err}");
+            assert!(
+                err.contains("expected http://HOST[:PORT]/PATH"),
+                "{bad}: {err}"
+            );
+        }
     }
 }

@@ -70,7 +70,7 @@ pub async fn run(
     for (name, result) in agent.recover_all().await {
         if let Err(err) = result {
             // One broken service must not keep the others unmanaged.
-            crate::log!("{name}: recovery failed: {err}");
+            tracing::error!(service = %name, "recovery failed: {err}");
         }
     }
     let socket = agent.config().state_dir.join(SOCKET);
@@ -80,14 +80,14 @@ pub async fn run(
     }
     let listener = UnixListener::bind(&socket)?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
-    crate::log!(
+    tracing::info!(
         "ready: {} service(s), control socket {}",
         agent.config().services.len(),
         socket.display()
     );
     let link = match crate::link::Identity::load(&agent.config().state_dir) {
         Ok(Some(identity)) => {
-            crate::log!(
+            tracing::info!(
                 "host {} following the coordinator at {}",
                 identity.host,
                 identity.coordinator
@@ -97,7 +97,7 @@ pub async fn run(
         }
         Ok(None) => None,
         Err(err) => {
-            crate::log!("cannot load the host identity ({err}); running standalone");
+            tracing::warn!("cannot load the host identity ({err}); running standalone");
             None
         }
     };
@@ -109,18 +109,18 @@ pub async fn run(
             tokio::spawn(async move { agent.monitor(&name).await })
         })
         .collect();
-    crate::notify::notify(&format!("READY=1\nSTATUS={}", agent.status_line()));
-    let watchdog = tokio::spawn(crate::notify::keep_watchdog());
-    let freeze = tokio::spawn(crate::notify::freeze_switch());
+    turnout_rt::notify::notify(&format!("READY=1\nSTATUS={}", agent.status_line()));
+    let watchdog = tokio::spawn(turnout_rt::notify::keep_watchdog());
+    let freeze = tokio::spawn(turnout_rt::notify::freeze_switch());
     control::serve(Arc::clone(&agent), listener, shutdown).await;
-    crate::notify::notify("STOPPING=1\nSTATUS=stopping");
+    turnout_rt::notify::notify("STOPPING=1\nSTATUS=stopping");
     watchdog.abort();
     freeze.abort();
     monitors.iter().for_each(tokio::task::JoinHandle::abort);
     if let Some(link) = link {
         link.abort();
     }
-    crate::log!("stopping");
+    tracing::info!("stopping");
     agent.stop_exec_services().await;
     let _ = std::fs::remove_file(&socket);
     Ok(())

@@ -12,13 +12,17 @@
 //! process dies (it restarted since the switch), or when `deadline` passes
 //! first. [`bake`] drives a judge with real probes and real time.
 //!
-//! Probes: `http` is a plain HTTP/1.1 GET (health endpoints are local, so no
-//! TLS); `process` reads `/proc/<pid>` directly (RSS from `status`, CPU from
+//! Probes: `http` is an HTTP/1.1 GET on a pooled client (one per service,
+//! so a check at rest reuses its kept-alive connection instead of opening
+//! one per probe); the body is decoded (chunked or not), read up to 64 KiB,
+//! and the whole exchange bounded by the check's timeout. Health endpoints
+//! are local, so no TLS. `process` reads `/proc/<pid>` directly (RSS from `status`, CPU from
 //! `stat` between two samples), which keeps the agent small.
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::io::Read as _;
+
 use tokio::net::TcpStream;
 use tokio::process::Command;
 use tokio::time::Instant;
@@ -197,12 +201,13 @@ pub type CpuSample = Option<(u32, u64, Instant)>;
 pub async fn probe(
     check: &Check,
     supervisor: &Supervisor,
+    http: &HttpClient,
     baseline_restarts: u64,
     cpu: &mut CpuSample,
 ) -> Result<(), String> {
     match tokio::time::timeout(
         check.timeout,
-        probe_once(&check.probe, supervisor, baseline_restarts, cpu),
+        probe_once(check, supervisor, http, baseline_restarts, cpu),
     )
     .await
     {
@@ -215,18 +220,19 @@ pub async fn probe(
 }
 
 async fn probe_once(
-    probe: &Probe,
+    check: &Check,
     supervisor: &Supervisor,
+    http: &HttpClient,
     baseline_restarts: u64,
     cpu: &mut CpuSample,
 ) -> Result<(), String> {
-    match probe {
+    match &check.probe {
         Probe::Http {
             url,
             status,
             body_contains,
         } => {
-            let (code, body) = http_get(url).await?;
+            let (code, body) = http.get(url, check.timeout).await?;
             let status_ok = match status {
                 Some(expected) => code == *expected,
                 None => (200..300).contains(&code),
@@ -330,55 +336,90 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// A minimal HTTP/1.1 GET: the status code and up to 64 KiB of the body.
-pub async fn http_get(url: &str) -> Result<(u16, Vec<u8>), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or("only http:// URLs are supported")?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let mut stream = TcpStream::connect(authority)
+/// The most of a health response's body that is read and judged.
+pub const BODY_LIMIT: u64 = 64 * 1024;
+
+/// The HTTP client of one service's checks: a connection pool, so probes
+/// at rest reuse one kept-alive connection per endpoint.
+#[derive(Debug, Clone)]
+pub struct HttpClient {
+    agent: ureq::Agent,
+}
+
+impl Default for HttpClient {
+    fn default() -> Self {
+        HttpClient::new()
+    }
+}
+
+impl HttpClient {
+    /// A client with an empty pool.
+    pub fn new() -> HttpClient {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .max_idle_connections(8)
+            .max_idle_connections_per_host(2)
+            .user_agent("turnout-agent")
+            .build()
+            .into();
+        HttpClient { agent }
+    }
+
+    /// GETs `url`: the status and up to [`BODY_LIMIT`] bytes of the decoded
+    /// body, or why not. The whole exchange, from connecting to the last
+    /// byte read, ends within `timeout`.
+    pub async fn get(&self, url: &str, timeout: Duration) -> Result<(u16, Vec<u8>), String> {
+        let (agent, url) = (self.agent.clone(), url.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let mut response = agent
+                .get(&url)
+                .config()
+                .timeout_global(Some(timeout))
+                .build()
+                .call()
+                .map_err(|err| describe(&err, timeout))?;
+            let code = response.status().as_u16();
+            let mut body = Vec::new();
+            response
+                .body_mut()
+                .as_reader()
+                .take(BODY_LIMIT)
+                .read_to_end(&mut body)
+                .map_err(|err| match err.kind() {
+                    std::io::ErrorKind::TimedOut => format!(
+                        "status {code}, but the body did not end within {}",
+                        humantime::format_duration(timeout)
+                    ),
+                    _ => format!("status {code}, but reading the body failed: {err}"),
+                })?;
+            Ok((code, body))
+        })
         .await
-        .map_err(|err| format!("connect to {authority}: {err}"))?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: turnout-agent\r\nConnection: close\r\n\r\n"
-    );
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|err| format!("send: {err}"))?;
-    let mut response = Vec::new();
-    stream
-        .take(64 * 1024)
-        .read_to_end(&mut response)
-        .await
-        .map_err(|err| format!("receive: {err}"))?;
-    let head_end = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("no complete HTTP response")?;
-    let status_line = String::from_utf8_lossy(&response[..head_end])
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_owned();
-    let code = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .filter(|_| status_line.starts_with("HTTP/1."))
-        .ok_or_else(|| format!("not an HTTP response: {status_line:?}"))?;
-    Ok((code, response[head_end + 4..].to_vec()))
+        .map_err(|err| format!("the probe failed: {err}"))?
+    }
+}
+
+fn describe(err: &ureq::Error, timeout: Duration) -> String {
+    match err {
+        ureq::Error::Timeout(_) => {
+            format!("no answer within {}", humantime::format_duration(timeout))
+        }
+        ureq::Error::Io(io) => format!("connect: {io}"),
+        other => other.to_string(),
+    }
 }
 
 /// One probe of every check, for a baseline or `status`: None when all pass.
-pub async fn probe_all(checks: &[Check], supervisor: &Supervisor) -> Option<String> {
+pub async fn probe_all(
+    checks: &[Check],
+    supervisor: &Supervisor,
+    http: &HttpClient,
+) -> Option<String> {
     let baseline = supervisor.restarts().await;
     let mut failures = Vec::new();
     for check in checks {
-        if let Err(reason) = probe(check, supervisor, baseline, &mut None).await {
+        if let Err(reason) = probe(check, supervisor, http, baseline, &mut None).await {
             failures.push(format!("{}: {reason}", check.probe.describe()));
         }
     }
@@ -392,6 +433,7 @@ pub async fn bake(
     checks: &[Check],
     bake: Bake,
     supervisor: &Supervisor,
+    http: &HttpClient,
     baseline_restarts: u64,
 ) -> Result<String, String> {
     /// How often the service's process is checked for life between probes.
@@ -416,7 +458,7 @@ pub async fn bake(
         let now = Instant::now();
         for (i, check) in checks.iter().enumerate() {
             if due[i] <= now {
-                let result = probe(check, supervisor, baseline_restarts, &mut cpu[i]).await;
+                let result = probe(check, supervisor, http, baseline_restarts, &mut cpu[i]).await;
                 let failed = result.as_ref().err().cloned();
                 let counted = judge.observe(i, result, Instant::now() - start);
                 // The first counted failure of a streak is logged: when it
@@ -425,8 +467,7 @@ pub async fn bake(
                     && counted
                     && !failing[i]
                 {
-                    crate::log!(
-                        "{service}: check {} started failing during the bake ({} failures in a row revert): {reason}",
+                    tracing::warn!(service = %service, "check {} started failing during the bake ({} failures in a row revert): {reason}",
                         i + 1,
                         check.failure
                     );
@@ -589,22 +630,168 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn http_get_reads_status_and_body() {
+    /// A raw HTTP server on loopback that answers every request on every
+    /// connection with `response`, holding each connection open; it counts
+    /// the connections it accepted.
+    async fn raw_server(
+        response: &'static [u8],
+    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
         tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut buf = [0; 1024];
-            let _ = socket.read(&mut buf).await.unwrap();
-            socket
-                .write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nsick")
-                .await
-                .unwrap();
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0; 1024];
+                    loop {
+                        let Ok(n) = socket.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        request.extend_from_slice(&buf[..n]);
+                        while let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                            request.drain(..end + 4);
+                            if socket.write_all(response).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
         });
-        let (code, body) = http_get(&format!("http://{addr}/healthz")).await.unwrap();
+        (format!("http://{addr}"), accepted)
+    }
+
+    fn http_check(url: String, body_contains: Option<&str>, timeout: Duration) -> Check {
+        Check {
+            probe: Probe::Http {
+                url,
+                status: None,
+                body_contains: body_contains.map(str::to_owned),
+            },
+            timeout,
+            ..check(1, 3)
+        }
+    }
+
+    async fn probe_http(client: &HttpClient, check: &Check) -> Result<(), String> {
+        let supervisor = Supervisor::Systemd {
+            unit: "unused.service".into(),
+        };
+        probe(check, &supervisor, client, 0, &mut None).await
+    }
+
+    #[tokio::test]
+    async fn reads_status_and_body_and_names_a_refused_connection() {
+        let (base, _) =
+            raw_server(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nsick").await;
+        let client = HttpClient::new();
+        let (code, body) = client
+            .get(&format!("{base}/healthz"), Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!((code, body.as_slice()), (503, &b"sick"[..]));
-        let err = http_get("http://127.0.0.1:1/").await.unwrap_err();
-        assert!(err.contains("connect to 127.0.0.1:1"), "{err}");
+        let err = client
+            .get("http://127.0.0.1:1/", Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(err.contains("connect"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn probes_at_rest_reuse_one_kept_alive_connection() {
+        let (base, accepted) = raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+        let client = HttpClient::new();
+        let check = http_check(
+            format!("{base}/healthz"),
+            Some("ok"),
+            Duration::from_secs(5),
+        );
+        for _ in 0..5 {
+            probe_http(&client, &check).await.unwrap();
+        }
+        assert_eq!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "five probes, one connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_is_judged_decoded() {
+        // "ok" arrives split over two chunks: only the decoded body holds it.
+        let (base, _) = raw_server(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\no\r\n1\r\nk\r\n0\r\n\r\n",
+        )
+        .await;
+        let client = HttpClient::new();
+        let (_, body) = client
+            .get(&format!("{base}/"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(body, b"ok");
+        let wanted = http_check(format!("{base}/"), Some("ok"), Duration::from_secs(5));
+        probe_http(&client, &wanted).await.unwrap();
+        let chunk_syntax = http_check(format!("{base}/"), Some("1\r\no"), Duration::from_secs(5));
+        let err = probe_http(&client, &chunk_syntax).await.unwrap_err();
+        assert!(err.contains("does not contain"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_that_never_closes_is_judged_within_the_timeout() {
+        // A whole response on a connection the server never closes (it
+        // ignores `Connection: close`): judged on the response, at once.
+        let (open, _) =
+            raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                .await;
+        let client = HttpClient::new();
+        let check = http_check(format!("{open}/"), Some("ok"), Duration::from_secs(30));
+        probe_http(&client, &check).await.unwrap();
+        // Headers, then a body that never ends and a connection never
+        // closed: failing, with the timeout as the reason (the probe
+        // returned, so the timeout bounded it).
+        let (stalled, _) =
+            raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial").await;
+        let check = http_check(
+            format!("{stalled}/"),
+            Some("ok"),
+            Duration::from_millis(300),
+        );
+        let err = probe_http(&client, &check).await.unwrap_err();
+        assert!(
+            err.contains("within 300ms") || err.contains("no answer within"),
+            "{err}"
+        );
+        // Nothing at all after the request: the same.
+        let (silent, _) = raw_server(b"").await;
+        let check = http_check(format!("{silent}/"), None, Duration::from_millis(300));
+        let err = probe_http(&client, &check).await.unwrap_err();
+        assert!(err.contains("within 300ms"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_huge_body_is_read_only_up_to_the_limit() {
+        static HUGE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        let huge = HUGE.get_or_init(|| {
+            let body = vec![b'x'; 1 << 20];
+            let mut response =
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+            response.extend_from_slice(&body);
+            response
+        });
+        let (base, _) = raw_server(huge).await;
+        let (code, body) = HttpClient::new()
+            .get(&format!("{base}/"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!((code, body.len() as u64), (200, BODY_LIMIT));
     }
 }

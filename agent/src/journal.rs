@@ -12,14 +12,14 @@
 //! between every pair of steps.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use turnout_proto::messages::{OutcomeKind, ReleaseRef};
 
 use crate::machine::State;
 
-/// The environment variable of the fault hook.
+/// The environment variable of the fault hook (test builds only).
+#[cfg(feature = "fault-injection")]
 pub const CRASH_HOOK: &str = "TURNOUT_AGENT_CRASH_AFTER_STEP";
 
 /// How many outcomes are kept per service.
@@ -165,14 +165,13 @@ impl Journal {
                 source,
             })
         };
-        let mut conn = Connection::open(path).map_err(sqlite)?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(sqlite)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sqlite)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(sqlite)?;
+        let mut conn =
+            turnout_rt::sqlite::open(path, turnout_rt::sqlite::Durability::Full).map_err(sqlite)?;
         migrate(&mut conn, path).map_err(damaged)?;
+        #[cfg(feature = "fault-injection")]
         let crash_after = std::env::var(CRASH_HOOK).ok().and_then(|n| n.parse().ok());
+        #[cfg(not(feature = "fault-injection"))]
+        let crash_after = None;
         Ok(Journal {
             conn,
             path: path.to_owned(),
@@ -290,9 +289,9 @@ impl Journal {
 }
 
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), JournalError> {
-    match run_migrations(conn, MIGRATIONS) {
-        Ok(Migrated::Current) => Ok(()),
-        Ok(Migrated::Newer { found, known }) => Err(JournalError::Newer {
+    match turnout_rt::sqlite::migrate(conn, MIGRATIONS) {
+        Ok(turnout_rt::sqlite::Migrated::Current) => Ok(()),
+        Ok(turnout_rt::sqlite::Migrated::Newer { found, known }) => Err(JournalError::Newer {
             path: path.to_owned(),
             found,
             known,
@@ -302,37 +301,6 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), JournalError> {
             source,
         }),
     }
-}
-
-/// What [`run_migrations`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Migrated {
-    /// The schema is at the newest version this build knows.
-    Current,
-    /// The database was written by a newer build; nothing was changed.
-    Newer {
-        /// Its `user_version`.
-        found: i64,
-        /// The newest this build knows.
-        known: i64,
-    },
-}
-
-/// Applies append-only `migrations` keyed by `PRAGMA user_version`, in one
-/// transaction; shared by the agent's journal and the coordinator's store.
-pub fn run_migrations(conn: &mut Connection, migrations: &[&str]) -> rusqlite::Result<Migrated> {
-    let known = migrations.len() as i64;
-    let tx = conn.transaction()?;
-    let found: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-    if found > known {
-        return Ok(Migrated::Newer { found, known });
-    }
-    for migration in &migrations[found as usize..] {
-        tx.execute_batch(migration)?;
-    }
-    tx.pragma_update(None, "user_version", known)?;
-    tx.commit()?;
-    Ok(Migrated::Current)
 }
 
 #[cfg(test)]

@@ -139,6 +139,7 @@ impl Identity {
         let coordinator = coordinator.trim_end_matches('/').to_owned();
         let body = serde_json::json!({"token": token, "host": host, "public_key": key.public().to_pem(), "labels": labels});
         let (status, answer) = http(
+            &client(),
             &coordinator,
             "POST",
             "/v1/enroll",
@@ -182,6 +183,8 @@ fn error_message(body: &[u8]) -> String {
     turnout_proto::messages::ErrorBody::message_of(body)
 }
 
+/// The coordinator link's HTTP client: a connection pool, so the link's
+/// polls, reports and downloads reuse one kept-alive connection.
 fn client() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -192,6 +195,7 @@ fn client() -> ureq::Agent {
 
 /// One HTTP request; returns the status and the body.
 fn http(
+    agent: &ureq::Agent,
     base: &str,
     method: &str,
     path: &str,
@@ -199,7 +203,6 @@ fn http(
     body: &[u8],
 ) -> Result<(u16, Vec<u8>), LinkError> {
     let url = format!("{base}{path}");
-    let agent = client();
     let result = if method == "GET" {
         let mut request = agent.get(&url);
         if let Some(auth) = auth {
@@ -251,6 +254,8 @@ pub struct Link {
     refusals: Mutex<BTreeMap<String, String>>,
     /// The last report's `seq`.
     last_seq: Mutex<u64>,
+    /// One HTTP client (a pool) for everything the link asks.
+    client: ureq::Agent,
 }
 
 /// How far one service got toward its desired release.
@@ -263,8 +268,16 @@ enum Converged {
     Waiting,
 }
 
-/// This agent's offer; tests may narrow it with `TURNOUT_AGENT_TEST_PROTO=MIN-MAX`
-/// and `TURNOUT_AGENT_TEST_WITHOUT=capability,…` to model older agents.
+/// This agent's offer. Test builds (the `fault-injection` feature) may
+/// narrow it with `TURNOUT_AGENT_TEST_PROTO=MIN-MAX` and
+/// `TURNOUT_AGENT_TEST_WITHOUT=capability,…` to model older agents.
+#[cfg(not(feature = "fault-injection"))]
+pub fn offer() -> turnout_proto::Offer {
+    crate::offer()
+}
+
+/// This agent's offer, narrowed by the test variables.
+#[cfg(feature = "fault-injection")]
 pub fn offer() -> turnout_proto::Offer {
     let mut offer = crate::offer();
     if let Ok(range) = std::env::var("TURNOUT_AGENT_TEST_PROTO") {
@@ -299,6 +312,7 @@ impl Link {
             cache,
             refusals: Mutex::new(BTreeMap::new()),
             last_seq: Mutex::new(0),
+            client: client(),
         }
     }
 
@@ -323,10 +337,12 @@ impl Link {
             signing_time(),
             &body,
         );
-        let base = self.identity.coordinator.clone();
-        tokio::task::spawn_blocking(move || http(&base, method, &path, Some(header), &body))
-            .await
-            .expect("the request does not panic")
+        let (base, client) = (self.identity.coordinator.clone(), self.client.clone());
+        tokio::task::spawn_blocking(move || {
+            http(&client, &base, method, &path, Some(header), &body)
+        })
+        .await
+        .expect("the request does not panic")
     }
 
     /// Runs until the task is dropped: handshake, then converge and report.
@@ -345,13 +361,13 @@ impl Link {
             match &err {
                 LinkError::Incompatible(refusal) => {
                     self.set("refused", Some(refusal.to_string()));
-                    crate::log!(
+                    tracing::error!(
                         "the coordinator refused this agent: {refusal}; services keep running as they are"
                     );
                 }
                 other => {
                     self.set("unreachable", Some(other.to_string()));
-                    crate::log!("{other}; services keep running, retrying");
+                    tracing::warn!("{other}; services keep running, retrying");
                 }
             }
             failures = failures.saturating_add(1);
@@ -443,6 +459,7 @@ impl Link {
     }
 
     /// Moves one service toward its desired release.
+    #[tracing::instrument(name = "converge", skip_all, fields(service = %desired.service, release = %format_args!("{}@{}", desired.release.name, desired.release.version)))]
     async fn converge(
         &self,
         desired: &DesiredService,
@@ -478,7 +495,7 @@ impl Link {
                         want.name, want.version, failure.kind, failure.reason
                     );
                     if refusals.insert(name.to_owned(), text.clone()).as_ref() != Some(&text) {
-                        crate::log!("{name}: {text}");
+                        tracing::info!(service = %name, "{text}");
                     }
                 }
                 converge::Decision::Wait => {}
@@ -516,7 +533,7 @@ impl Link {
                         let reason = format!(
                             "download failed: {what}: {source}; tried again at the next poll"
                         );
-                        crate::log!("{name}: {reason}");
+                        tracing::info!(service = %name, "{reason}");
                         let _ = self.agent.record_outcome(
                             name,
                             OutcomeKind::Failed,
@@ -532,7 +549,7 @@ impl Link {
                             "download failed: cannot write it to {}: {source}; tried again at the next poll",
                             self.cache.display()
                         );
-                        crate::log!("{name}: {reason}");
+                        tracing::info!(service = %name, "{reason}");
                         // Reported as the service's last error too: with the
                         // disk full, the journal may not take the outcome.
                         self.refusals
@@ -548,7 +565,7 @@ impl Link {
                         return Ok(Converged::Acted);
                     }
                     Err(err) => {
-                        crate::log!("{name}: downloading {} {}: {err}", want.name, want.version);
+                        tracing::warn!(service = %name, "downloading {} {}: {err}", want.name, want.version);
                         return Err(err);
                     }
                 };
@@ -560,8 +577,8 @@ impl Link {
             }
         };
         match result {
-            Ok(result) => crate::log!("{}", result.summary),
-            Err(err) => crate::log!("{name}: {err}"),
+            Ok(result) => tracing::info!("{}", result.summary),
+            Err(err) => tracing::info!(service = %name, "{err}"),
         }
         Ok(Converged::Acted)
     }
@@ -602,7 +619,7 @@ impl Link {
             .iter()
             .any(|s| s.service == desired.service && s.release.sha256 == desired.release.sha256);
         if !wanted {
-            crate::log!(
+            tracing::info!(
                 "{}: {} {} is no longer wanted by the coordinator; not installing it",
                 desired.service,
                 desired.release.name,
@@ -630,7 +647,7 @@ impl Link {
                 if state.is_some() && state != last {
                     last = state;
                     if let Err(err) = self.report(converged).await {
-                        crate::log!("{name}: reporting progress: {err}");
+                        tracing::warn!(service = %name, "reporting progress: {err}");
                     }
                 }
             }
@@ -688,8 +705,9 @@ impl Link {
         );
         let url = format!("{}{path}", self.identity.coordinator);
         let part_for_blocking = part.clone();
+        let client = self.client.clone();
         let fetched = tokio::task::spawn_blocking(move || -> Result<(), LinkError> {
-            let mut request = client().get(&url).header("Authorization", header);
+            let mut request = client.get(&url).header("Authorization", header);
             if have > 0 {
                 request = request.header("Range", format!("bytes={have}-"));
             }
@@ -898,16 +916,37 @@ fn service_report(s: &ServiceStatus, refusal: Option<&String>) -> ServiceReport 
 
 /// Exponential backoff with full jitter: a random wait up to 2^n s, capped at 5 min.
 pub fn backoff(failures: u32) -> Duration {
-    let ceiling = Duration::from_secs(1u64 << failures.min(8).saturating_sub(1))
-        .min(Duration::from_secs(300));
+    let ceiling = backoff_ceiling(failures);
     let mut byte = [0u8; 2];
     let _ = getrandom::fill(&mut byte);
     let fraction = f64::from(u16::from_le_bytes(byte)) / f64::from(u16::MAX);
     ceiling.mul_f64(fraction.max(0.05))
 }
 
+/// The longest wait after `failures` failures in a row: 1 s doubling up to
+/// five minutes.
+pub fn backoff_ceiling(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.min(10).saturating_sub(1)).min(Duration::from_secs(300))
+}
+
 #[cfg(test)]
 mod signing_tests {
+    #[test]
+    fn backoff_doubles_from_one_second_up_to_five_minutes() {
+        use std::time::Duration;
+        let ceilings: Vec<u64> = (1..=12)
+            .map(|n| super::backoff_ceiling(n).as_secs())
+            .collect();
+        assert_eq!(ceilings, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        for failures in [1, 5, 40] {
+            let wait = super::backoff(failures);
+            assert!(wait <= super::backoff_ceiling(failures), "{wait:?}");
+            assert!(
+                wait >= super::backoff_ceiling(failures).mul_f64(0.05) - Duration::from_millis(1)
+            );
+        }
+    }
+
     #[test]
     fn requests_in_one_millisecond_get_distinct_timestamps() {
         let stamps: Vec<u64> = (0..1000).map(|_| super::signing_time()).collect();

@@ -189,6 +189,8 @@ struct Service {
     config: ServiceConfig,
     dir: ServiceDir,
     supervisor: Supervisor,
+    /// The HTTP client of its checks (a pool: probes keep a connection alive).
+    http: health::HttpClient,
     /// The supervisor's restart count right after the last switch.
     baseline_restarts: AtomicU64,
     /// Health of the previous release, probed just before a switch.
@@ -254,6 +256,7 @@ impl Agent {
                     config: service.clone(),
                     dir,
                     supervisor,
+                    http: health::HttpClient::new(),
                     baseline_restarts: AtomicU64::new(0),
                     baseline_note: Mutex::new(None),
                     at_rest: AtomicBool::new(matches!(
@@ -362,6 +365,7 @@ impl Agent {
     }
 
     /// Installs the bundle at `bundle` on service `name`, verified against `trust`.
+    #[tracing::instrument(name = "install", skip_all, fields(service = %name, bundle = %bundle.display()))]
     pub async fn install(
         &self,
         name: &str,
@@ -517,7 +521,7 @@ impl Agent {
             true,
         )
         .await?;
-        crate::log!("{name}: {reason}");
+        tracing::info!(service = %name, "{reason}");
         Ok(Some(OperationResult {
             service: name.to_owned(),
             outcome: Some(record),
@@ -526,6 +530,7 @@ impl Agent {
     }
 
     /// Switches service `name` back to the release in its other slot, with a bake.
+    #[tracing::instrument(name = "rollback", skip_all, fields(service = %name))]
     pub async fn rollback(&self, name: &str) -> Result<OperationResult, AgentError> {
         let service = self.service(name)?;
         let state = self.state(name)?;
@@ -713,10 +718,26 @@ impl Agent {
                 .collect();
             let starting = matches!(current, State::Idle { .. });
             self.persist(name, &state, &records, now, starting).await?;
+            for record in &records {
+                let release = record
+                    .release
+                    .as_ref()
+                    .map_or("-".to_owned(), |r| format!("{}@{}", r.name, r.version));
+                tracing::info!(
+                    service = %name,
+                    release = %release,
+                    outcome = %record.kind.as_str(),
+                    "{}",
+                    record.reason
+                );
+            }
+            if state.name() != current.name() {
+                tracing::debug!(service = %name, "{} -> {}", current.name(), state.name());
+            }
             current = state.clone();
             let at_rest = matches!(state, State::Idle { committed: Some(_) });
             service.at_rest.store(at_rest, Ordering::SeqCst);
-            crate::notify::notify(&format!("STATUS={}", self.status_line()));
+            turnout_rt::notify::notify(&format!("STATUS={}", self.status_line()));
             for effect in effects {
                 events.extend(
                     self.perform(name, service, &state, effect, bundle.as_ref())
@@ -752,8 +773,7 @@ impl Agent {
             let err = match written {
                 Ok(()) => {
                     if attempt > 0 {
-                        crate::log!(
-                            "{name}: the journal is writable again; recorded {}",
+                        tracing::info!(service = %name, "the journal is writable again; recorded {}",
                             state.name()
                         );
                     }
@@ -771,8 +791,7 @@ impl Agent {
             };
             attempt += 1;
             if attempt == 1 || attempt.is_multiple_of(60) {
-                crate::log!(
-                    "{name}: writing the journal failed (attempt {attempt}): {err}; retrying, nothing moves until it is recorded"
+                tracing::error!(service = %name, "writing the journal failed (attempt {attempt}): {err}; retrying, nothing moves until it is recorded"
                 );
             }
             *self.journal_error.lock().expect("not poisoned") = Some(format!(
@@ -784,8 +803,7 @@ impl Agent {
             // unrecorded changes nothing about what a restart would do, and
             // keeps the bake's deadline and the revert on time.
             if matches!(state, State::Baking { .. } | State::Reverting { .. }) && attempt >= 3 {
-                crate::log!(
-                    "{name}: going on to {} without recording it: the journal still cannot be written, and recovery from what it holds reverts anyway",
+                tracing::warn!(service = %name, "going on to {} without recording it: the journal still cannot be written, and recovery from what it holds reverts anyway",
                     state.name()
                 );
                 return Ok(());
@@ -841,7 +859,12 @@ impl Agent {
                     // "was broken"; with no previous release, nothing ran.
                     let note = match previous {
                         Some(_) => {
-                            health::probe_all(&service.config.checks, &service.supervisor).await
+                            health::probe_all(
+                                &service.config.checks,
+                                &service.supervisor,
+                                &service.http,
+                            )
+                            .await
                         }
                         None => None,
                     };
@@ -891,7 +914,7 @@ impl Agent {
                     (State::Switching { .. }, Ok(())) => vec![Event::Switched { at_ms: now_ms() }],
                     (State::Switching { .. }, Err(reason)) => vec![Event::Unhealthy { reason }],
                     (_, Err(reason)) => {
-                        crate::log!("{name}: restarting after the revert failed: {reason}");
+                        tracing::error!(service = %name, "restarting after the revert failed: {reason}");
                         vec![Event::Reverted]
                     }
                     (_, Ok(())) => {
@@ -908,8 +931,7 @@ impl Agent {
                         None => self.heal_slot(name, service, &release).await?,
                     };
                     if service.dir.active() != Some(slot) {
-                        crate::log!(
-                            "{name}: current did not point at the committed {}; repaired",
+                        tracing::warn!(service = %name, "current did not point at the committed {}; repaired",
                             release.version
                         );
                         service
@@ -942,6 +964,7 @@ impl Agent {
                     &service.config.checks,
                     service.config.bake,
                     &service.supervisor,
+                    &service.http,
                     baseline,
                 )
                 .await;
@@ -972,10 +995,12 @@ impl Agent {
         }
         let deadline = tokio::time::Instant::now() + service.config.bake.deadline;
         loop {
-            match health::probe_all(&service.config.checks, &service.supervisor).await {
+            match health::probe_all(&service.config.checks, &service.supervisor, &service.http)
+                .await
+            {
                 None => return,
                 Some(failing) if tokio::time::Instant::now() >= deadline => {
-                    crate::log!("{name}: the restored release is not healthy either: {failing}");
+                    tracing::warn!(service = %name, "the restored release is not healthy either: {failing}");
                     return;
                 }
                 Some(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
@@ -1107,7 +1132,7 @@ impl Agent {
             "rebuilt from the slots on disk: the journal had no record of {name}, and current points at {} {}",
             held.release.name, held.release.version
         );
-        crate::log!("{name}: {reason}");
+        tracing::info!(service = %name, "{reason}");
         let now = now_ms();
         journal.persist(
             name,
@@ -1153,8 +1178,7 @@ impl Agent {
             return Err(lost(format!("the cached {} is damaged", cached.display())));
         }
         let trust = read_trust(&self.config.trust)?;
-        crate::log!(
-            "{name}: the slot holding the committed {} {} is gone; unpacking it again from {}",
+        tracing::warn!(service = %name, "the slot holding the committed {} {} is gone; unpacking it again from {}",
             release.name,
             release.version,
             cached.display()
@@ -1201,8 +1225,14 @@ impl Agent {
                 let restarts = service.supervisor.restarts().await;
                 for (i, check) in checks.iter().enumerate() {
                     if due[i] <= now {
-                        let result =
-                            health::probe(check, &service.supervisor, restarts, &mut cpu[i]).await;
+                        let result = health::probe(
+                            check,
+                            &service.supervisor,
+                            &service.http,
+                            restarts,
+                            &mut cpu[i],
+                        )
+                        .await;
                         judge.observe(i, result, now - since);
                         due[i] = now + check.interval;
                     }
@@ -1275,8 +1305,12 @@ impl Agent {
                             (Health::Pending, Some("checks have not settled yet".into()))
                         }
                         None => {
-                            match health::probe_all(&service.config.checks, &service.supervisor)
-                                .await
+                            match health::probe_all(
+                                &service.config.checks,
+                                &service.supervisor,
+                                &service.http,
+                            )
+                            .await
                             {
                                 None => (Health::Healthy, None),
                                 Some(detail) => (Health::Unhealthy, Some(detail)),
@@ -1346,8 +1380,7 @@ fn repair_current_dir(name: &str, dir: &ServiceDir) -> Result<(), AgentError> {
         let aside = current.with_file_name(format!("current.moved-aside-{}", now_ms()));
         std::fs::rename(&current, &aside)
             .map_err(io_error(name, "moving a directory named current aside"))?;
-        crate::log!(
-            "{name}: {} was a directory, not the link to a slot; moved it to {} and linked current again",
+        tracing::warn!(service = %name, "{} was a directory, not the link to a slot; moved it to {} and linked current again",
             current.display(),
             aside.display()
         );

@@ -365,9 +365,9 @@ impl Exec {
             }
             let n = this.restarts.fetch_add(1, Ordering::SeqCst) + 1;
             let delay = Duration::from_secs(1 << (n - 1).min(5)).min(Duration::from_secs(30));
-            crate::log!(
-                "[{}] exited unexpectedly ({}); restarting in {}s (restart {n})",
-                this.service,
+            tracing::warn!(
+                service = %this.service,
+                "the service exited unexpectedly ({}); restarting in {}s (restart {n})",
                 status.map_or_else(|e| e.to_string(), |s| s.to_string()),
                 delay.as_secs()
             );
@@ -376,7 +376,7 @@ impl Exec {
                 return;
             }
             if let Err(err) = this.start(launch) {
-                crate::log!("[{}] {err}", this.service);
+                tracing::error!(service = %this.service, "restarting the service: {err}");
             }
         });
         Ok(())
@@ -416,9 +416,9 @@ impl Exec {
         let group = Pid::from_raw(pid);
         // Only a group still led by that pid: killpg fails with ESRCH otherwise.
         if killpg(group, Signal::SIGTERM).is_ok() {
-            crate::log!(
-                "[{}] stopping process group {pid} left by a previous agent",
-                self.service
+            tracing::warn!(
+                service = %self.service,
+                "stopping process group {pid} left by a previous agent"
             );
             let deadline = tokio::time::Instant::now() + self.stop_timeout;
             while killpg(group, None).is_ok() && tokio::time::Instant::now() < deadline {
@@ -430,11 +430,12 @@ impl Exec {
     }
 }
 
-/// Copies a child's output to the agent's stderr, a line at a time, prefixed.
+/// Copies a child's output to the agent's log, a line at a time, with the
+/// service's name as a field (target `turnout_agent::output`).
 async fn forward(service: String, stream: impl tokio::io::AsyncRead + Unpin) {
     let mut lines = BufReader::new(stream).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        crate::log!("[{service}] {line}");
+        tracing::info!(target: "turnout_agent::output", service = %service, "{line}");
     }
 }
 

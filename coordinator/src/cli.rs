@@ -54,9 +54,21 @@ pub enum Command {
     /// The event log: who did what, when and why.
     Events(cmd::fleet::EventsArgs),
     /// Show the whole system on this machine: a coordinator, agents, three rollouts.
+    #[cfg(feature = "agent")]
     Demo(crate::demo::Args),
+    /// The demo service that the demo, tests and benchmarks pack into bundles.
+    #[command(hide = true)]
+    DemoService {
+        /// Its behaviour file.
+        #[arg(long)]
+        behaviour: std::path::PathBuf,
+        /// The port to listen on (127.0.0.1).
+        #[arg(long)]
+        port: u16,
+    },
     /// Run the agent's command line from this binary (`turnout agent status`, …);
     /// its exit codes are the agent's (see `turnout-agent --help`).
+    #[cfg(feature = "agent")]
     Agent {
         /// The agent's arguments.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -88,7 +100,13 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Bundle(command) => cmd::fleet::bundle(command),
         Command::Rollout(command) => cmd::rollout::run(command),
         Command::Events(args) => cmd::fleet::events(&args),
+        #[cfg(feature = "agent")]
         Command::Demo(args) => crate::demo::run(&args),
+        Command::DemoService { behaviour, port } => {
+            turnout_demo_service::run(&behaviour, port)?;
+            Ok(Exit::Success)
+        }
+        #[cfg(feature = "agent")]
         Command::Agent { args } => {
             use clap::Parser as _;
             let cli = turnout_agent::cli::Cli::parse_from(
@@ -104,4 +122,4 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
     }
 }
 
-pub use turnout_agent::cli::quiet_on_closed_stdout;
+pub use turnout_rt::cli::quiet_on_closed_stdout;

@@ -27,7 +27,7 @@ use crate::metrics::Metrics;
 use crate::spec::{RawSpec, ReleaseSelector, RolloutSpec};
 use crate::store::{HostRecord, Store, StoreError};
 
-pub use turnout_agent::service::now_ms;
+pub use turnout_rt::clock::system_now_ms as now_ms;
 
 /// The coordinator's tunables.
 #[derive(Debug, Clone, Copy)]
@@ -307,12 +307,9 @@ impl Coordinator {
         std::fs::create_dir_all(&bundles_dir)?;
         let removed = crate::server::remove_unfinished_pushes(&bundles_dir)?;
         if removed > 0 {
-            turnout_agent::log::line(
-                "turnout",
-                &format!(
-                    "removed {removed} unfinished bundle upload(s) from {}",
-                    bundles_dir.display()
-                ),
+            tracing::info!(
+                "removed {removed} unfinished bundle upload(s) from {}",
+                bundles_dir.display()
             );
         }
         let store = Store::open(&state_dir.join("coordinator.db"))?;
@@ -348,9 +345,8 @@ impl Coordinator {
     /// panic left open is rolled back first.
     pub fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> T) -> T {
         let mut store = self.store.lock().unwrap_or_else(|poisoned| {
-            turnout_agent::log::line(
-                "turnout",
-                "a request failed while holding the store; rolling back what it left open",
+            tracing::error!(
+                "a request failed while holding the store; rolling back what it left open"
             );
             let store = poisoned.into_inner();
             store.roll_back_open_transaction();
@@ -792,6 +788,7 @@ impl Coordinator {
     }
 
     /// Steps one rollout with `input`, applying its actions atomically.
+    #[tracing::instrument(name = "rollout_step", skip_all, fields(rollout = %id, actor = %actor))]
     pub fn step(&self, id: &str, input: Input, actor: &str) -> Result<Rollout, ApiError> {
         let now = now_ms();
         let mut notify = Vec::new();
@@ -896,7 +893,7 @@ impl Coordinator {
 
     fn flush_or_log(&self) {
         if let Err(err) = self.flush() {
-            turnout_agent::log::line("turnout", &format!("writing reports: {err}"));
+            tracing::warn!("writing reports: {err}");
         }
     }
 
@@ -950,14 +947,14 @@ impl Coordinator {
             if last.is_none_or(|at| at.elapsed() >= GAUGES_EVERY) {
                 *last = Some(std::time::Instant::now());
                 if let Err(err) = self.refresh_gauges() {
-                    turnout_agent::log::line("turnout", &format!("computing metrics: {err}"));
+                    tracing::warn!("computing metrics: {err}");
                 }
             }
         }
         let active: Vec<String> = match self.with_store(|s| s.active_rollout_ids()) {
             Ok(ids) => ids,
             Err(err) => {
-                turnout_agent::log::line("turnout", &format!("reading rollouts: {err}"));
+                tracing::warn!("reading rollouts: {err}");
                 return;
             }
         };
@@ -978,10 +975,7 @@ impl Coordinator {
                     let last = failures.get(&id).copied();
                     if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
                         failures.insert(id.clone(), std::time::Instant::now());
-                        turnout_agent::log::line(
-                            "turnout",
-                            &format!("stepping rollout {id}: {err}"),
-                        );
+                        tracing::error!(rollout = %id, "stepping the rollout failed: {err}");
                     }
                 }
             }

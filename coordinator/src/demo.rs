@@ -384,7 +384,7 @@ fn pack_demo(
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\nexec \"{}\" agent demo-service --behaviour \"$(dirname \"$0\")/../behaviour.toml\" \"$@\"\n",
+            "#!/bin/sh\nexec \"{}\" demo-service --behaviour \"$(dirname \"$0\")/../behaviour.toml\" \"$@\"\n",
             exe.display()
         ),
     )?;

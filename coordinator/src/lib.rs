@@ -8,6 +8,7 @@ pub mod cli;
 pub mod client;
 pub mod cmd;
 pub mod coordinator;
+#[cfg(feature = "agent")]
 pub mod demo;
 pub mod engine;
 pub mod exit;

@@ -180,17 +180,17 @@ pub async fn serve(
         })
     };
     if let Ok(address) = listener.local_addr() {
-        turnout_agent::notify::notify(&format!(
+        turnout_rt::notify::notify(&format!(
             "READY=1\nSTATUS=coordinator listening on {address}"
         ));
     }
     let watchdog = {
         let c = coordinator.clone();
-        tokio::spawn(turnout_agent::notify::keep_watchdog_while(move |period| {
+        tokio::spawn(turnout_rt::notify::keep_watchdog_while(move |period| {
             c.loop_alive(period)
         }))
     };
-    let freeze = tokio::spawn(turnout_agent::notify::freeze_switch());
+    let freeze = tokio::spawn(turnout_rt::notify::freeze_switch());
     let settings = coordinator.settings();
     let service = hyper_util::service::TowerToHyperService::new(router(coordinator.clone()));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -245,15 +245,12 @@ pub async fn serve(
         .await
         .is_err()
     {
-        turnout_agent::log::line(
-            "turnout",
-            &format!(
-                "stopping with requests still in flight after {} (shutdown_grace)",
-                humantime::format_duration(settings.shutdown_grace)
-            ),
+        tracing::warn!(
+            "stopping with requests still in flight after {} (shutdown_grace)",
+            humantime::format_duration(settings.shutdown_grace)
         );
     }
-    turnout_agent::notify::notify("STOPPING=1");
+    turnout_rt::notify::notify("STOPPING=1");
     watchdog.abort();
     freeze.abort();
     let _ = engine.await;
@@ -265,7 +262,7 @@ pub async fn serve(
 fn complain(last: &mut Option<Instant>, message: &str) {
     if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
         *last = Some(Instant::now());
-        turnout_agent::log::line("turnout", message);
+        tracing::warn!("{message}");
     }
 }
 

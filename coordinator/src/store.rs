@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use base64::Engine as _;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -266,15 +265,11 @@ impl Store {
             path: path.to_owned(),
             source,
         };
-        let mut conn = Connection::open(path).map_err(sqlite)?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(sqlite)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
+        let mut conn = turnout_rt::sqlite::open(path, turnout_rt::sqlite::Durability::Normal)
             .map_err(sqlite)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(sqlite)?;
-        match turnout_agent::journal::run_migrations(&mut conn, MIGRATIONS).map_err(sqlite)? {
-            turnout_agent::journal::Migrated::Current => {}
-            turnout_agent::journal::Migrated::Newer { found, known } => {
+        match turnout_rt::sqlite::migrate(&mut conn, MIGRATIONS).map_err(sqlite)? {
+            turnout_rt::sqlite::Migrated::Current => {}
+            turnout_rt::sqlite::Migrated::Newer { found, known } => {
                 return Err(StoreError::Newer {
                     path: path.to_owned(),
                     found,
@@ -754,7 +749,16 @@ impl Store {
                 statement.execute(params![at_ms as i64, actor, rollout, host, message])
             })
             .map_err(self.err())?;
-        Ok(self.conn.last_insert_rowid() as u64)
+        let id = self.conn.last_insert_rowid() as u64;
+        // The event log is the coordinator's story: it goes to its log too.
+        tracing::info!(
+            event = id,
+            actor,
+            rollout = rollout.unwrap_or("-"),
+            host = host.unwrap_or("-"),
+            "{message}"
+        );
+        Ok(id)
     }
 
     /// Event-log lines after `after`, optionally for one rollout, oldest first.

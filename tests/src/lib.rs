@@ -433,7 +433,7 @@ impl Fleet {
 
     /// A one-script demo release of `web` signed by `key`.
     pub fn bundle(&self, version: &str, mode: &str, key: &SecretKey) -> PathBuf {
-        let script = format!("#!/bin/sh\nexec \"{}\" agent demo-service --behaviour \"$(dirname \"$0\")/../behaviour.toml\" \"$@\"\n", turnout_bin().display()).into_bytes();
+        let script = format!("#!/bin/sh\nexec \"{}\" demo-service --behaviour \"$(dirname \"$0\")/../behaviour.toml\" \"$@\"\n", turnout_bin().display()).into_bytes();
         let behaviour = format!("version = \"{version}\"\nmode = \"{mode}\"\n").into_bytes();
         let path = self
             .dir

@@ -18,7 +18,8 @@ done
 N=${HOSTS:-3}
 started=$SECONDS
 BIN=${CARGO_TARGET_DIR:-$(pwd)/target}/debug/turnout
-[ -x "$BIN" ] || cargo build --quiet --bin turnout
+# The freeze switch below is a test hook: only a fault-injection build has it.
+cargo build --quiet -p turnout --bin turnout --features fault-injection
 W=$(mktemp -d /tmp/turnout-systemd.XXXXXX)
 declare -a NSPAWN LEADER PROXY PORT PPORT
 
@@ -66,7 +67,7 @@ ROOTFS=${CACHE:-/var/cache/turnout-e2e}/rootfs
 for spec in 1.0.0:healthy 2.0.0:healthy 3.0.0:unhealthy 4.0.0:healthy 5.0.0:healthy 6.0.0:healthy; do
     v=${spec%%:*} mode=${spec##*:}
     mkdir -p "$W/src-$v/bin"
-    printf '#!/bin/sh\nexec /usr/local/bin/turnout agent demo-service --behaviour "$(dirname "$0")/../behaviour.toml" "$@"\n' > "$W/src-$v/bin/web"
+    printf '#!/bin/sh\nexec /usr/local/bin/turnout demo-service --behaviour "$(dirname "$0")/../behaviour.toml" "$@"\n' > "$W/src-$v/bin/web"
     chmod 755 "$W/src-$v/bin/web"
     printf 'version = "%s"\nmode = "%s"\n' "$v" "$mode" > "$W/src-$v/behaviour.toml"
     "$BIN" pack "$W/src-$v" --name web --version "$v" --entry bin/web --key "$W/release.key.pem" --out "$W/web-$v.tnt" >/dev/null

@@ -193,11 +193,35 @@ fn the_daemon_logs_json_lines_when_asked() {
     for line in lines {
         let entry: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-        assert_eq!(entry["program"], "turnout-agent", "{line}");
-        assert!(entry["ts"].as_str().unwrap().ends_with('Z'), "{line}");
+        assert!(
+            entry["timestamp"].as_str().unwrap().ends_with('Z'),
+            "{line}"
+        );
+        assert!(
+            ["ERROR", "WARN", "INFO"].contains(&entry["level"].as_str().unwrap()),
+            "{line}"
+        );
+        assert!(entry["message"].is_string(), "{line}");
     }
+    let entries: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert!(
-        log.contains(r#""msg":"[web] demo service 1.0.0 listening"#),
-        "{log}"
+        entries.iter().any(|e| e["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("demo service 1.0.0 listening")
+            && e["service"] == "web"
+            && e["target"] == "turnout_agent::output"),
+        "the service's own output is logged with its name: {log}"
+    );
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["spans"].as_array().is_some_and(|spans| spans
+                .iter()
+                .any(|s| s["name"] == "install" && s["service"] == "web"))),
+        "what an install logs is inside its span, with the service: {log}"
     );
 }

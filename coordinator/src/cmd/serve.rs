@@ -48,7 +48,7 @@ pub struct Args {
     pub token_file: Option<PathBuf>,
     /// How log lines are written to stderr.
     #[arg(long, value_enum, env = "TURNOUT_LOG_FORMAT", default_value = "text")]
-    pub log_format: turnout_agent::log::LogFormat,
+    pub log_format: turnout_rt::log::LogFormat,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -64,7 +64,7 @@ struct FileConfig {
 
 /// Serves until SIGTERM or Ctrl-C.
 pub fn run(args: &Args) -> anyhow::Result<Exit> {
-    turnout_agent::log::set_format(args.log_format);
+    turnout_rt::log::init(args.log_format);
     let file: FileConfig = match &args.config {
         None => FileConfig::default(),
         Some(path) => toml::from_str(&String::from_utf8(files::read(path)?)?).map_err(|e| {
@@ -111,21 +111,17 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
     let coordinator = Arc::new(Coordinator::open(&state_dir, trust, settings)?);
     if args.init {
         if coordinator.with_store(|s| s.has_tokens())? {
-            turnout_agent::log::line(
-                "turnout",
-                "an operator token exists already; create more with `turnout token create`",
+            tracing::info!(
+                "an operator token exists already; create more with `turnout token create`"
             );
         } else {
             let token = coordinator.with_store(|s| s.create_token(Role::Admin, now_ms()))?;
             match &args.token_file {
                 Some(path) => {
                     files::write_atomic(path, format!("{token}\n").as_bytes(), 0o600, true)?;
-                    turnout_agent::log::line(
-                        "turnout",
-                        &format!(
-                            "wrote the first admin token to {} (mode 0600)",
-                            path.display()
-                        ),
+                    tracing::info!(
+                        "wrote the first admin token to {} (mode 0600)",
+                        path.display()
                     );
                 }
                 None => println!("admin token (shown once, keep it safe): {token}"),
@@ -138,13 +134,10 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
         .build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen).await?;
-        turnout_agent::log::line(
-            "turnout",
-            &format!(
-                "coordinator listening on http://{}, state in {}",
-                listener.local_addr()?,
-                state_dir.display()
-            ),
+        tracing::info!(
+            "coordinator listening on http://{}, state in {}",
+            listener.local_addr()?,
+            state_dir.display()
         );
         crate::server::serve(coordinator, listener, shutdown()).await
     })?;
@@ -181,5 +174,5 @@ async fn shutdown() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    turnout_agent::log::line("turnout", "shutting down");
+    tracing::info!("shutting down");
 }

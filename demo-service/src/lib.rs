@@ -1,4 +1,4 @@
-//! The demo service (`turnout-agent demo-service`, hidden): a tiny HTTP
+//! The demo service (`turnout demo-service`, hidden; `turnout-agent demo-service` in test builds): a tiny HTTP
 //! server that tests, the demo and the benchmarks pack into bundles.
 //!
 //! Its behaviour comes from a file inside its payload, so two bundles of the

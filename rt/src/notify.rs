@@ -70,33 +70,38 @@ pub async fn keep_watchdog_while(healthy: impl Fn(Duration) -> bool) {
             complained = false;
         } else if !complained {
             complained = true;
-            crate::log::line(
-                "turnout",
-                "the main loop has not completed a round within the watchdog timeout; not pinging the watchdog",
+            tracing::error!(
+                "the main loop has not completed a round within the watchdog timeout; not pinging the watchdog"
             );
         }
         tokio::time::sleep(interval).await;
     }
 }
 
-/// Test-only: when the file named by `TURNOUT_TEST_FREEZE` appears, block
-/// the runtime's thread for good, as a wedged main loop would.
+/// Test-only (the `fault-injection` feature): when the file named by
+/// `TURNOUT_TEST_FREEZE` appears, block the runtime's thread for good, as a
+/// wedged main loop would. Without the feature it never returns and does
+/// nothing.
+#[cfg(feature = "fault-injection")]
 pub async fn freeze_switch() {
     let Some(path) = std::env::var_os("TURNOUT_TEST_FREEZE") else {
         return std::future::pending().await;
     };
     loop {
         if std::path::Path::new(&path).exists() {
-            crate::log::line(
-                "turnout",
-                "the test freeze switch is set; wedging the main loop",
-            );
+            tracing::warn!("the test freeze switch is set; wedging the main loop");
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Without the `fault-injection` feature there is no freeze switch.
+#[cfg(not(feature = "fault-injection"))]
+pub async fn freeze_switch() {
+    std::future::pending().await
 }
 
 #[cfg(test)]
