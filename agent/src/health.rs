@@ -200,7 +200,7 @@ pub type CpuSample = Option<(u32, u64, Instant)>;
 /// Runs one probe of `check` within its timeout.
 pub async fn probe(
     check: &Check,
-    supervisor: &Supervisor,
+    supervisor: &dyn Supervisor,
     http: &HttpClient,
     baseline_restarts: u64,
     cpu: &mut CpuSample,
@@ -221,7 +221,7 @@ pub async fn probe(
 
 async fn probe_once(
     check: &Check,
-    supervisor: &Supervisor,
+    supervisor: &dyn Supervisor,
     http: &HttpClient,
     baseline_restarts: u64,
     cpu: &mut CpuSample,
@@ -413,7 +413,7 @@ fn describe(err: &ureq::Error, timeout: Duration) -> String {
 /// One probe of every check, for a baseline or `status`: None when all pass.
 pub async fn probe_all(
     checks: &[Check],
-    supervisor: &Supervisor,
+    supervisor: &dyn Supervisor,
     http: &HttpClient,
 ) -> Option<String> {
     let baseline = supervisor.restarts().await;
@@ -432,7 +432,7 @@ pub async fn bake(
     service: &str,
     checks: &[Check],
     bake: Bake,
-    supervisor: &Supervisor,
+    supervisor: &dyn Supervisor,
     http: &HttpClient,
     baseline_restarts: u64,
 ) -> Result<String, String> {
@@ -683,7 +683,7 @@ mod tests {
     }
 
     async fn probe_http(client: &HttpClient, check: &Check) -> Result<(), String> {
-        let supervisor = Supervisor::Systemd {
+        let supervisor = crate::supervisor::Systemd {
             unit: "unused.service".into(),
         };
         probe(check, &supervisor, client, 0, &mut None).await

@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use turnout_rt::Clock;
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use turnout_proto::messages::{Health, OutcomeKind, ReleaseRef};
@@ -28,13 +30,29 @@ use crate::journal::{HistoryEntry, Journal, JournalError};
 use crate::machine::{self, Disallowed, Effect, Event, State};
 use crate::slots::{RELEASE_FILE, ServiceDir, Slot, SlotRelease};
 use crate::stage::{self, StageError};
-use crate::supervisor::{Exec, Launch, Supervisor, SupervisorError};
+use crate::supervisor::{Exec, ExecSupervisor, Launch, Supervisor, SupervisorError, Systemd};
 
-/// Milliseconds since the epoch.
+/// Milliseconds since the epoch, by the system clock (for callers with no
+/// [`Clock`] of their own).
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    turnout_rt::clock::system_now_ms()
+}
+
+/// Makes the supervisor of one configured service.
+pub type SupervisorFactory =
+    dyn Fn(&ServiceConfig, &ServiceDir) -> Arc<dyn Supervisor> + Send + Sync;
+
+/// The supervisors the config names: systemd units, or exec children of
+/// this agent.
+pub fn real_supervisor(service: &ServiceConfig, dir: &ServiceDir) -> Arc<dyn Supervisor> {
+    match &service.supervisor {
+        SupervisorConfig::Systemd { unit } => Arc::new(Systemd { unit: unit.clone() }),
+        SupervisorConfig::Exec { stop_timeout, .. } => Arc::new(ExecSupervisor(Exec::new(
+            service.name.as_str(),
+            dir.root(),
+            *stop_timeout,
+        ))),
+    }
 }
 
 /// Why an operation could not run (as opposed to running and failing, which
@@ -188,7 +206,7 @@ pub struct ServiceStatus {
 struct Service {
     config: ServiceConfig,
     dir: ServiceDir,
-    supervisor: Supervisor,
+    supervisor: Arc<dyn Supervisor>,
     /// The HTTP client of its checks (a pool: probes keep a connection alive).
     http: health::HttpClient,
     /// The supervisor's restart count right after the last switch.
@@ -214,6 +232,8 @@ pub struct Agent {
     link: Arc<Mutex<crate::link::LinkStatus>>,
     /// Why the journal cannot be written right now, while it cannot.
     journal_error: Mutex<Option<String>>,
+    /// The time of day: journal stamps, bundle expiry.
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -232,8 +252,19 @@ fn io_error(service: &str, what: impl Into<String>) -> impl FnOnce(std::io::Erro
 }
 
 impl Agent {
-    /// Opens the journal and the service directories under the config's state dir.
+    /// Opens the journal and the service directories under the config's
+    /// state dir, with the system clock and the supervisors the config names.
     pub fn open(config: Config) -> Result<Agent, AgentError> {
+        Agent::open_with(config, turnout_rt::SystemClock::shared(), &real_supervisor)
+    }
+
+    /// Like [`open`](Self::open), with the clock and the supervisors given
+    /// (tests: a manual clock and a fake supervisor).
+    pub fn open_with(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        supervisors: &SupervisorFactory,
+    ) -> Result<Agent, AgentError> {
         std::fs::create_dir_all(&config.state_dir).map_err(io_error(
             "-",
             format!("creating {}", config.state_dir.display()),
@@ -244,12 +275,7 @@ impl Agent {
             let name = service.name.to_string();
             let dir = ServiceDir::open(&config.state_dir, &name)
                 .map_err(io_error(&name, "creating its directory"))?;
-            let supervisor = match &service.supervisor {
-                SupervisorConfig::Systemd { unit } => Supervisor::Systemd { unit: unit.clone() },
-                SupervisorConfig::Exec { stop_timeout, .. } => {
-                    Supervisor::Exec(Exec::new(&name, dir.root(), *stop_timeout))
-                }
-            };
+            let supervisor = supervisors(service, &dir);
             services.insert(
                 name,
                 Service {
@@ -279,6 +305,7 @@ impl Agent {
                 detail: None,
             })),
             journal_error: Mutex::new(None),
+            clock,
         })
     }
 
@@ -337,7 +364,7 @@ impl Agent {
         self.services
             .iter()
             .filter(|(n, _)| name.is_none_or(|want| want == n.as_str()))
-            .find(|(_, s)| matches!(s.supervisor, Supervisor::Exec(_)))
+            .find(|(_, s)| matches!(s.config.supervisor, SupervisorConfig::Exec { .. }))
             .map(|(n, _)| n.clone())
     }
 
@@ -463,13 +490,18 @@ impl Agent {
         let Some(known) = held.manifest_sha256.clone() else {
             return Ok(None);
         };
-        let (path, trust, limits) = (bundle.to_owned(), trust.clone(), self.limits);
+        let (path, trust, limits, now) = (
+            bundle.to_owned(),
+            trust.clone(),
+            self.limits,
+            self.clock.now(),
+        );
         let verified = tokio::task::spawn_blocking(move || {
             let file = File::open(&path).ok()?;
             turnout_proto::bundle::verify_and_unpack(
                 BufReader::new(file),
                 &trust,
-                SystemTime::now(),
+                now,
                 &limits,
                 &mut turnout_proto::bundle::Discard,
             )
@@ -504,7 +536,7 @@ impl Agent {
             "already running {} {} from the same signed manifest; now known by bundle {digest} (was {})",
             renamed.name, renamed.version, committed.sha256
         );
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let record = HistoryEntry {
             kind: OutcomeKind::Committed,
             release: Some(renamed.clone()),
@@ -615,7 +647,7 @@ impl Agent {
     ) -> Result<(), AgentError> {
         self.service(name)?;
         let state = self.state(name)?;
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let record = HistoryEntry {
             kind,
             release: Some(release),
@@ -699,7 +731,7 @@ impl Agent {
                     service: name.to_owned(),
                     source,
                 })?;
-            let now = now_ms();
+            let now = self.clock.now_ms();
             let records: Vec<HistoryEntry> = effects
                 .iter()
                 .filter_map(|effect| match effect {
@@ -861,7 +893,7 @@ impl Agent {
                         Some(_) => {
                             health::probe_all(
                                 &service.config.checks,
-                                &service.supervisor,
+                                &*service.supervisor,
                                 &service.http,
                             )
                             .await
@@ -911,7 +943,9 @@ impl Agent {
                 let restarts = service.supervisor.restarts().await;
                 service.baseline_restarts.store(restarts, Ordering::SeqCst);
                 Ok(match (state, restarted) {
-                    (State::Switching { .. }, Ok(())) => vec![Event::Switched { at_ms: now_ms() }],
+                    (State::Switching { .. }, Ok(())) => vec![Event::Switched {
+                        at_ms: self.clock.now_ms(),
+                    }],
                     (State::Switching { .. }, Err(reason)) => vec![Event::Unhealthy { reason }],
                     (_, Err(reason)) => {
                         tracing::error!(service = %name, "restarting after the revert failed: {reason}");
@@ -925,7 +959,7 @@ impl Agent {
             }
             Effect::EnsureRunning { release } => {
                 if let Some(release) = release {
-                    repair_current_dir(name, &service.dir)?;
+                    repair_current_dir(name, &service.dir, self.clock.now_ms())?;
                     let slot = match service.dir.slot_holding(&release) {
                         Some(slot) => slot,
                         None => self.heal_slot(name, service, &release).await?,
@@ -963,7 +997,7 @@ impl Agent {
                     name,
                     &service.config.checks,
                     service.config.bake,
-                    &service.supervisor,
+                    &*service.supervisor,
                     &service.http,
                     baseline,
                 )
@@ -995,7 +1029,7 @@ impl Agent {
         }
         let deadline = tokio::time::Instant::now() + service.config.bake.deadline;
         loop {
-            match health::probe_all(&service.config.checks, &service.supervisor, &service.http)
+            match health::probe_all(&service.config.checks, &*service.supervisor, &service.http)
                 .await
             {
                 None => return,
@@ -1083,6 +1117,7 @@ impl Agent {
     ) -> Result<ReleaseRef, StageFailure> {
         let committed = state.committed().cloned();
         let dir = service.dir.clone();
+        let now = self.clock.now();
         let (trust, limits, bundle, name) = (
             trust.clone(),
             self.limits,
@@ -1098,6 +1133,7 @@ impl Agent {
                 &bundle,
                 digest,
                 committed.as_ref(),
+                now,
             )
         })
         .await
@@ -1133,7 +1169,7 @@ impl Agent {
             held.release.name, held.release.version
         );
         tracing::info!(service = %name, "{reason}");
-        let now = now_ms();
+        let now = self.clock.now_ms();
         journal.persist(
             name,
             &State::Idle {
@@ -1185,8 +1221,18 @@ impl Agent {
         );
         let dir = service.dir.clone();
         let (limits, name_owned, digest) = (self.limits, name.to_owned(), release.sha256.clone());
+        let now = self.clock.now();
         let staged = tokio::task::spawn_blocking(move || {
-            stage_blocking(&name_owned, &dir, &trust, &limits, &cached, digest, None)
+            stage_blocking(
+                &name_owned,
+                &dir,
+                &trust,
+                &limits,
+                &cached,
+                digest,
+                None,
+                now,
+            )
         })
         .await
         .map_err(|e| lost(format!("unpacking it again panicked: {e}")))?;
@@ -1227,7 +1273,7 @@ impl Agent {
                     if due[i] <= now {
                         let result = health::probe(
                             check,
-                            &service.supervisor,
+                            &*service.supervisor,
                             &service.http,
                             restarts,
                             &mut cpu[i],
@@ -1307,7 +1353,7 @@ impl Agent {
                         None => {
                             match health::probe_all(
                                 &service.config.checks,
-                                &service.supervisor,
+                                &*service.supervisor,
                                 &service.http,
                             )
                             .await
@@ -1355,7 +1401,7 @@ impl Agent {
     /// Stops every exec-supervised service (the daemon is their parent).
     pub async fn stop_exec_services(&self) {
         for service in self.services.values() {
-            if let Supervisor::Exec(_) = service.supervisor {
+            if let SupervisorConfig::Exec { .. } = service.config.supervisor {
                 let _ = service.supervisor.stop().await;
             }
         }
@@ -1373,11 +1419,11 @@ fn committed_or_dummy(state: &State) -> ReleaseRef {
 
 /// A real directory where the `current` link belongs (someone copied a
 /// release there by hand) is moved aside, so the link can be made again.
-fn repair_current_dir(name: &str, dir: &ServiceDir) -> Result<(), AgentError> {
+fn repair_current_dir(name: &str, dir: &ServiceDir, now_ms: u64) -> Result<(), AgentError> {
     let current = dir.current_path();
     let is_real_dir = std::fs::symlink_metadata(&current).is_ok_and(|m| m.file_type().is_dir());
     if is_real_dir {
-        let aside = current.with_file_name(format!("current.moved-aside-{}", now_ms()));
+        let aside = current.with_file_name(format!("current.moved-aside-{now_ms}"));
         std::fs::rename(&current, &aside)
             .map_err(io_error(name, "moving a directory named current aside"))?;
         tracing::warn!(service = %name, "{} was a directory, not the link to a slot; moved it to {} and linked current again",
@@ -1448,6 +1494,7 @@ fn stage_blocking(
     bundle: &Path,
     digest: Digest,
     committed: Option<&ReleaseRef>,
+    now: SystemTime,
 ) -> Result<ReleaseRef, StageFailure> {
     let failed = |what: &str, err: &dyn std::fmt::Display| -> StageFailure {
         Box::new((OutcomeKind::Failed, None, format!("{what}: {err}")))
@@ -1464,31 +1511,30 @@ fn stage_blocking(
     let file =
         File::open(bundle).map_err(|e| failed(&format!("reading {}", bundle.display()), &e))?;
     let reader = BufReader::with_capacity(256 * 1024, file);
-    let (verified, sink) =
-        match stage::unpack(reader, trust, SystemTime::now(), limits, &dir.unpack_path()) {
-            Ok(done) => done,
-            Err(StageError::Bundle(err)) if err.is_refusal() => {
-                // Named by its digest (what the coordinator asked for); the
-                // name and version are the bundle's own claim, read untrusted.
-                let claimed = File::open(bundle)
-                    .ok()
-                    .and_then(|f| turnout_proto::bundle::read_head(BufReader::new(f), limits).ok());
-                let release = ReleaseRef {
-                    name: claimed
-                        .as_ref()
-                        .map_or_else(|| name.to_owned(), |h| h.manifest.name.to_string()),
-                    version: claimed
-                        .map_or_else(|| semver::Version::new(0, 0, 0), |h| h.manifest.version),
-                    sha256: digest,
-                };
-                return Err(Box::new((
-                    OutcomeKind::Rejected,
-                    Some(release),
-                    format!("bundle rejected: {err}"),
-                )));
-            }
-            Err(err) => return Err(failed("unpacking", &err)),
-        };
+    let (verified, sink) = match stage::unpack(reader, trust, now, limits, &dir.unpack_path()) {
+        Ok(done) => done,
+        Err(StageError::Bundle(err)) if err.is_refusal() => {
+            // Named by its digest (what the coordinator asked for); the
+            // name and version are the bundle's own claim, read untrusted.
+            let claimed = File::open(bundle)
+                .ok()
+                .and_then(|f| turnout_proto::bundle::read_head(BufReader::new(f), limits).ok());
+            let release = ReleaseRef {
+                name: claimed
+                    .as_ref()
+                    .map_or_else(|| name.to_owned(), |h| h.manifest.name.to_string()),
+                version: claimed
+                    .map_or_else(|| semver::Version::new(0, 0, 0), |h| h.manifest.version),
+                sha256: digest,
+            };
+            return Err(Box::new((
+                OutcomeKind::Rejected,
+                Some(release),
+                format!("bundle rejected: {err}"),
+            )));
+        }
+        Err(err) => return Err(failed("unpacking", &err)),
+    };
     let m = &verified.manifest;
     let release = ReleaseRef {
         name: m.name.to_string(),
@@ -1542,7 +1588,9 @@ fn stage_blocking(
     let held = SlotRelease {
         release: release.clone(),
         entry: m.entry.clone(),
-        installed_ms: now_ms(),
+        installed_ms: now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
         manifest_sha256: Some(manifest_digest(&verified.manifest_bytes)),
     };
     if let Err(err) = dir.promote(idle, &held) {

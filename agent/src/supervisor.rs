@@ -161,93 +161,123 @@ pub fn references(arg: &str) -> Vec<&str> {
     names
 }
 
-/// A service's supervisor.
-#[derive(Debug, Clone)]
-pub enum Supervisor {
-    /// systemd, through `systemctl`.
-    Systemd {
-        /// The unit.
-        unit: String,
-    },
-    /// The agent itself.
-    Exec(Arc<Exec>),
-}
+/// A boxed future, as the [`Supervisor`] trait's methods return.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
-impl Supervisor {
+/// What runs a service's process: systemd ([`Systemd`]), the agent itself
+/// ([`Exec`]), or, in tests, a [`Fake`](fake::Fake).
+pub trait Supervisor: Send + Sync + std::fmt::Debug {
     /// Restarts the service, running `launch` (exec) or its unit (systemd).
-    pub async fn restart(&self, launch: &Launch) -> Result<(), SupervisorError> {
-        match self {
-            Supervisor::Systemd { unit } => systemctl("restart", unit).await.map(drop),
-            Supervisor::Exec(exec) => {
-                exec.stop().await;
-                // A previous agent killed mid-bake may have left the old process serving.
-                exec.reap_orphan().await;
-                exec.start(launch.clone())
-            }
-        }
-    }
+    fn restart<'a>(&'a self, launch: &'a Launch) -> BoxFuture<'a, Result<(), SupervisorError>>;
 
     /// Starts the service if it is not running; leaves it alone if it is.
-    pub async fn ensure_running(&self, launch: &Launch) -> Result<(), SupervisorError> {
-        match self {
-            Supervisor::Systemd { unit } => systemctl("start", unit).await.map(drop),
-            Supervisor::Exec(exec) => {
-                if exec.status().active {
-                    Ok(())
-                } else {
-                    exec.reap_orphan().await;
-                    exec.start(launch.clone())
-                }
-            }
-        }
-    }
+    fn ensure_running<'a>(
+        &'a self,
+        launch: &'a Launch,
+    ) -> BoxFuture<'a, Result<(), SupervisorError>>;
 
     /// Stops the service.
-    pub async fn stop(&self) -> Result<(), SupervisorError> {
-        match self {
-            Supervisor::Systemd { unit } => systemctl("stop", unit).await.map(drop),
-            Supervisor::Exec(exec) => {
-                exec.stop().await;
-                Ok(())
-            }
-        }
-    }
-
-    /// How often it has restarted after crashes (0 if the supervisor cannot say).
-    pub async fn restarts(&self) -> u64 {
-        self.status().await.map_or(0, |s| s.restarts)
-    }
+    fn stop(&self) -> BoxFuture<'_, Result<(), SupervisorError>>;
 
     /// Whether it runs, how often it restarted, its main pid.
-    pub async fn status(&self) -> Result<UnitStatus, SupervisorError> {
-        match self {
-            Supervisor::Systemd { unit } => {
-                let text = systemctl("show", unit).await?;
-                let field = |key: &str| {
-                    text.lines()
-                        .find_map(|line| {
-                            line.strip_prefix(key)
-                                .and_then(|rest| rest.strip_prefix('='))
-                        })
-                        .unwrap_or("")
-                        .to_owned()
-                };
-                let load = field("LoadState");
-                if load != "loaded" {
-                    return Err(SupervisorError::UnitMissing {
-                        unit: unit.clone(),
-                        state: load,
-                    });
-                }
-                let active = field("ActiveState");
-                Ok(UnitStatus {
-                    active: active == "active" || active == "activating" || active == "reloading",
-                    restarts: field("NRestarts").parse().unwrap_or(0),
-                    main_pid: field("MainPID").parse().ok().filter(|pid| *pid != 0),
-                })
+    fn status(&self) -> BoxFuture<'_, Result<UnitStatus, SupervisorError>>;
+
+    /// How often it has restarted after crashes (0 if the supervisor cannot say).
+    fn restarts(&self) -> BoxFuture<'_, u64> {
+        Box::pin(async move { self.status().await.map_or(0, |s| s.restarts) })
+    }
+}
+
+/// systemd, through `systemctl`.
+#[derive(Debug, Clone)]
+pub struct Systemd {
+    /// The unit.
+    pub unit: String,
+}
+
+impl Supervisor for Systemd {
+    fn restart<'a>(&'a self, _launch: &'a Launch) -> BoxFuture<'a, Result<(), SupervisorError>> {
+        Box::pin(async move { systemctl("restart", &self.unit).await.map(drop) })
+    }
+
+    fn ensure_running<'a>(
+        &'a self,
+        _launch: &'a Launch,
+    ) -> BoxFuture<'a, Result<(), SupervisorError>> {
+        Box::pin(async move { systemctl("start", &self.unit).await.map(drop) })
+    }
+
+    fn stop(&self) -> BoxFuture<'_, Result<(), SupervisorError>> {
+        Box::pin(async move { systemctl("stop", &self.unit).await.map(drop) })
+    }
+
+    fn status(&self) -> BoxFuture<'_, Result<UnitStatus, SupervisorError>> {
+        Box::pin(async move {
+            let unit = &self.unit;
+            let text = systemctl("show", unit).await?;
+            let field = |key: &str| {
+                text.lines()
+                    .find_map(|line| {
+                        line.strip_prefix(key)
+                            .and_then(|rest| rest.strip_prefix('='))
+                    })
+                    .unwrap_or("")
+                    .to_owned()
+            };
+            let load = field("LoadState");
+            if load != "loaded" {
+                return Err(SupervisorError::UnitMissing {
+                    unit: unit.clone(),
+                    state: load,
+                });
             }
-            Supervisor::Exec(exec) => Ok(exec.status()),
-        }
+            let active = field("ActiveState");
+            Ok(UnitStatus {
+                active: active == "active" || active == "activating" || active == "reloading",
+                restarts: field("NRestarts").parse().unwrap_or(0),
+                main_pid: field("MainPID").parse().ok().filter(|pid| *pid != 0),
+            })
+        })
+    }
+}
+
+/// The exec supervisor, shared with the task that watches its child.
+#[derive(Debug, Clone)]
+pub struct ExecSupervisor(pub Arc<Exec>);
+
+impl Supervisor for ExecSupervisor {
+    fn restart<'a>(&'a self, launch: &'a Launch) -> BoxFuture<'a, Result<(), SupervisorError>> {
+        Box::pin(async move {
+            self.0.stop().await;
+            // A previous agent killed mid-bake may have left the old process serving.
+            self.0.reap_orphan().await;
+            self.0.start(launch.clone())
+        })
+    }
+
+    fn ensure_running<'a>(
+        &'a self,
+        launch: &'a Launch,
+    ) -> BoxFuture<'a, Result<(), SupervisorError>> {
+        Box::pin(async move {
+            if self.0.status().active {
+                Ok(())
+            } else {
+                self.0.reap_orphan().await;
+                self.0.start(launch.clone())
+            }
+        })
+    }
+
+    fn stop(&self) -> BoxFuture<'_, Result<(), SupervisorError>> {
+        Box::pin(async move {
+            self.0.stop().await;
+            Ok(())
+        })
+    }
+
+    fn status(&self) -> BoxFuture<'_, Result<UnitStatus, SupervisorError>> {
+        Box::pin(async move { Ok(self.0.status()) })
     }
 }
 
@@ -481,5 +511,107 @@ mod tests {
         assert_eq!(expand("${unterminated", &env).unwrap(), "${unterminated");
         assert_eq!(expand("plain", &env).unwrap(), "plain");
         assert_eq!(references("a${B}c${D}"), ["B", "D"]);
+    }
+}
+
+/// A supervisor that runs nothing, for in-process tests of the install
+/// cycle: it records what it was asked to start, and a release whose
+/// directory holds a file named [`CRASH_MARKER`](fake::CRASH_MARKER) "crashes"
+/// as soon as it starts (not active, one more restart).
+#[cfg(any(test, feature = "fault-injection"))]
+pub mod fake {
+    use super::{BoxFuture, Launch, Supervisor, SupervisorError, UnitStatus};
+    use std::sync::Mutex;
+
+    /// The file that makes a release crash under the fake supervisor.
+    pub const CRASH_MARKER: &str = "FAKE_CRASH";
+
+    /// What the fake supervisor runs.
+    #[derive(Debug, Default)]
+    pub struct Fake {
+        state: Mutex<State>,
+    }
+
+    #[derive(Debug, Default)]
+    struct State {
+        running: Option<Launch>,
+        crashed: bool,
+        restarts: u64,
+        starts: u64,
+    }
+
+    impl Fake {
+        /// A fake with nothing running.
+        pub fn new() -> Fake {
+            Fake::default()
+        }
+
+        /// The program it runs now, if any.
+        pub fn running(&self) -> Option<std::path::PathBuf> {
+            let state = self.state.lock().expect("not poisoned");
+            state
+                .running
+                .as_ref()
+                .filter(|_| !state.crashed)
+                .map(|l| l.program.clone())
+        }
+
+        /// How many times it started something.
+        pub fn starts(&self) -> u64 {
+            self.state.lock().expect("not poisoned").starts
+        }
+
+        fn start(&self, launch: &Launch) {
+            let mut state = self.state.lock().expect("not poisoned");
+            state.starts += 1;
+            // The release's directory: the entry's program lives under it.
+            let crashes = launch.cwd.join(CRASH_MARKER).exists();
+            if crashes {
+                state.restarts += 1;
+            }
+            state.crashed = crashes;
+            state.running = Some(launch.clone());
+        }
+    }
+
+    impl Supervisor for Fake {
+        fn restart<'a>(&'a self, launch: &'a Launch) -> BoxFuture<'a, Result<(), SupervisorError>> {
+            Box::pin(async move {
+                self.start(launch);
+                Ok(())
+            })
+        }
+
+        fn ensure_running<'a>(
+            &'a self,
+            launch: &'a Launch,
+        ) -> BoxFuture<'a, Result<(), SupervisorError>> {
+            Box::pin(async move {
+                if self.running().is_none() {
+                    self.start(launch);
+                }
+                Ok(())
+            })
+        }
+
+        fn stop(&self) -> BoxFuture<'_, Result<(), SupervisorError>> {
+            Box::pin(async move {
+                let mut state = self.state.lock().expect("not poisoned");
+                state.running = None;
+                state.crashed = false;
+                Ok(())
+            })
+        }
+
+        fn status(&self) -> BoxFuture<'_, Result<UnitStatus, SupervisorError>> {
+            Box::pin(async move {
+                let state = self.state.lock().expect("not poisoned");
+                Ok(UnitStatus {
+                    active: state.running.is_some() && !state.crashed,
+                    restarts: state.restarts,
+                    main_pid: None,
+                })
+            })
+        }
     }
 }

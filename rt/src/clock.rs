@@ -61,6 +61,11 @@ impl ManualClock {
         *self.now.lock().unwrap_or_else(|p| p.into_inner()) += by;
     }
 
+    /// The time `by` after now by this clock.
+    pub fn now_plus(&self, by: Duration) -> SystemTime {
+        self.now() + by
+    }
+
     /// Sets the clock to `at` (which may be earlier: a clock stepped back).
     pub fn set(&self, at: SystemTime) {
         *self.now.lock().unwrap_or_else(|p| p.into_inner()) = at;

@@ -49,12 +49,25 @@ pub fn write_bundle(
     files: &[File<'_>],
     keys: &[&SecretKey],
 ) {
+    write_bundle_expiring(path, name, version, entry, files, keys, None);
+}
+
+/// Like [`write_bundle`], with a release that expires at `expires`.
+pub fn write_bundle_expiring(
+    path: &Path,
+    name: &str,
+    version: &str,
+    entry: &str,
+    files: &[File<'_>],
+    keys: &[&SecretKey],
+    expires: Option<SystemTime>,
+) {
     let manifest = Manifest {
         format: 1,
         name: name.parse().unwrap(),
         version: version.parse().unwrap(),
         created: Timestamp(SystemTime::now()),
-        expires: None,
+        expires: expires.map(Timestamp),
         entry: PayloadPath::new(entry).unwrap(),
         files: files
             .iter()

@@ -225,3 +225,31 @@ fn the_daemon_logs_json_lines_when_asked() {
         "what an install logs is inside its span, with the service: {log}"
     );
 }
+
+#[test]
+fn a_health_url_without_a_port_probes_port_80_and_commits() {
+    // Before: `http://127.0.0.1/healthz` passed validation, then every probe
+    // failed to connect (no port), so every install reverted.
+    let host = Host::new("300ms");
+    let text = std::fs::read_to_string(host.path("agent.toml")).unwrap();
+    host.write_config(
+        &text
+            .replace(
+                &format!(r#"exec = ["bin/demo", "--port", "{}"]"#, host.port),
+                r#"exec = ["bin/demo", "--port", "80"]"#,
+            )
+            .replace(
+                &format!("http://127.0.0.1:{}/healthz", host.port),
+                "http://127.0.0.1/healthz",
+            ),
+    );
+    let mut host = host;
+    let v1 = host.bundle("1.0.0", "healthy");
+    host.start_daemon(&[]);
+    let (code, out, err) = host.install(&v1);
+    assert_eq!(code, 0, "{out}{err}");
+    let s = host.status();
+    assert_eq!(s["state"], "idle", "{s}");
+    assert_eq!(s["committed"]["version"], "1.0.0", "{s}");
+    assert_eq!(s["last_outcome"]["kind"], "committed", "{s}");
+}

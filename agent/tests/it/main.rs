@@ -6,3 +6,4 @@ mod cycle;
 mod faults;
 mod harness;
 mod hostile_bundles;
+mod in_process;
