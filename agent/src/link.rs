@@ -37,8 +37,19 @@ pub struct Identity {
     pub coordinator: String,
 }
 
+/// The format of `coordinator.json` this build writes (files without the
+/// field are format 1).
+const ENROLLED_FORMAT: u32 = 1;
+
+fn format_one() -> u32 {
+    1
+}
+
+/// `coordinator.json`: which coordinator this host enrolled with, as whom.
 #[derive(Serialize, Deserialize)]
 struct Enrolled {
+    #[serde(default = "format_one")]
+    format: u32,
     host: HostId,
     coordinator: String,
 }
@@ -154,11 +165,12 @@ impl Identity {
             });
         }
         let enrolled = serde_json::to_vec_pretty(&Enrolled {
+            format: ENROLLED_FORMAT,
             host: host.clone(),
             coordinator: coordinator.clone(),
         })
         .expect("serialises");
-        std::fs::write(state_dir.join("coordinator.json"), enrolled)
+        turnout_rt::files::write_atomic(&state_dir.join("coordinator.json"), &enrolled, 0o644)
             .map_err(io("writing coordinator.json"))?;
         Ok(Identity {
             host: host.clone(),

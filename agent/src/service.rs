@@ -527,6 +527,7 @@ impl Agent {
             .rewrite_release(
                 slot,
                 &SlotRelease {
+                    format: crate::slots::RELEASE_FILE_FORMAT,
                     release: renamed.clone(),
                     ..held
                 },
@@ -1586,6 +1587,7 @@ fn stage_blocking(
         return fail("flushing the unpacked release to disk", err);
     }
     let held = SlotRelease {
+        format: crate::slots::RELEASE_FILE_FORMAT,
         release: release.clone(),
         entry: m.entry.clone(),
         installed_ms: now

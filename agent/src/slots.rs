@@ -63,9 +63,22 @@ impl Slot {
     }
 }
 
+/// The format of `.turnout-release.json` this build writes. Files without
+/// the field were written before it existed and are format 1. Readers
+/// ignore fields they do not know; a change that old readers would
+/// misread raises this.
+pub const RELEASE_FILE_FORMAT: u32 = 1;
+
+fn format_one() -> u32 {
+    1
+}
+
 /// What `.turnout-release.json` records about a slot's release.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlotRelease {
+    /// The file's format ([`RELEASE_FILE_FORMAT`]).
+    #[serde(default = "format_one")]
+    pub format: u32,
     /// Which release.
     pub release: ReleaseRef,
     /// Its executable, from the manifest.
@@ -175,15 +188,11 @@ impl ServiceDir {
 
     /// Replaces what `slot` says it holds (its release file), atomically.
     pub fn rewrite_release(&self, slot: Slot, release: &SlotRelease) -> io::Result<()> {
-        let dir = self.slot_path(slot);
-        let temp = dir.join(format!("{RELEASE_FILE}.next"));
-        fs::write(
-            &temp,
-            serde_json::to_vec_pretty(release).expect("releases serialise"),
-        )?;
-        File::open(&temp)?.sync_all()?;
-        fs::rename(&temp, dir.join(RELEASE_FILE))?;
-        sync_dir(&dir)
+        turnout_rt::files::write_atomic(
+            &self.slot_path(slot).join(RELEASE_FILE),
+            &serde_json::to_vec_pretty(release).expect("releases serialise"),
+            0o644,
+        )
     }
 
     /// Makes the unpacked release at [`unpack_path`](Self::unpack_path) the
@@ -218,6 +227,7 @@ mod tests {
 
     fn release(version: &str, fill: u8) -> SlotRelease {
         SlotRelease {
+            format: RELEASE_FILE_FORMAT,
             release: ReleaseRef {
                 name: "web".into(),
                 version: version.parse().unwrap(),

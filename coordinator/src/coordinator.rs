@@ -27,8 +27,6 @@ use crate::metrics::Metrics;
 use crate::spec::{RawSpec, ReleaseSelector, RolloutSpec};
 use crate::store::{HostRecord, Store, StoreError};
 
-pub use turnout_rt::clock::system_now_ms as now_ms;
-
 /// The coordinator's tunables.
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
@@ -288,6 +286,8 @@ pub struct Coordinator {
     last_round: Mutex<Option<std::time::Instant>>,
     /// Rollouts whose step fails, and when that was last logged.
     step_failures: Mutex<HashMap<String, std::time::Instant>>,
+    /// The time of day: event stamps, request-signature freshness, deadlines.
+    clock: Arc<dyn turnout_rt::Clock>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -297,11 +297,27 @@ impl std::fmt::Debug for Coordinator {
 }
 
 impl Coordinator {
-    /// Opens the coordinator's state in `state_dir` (database and bundle store).
+    /// Opens the coordinator's state in `state_dir` (database and bundle
+    /// store), on the system clock.
     pub fn open(
         state_dir: &Path,
         trust: Trust,
         settings: Settings,
+    ) -> Result<Coordinator, anyhow::Error> {
+        Coordinator::open_with_clock(
+            state_dir,
+            trust,
+            settings,
+            turnout_rt::SystemClock::shared(),
+        )
+    }
+
+    /// Like [`open`](Self::open), on `clock` (tests: a manual one).
+    pub fn open_with_clock(
+        state_dir: &Path,
+        trust: Trust,
+        settings: Settings,
+        clock: Arc<dyn turnout_rt::Clock>,
     ) -> Result<Coordinator, anyhow::Error> {
         let bundles_dir = state_dir.join("bundles");
         std::fs::create_dir_all(&bundles_dir)?;
@@ -313,10 +329,7 @@ impl Coordinator {
             );
         }
         let store = Store::open(&state_dir.join("coordinator.db"))?;
-        let latest = store
-            .events(0, None, usize::MAX)?
-            .last()
-            .map_or(0, |e| e.id);
+        let latest = store.last_event_id()?;
         Ok(Coordinator {
             store: Mutex::new(store),
             trust,
@@ -335,7 +348,13 @@ impl Coordinator {
             gauges_at: Mutex::new(None),
             last_round: Mutex::new(Some(std::time::Instant::now())),
             step_failures: Mutex::new(HashMap::new()),
+            clock,
         })
+    }
+
+    /// Milliseconds since the epoch, by this coordinator's clock.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
     }
 
     /// Runs `f` with the store.
@@ -566,7 +585,7 @@ impl Coordinator {
         host: Option<&str>,
         message: &str,
     ) -> Result<(), ApiError> {
-        let id = self.with_store(|s| s.log(now_ms(), actor, rollout, host, message))?;
+        let id = self.with_store(|s| s.log(self.now_ms(), actor, rollout, host, message))?;
         self.events.send_replace(id);
         Ok(())
     }
@@ -733,7 +752,7 @@ impl Coordinator {
         actor: &str,
     ) -> Result<Rollout, ApiError> {
         let plan = self.plan(raw, id)?;
-        let now = now_ms();
+        let now = self.now_ms();
         let size = self
             .with_store(|s| s.bundles())?
             .into_iter()
@@ -790,7 +809,7 @@ impl Coordinator {
     /// Steps one rollout with `input`, applying its actions atomically.
     #[tracing::instrument(name = "rollout_step", skip_all, fields(rollout = %id, actor = %actor))]
     pub fn step(&self, id: &str, input: Input, actor: &str) -> Result<Rollout, ApiError> {
-        let now = now_ms();
+        let now = self.now_ms();
         let mut notify = Vec::new();
         let mut cleared = Vec::new();
         let mut last_event = None;
@@ -899,7 +918,7 @@ impl Coordinator {
 
     /// Recomputes the fleet gauges `/metrics` shows, from the store.
     pub fn refresh_gauges(&self) -> Result<(), ApiError> {
-        let now = now_ms();
+        let now = self.now_ms();
         let (hosts, rollouts) =
             self.with_store(|s| -> Result<_, StoreError> { Ok((s.hosts()?, s.rollouts()?)) })?;
         let mut by_state: BTreeMap<&'static str, i64> =
@@ -984,6 +1003,7 @@ impl Coordinator {
             .last_round
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(std::time::Instant::now());
+        self.metrics.engine_round();
     }
 
     /// Writes queued reports and steps rollouts every tick, and soon after a

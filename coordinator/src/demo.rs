@@ -20,7 +20,7 @@ use turnout_proto::keys::SecretKey;
 use turnout_proto::trust::{Trust, TrustFile};
 
 use crate::client::Client;
-use crate::coordinator::{Coordinator, Settings, now_ms};
+use crate::coordinator::{Coordinator, Settings};
 use crate::engine::{Rollout, State};
 use crate::exit::Exit;
 use crate::store::Role;
@@ -129,7 +129,7 @@ fn demo(args: &Args, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<Exit> {
         trust,
         settings,
     )?);
-    let admin = coordinator.with_store(|s| s.create_token(Role::Admin, now_ms()))?;
+    let admin = coordinator.with_store(|s| s.create_token(Role::Admin, coordinator.now_ms()))?;
     let (url_tx, url_rx) = std::sync::mpsc::channel();
     let serving = Arc::clone(&coordinator);
     std::thread::spawn(move || {

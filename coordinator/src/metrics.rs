@@ -80,6 +80,7 @@ pub struct Metrics {
     bad_reports: Counter,
     stale_reports: Counter,
     connections_refused: Counter,
+    engine_rounds: Counter,
     hosts: Family<StateLabel, Gauge>,
     agents: Family<AgentLabels, Gauge>,
     rollouts: Family<StateLabel, Gauge>,
@@ -101,8 +102,12 @@ impl Default for Metrics {
         let latency =
             Family::<Route, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
         let auth_failures = Family::<Reason, Counter>::default();
-        let (bad_reports, stale_reports, connections_refused) =
-            (Counter::default(), Counter::default(), Counter::default());
+        let (bad_reports, stale_reports, connections_refused, engine_rounds) = (
+            Counter::default(),
+            Counter::default(),
+            Counter::default(),
+            Counter::default(),
+        );
         let hosts = Family::<StateLabel, Gauge>::default();
         let agents = Family::<AgentLabels, Gauge>::default();
         let rollouts = Family::<StateLabel, Gauge>::default();
@@ -137,6 +142,11 @@ impl Default for Metrics {
             "connections closed because max_connections were open",
             connections_refused.clone(),
         );
+        registry.register(
+            "turnout_engine_rounds",
+            "rounds of the rollout loop completed (every unfinished rollout stepped once)",
+            engine_rounds.clone(),
+        );
         registry.register("turnout_hosts", "enrolled hosts by state", hosts.clone());
         registry.register(
             "turnout_hosts_by_agent",
@@ -157,6 +167,7 @@ impl Default for Metrics {
             bad_reports,
             stale_reports,
             connections_refused,
+            engine_rounds,
             hosts,
             agents,
             rollouts,
@@ -189,6 +200,16 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// Counts one completed round of the rollout loop.
+    pub fn engine_round(&self) {
+        self.engine_rounds.inc();
+    }
+
+    /// Rounds of the rollout loop completed so far.
+    pub fn engine_rounds(&self) -> u64 {
+        self.engine_rounds.get()
     }
 
     /// Counts a malformed or oversized agent report.

@@ -42,7 +42,7 @@ use turnout_proto::messages::{ErrorBody, ErrorCode, Hello, Incompatible, Report,
 use turnout_proto::request_auth::HostAuth;
 use turnout_proto::{Envelope, HostId, Limits, Reader, SUPPORTED, encode, negotiate};
 
-use crate::coordinator::{ApiError, Coordinator, now_ms};
+use crate::coordinator::{ApiError, Coordinator};
 use crate::engine::Input;
 use crate::spec::RawSpec;
 use crate::store::{BundleRecord, Role};
@@ -326,7 +326,7 @@ fn host_claim(c: &Coordinator, headers: &HeaderMap) -> Result<HostClaim, ApiErro
         })?;
     let auth =
         HostAuth::parse(value).map_err(|e| refuse_host(c, "host_malformed", e.to_string()))?;
-    let now = now_ms();
+    let now = c.now_ms();
     let window = c.settings().freshness.as_millis() as u64;
     if now.abs_diff(auth.ts_ms) > window {
         return Err(refuse_host(
@@ -371,7 +371,7 @@ fn verify_host(
             ),
         ));
     }
-    if !c.first_use(&auth.sig.0, auth.ts_ms, now_ms()) {
+    if !c.first_use(&auth.sig.0, auth.ts_ms, c.now_ms()) {
         return Err(refuse_host(
             c,
             "host_replay",
@@ -467,7 +467,7 @@ async fn enroll(State(c): State<Shared>, body: Bytes) -> Result<Response, ApiErr
             &request.host,
             &request.public_key,
             &request.labels,
-            now_ms(),
+            c.now_ms(),
         )
     })?;
     if let Err(refusal) = result {
@@ -523,7 +523,7 @@ async fn hello(
                     &hello.labels,
                     Some((agreed.version.get(), &agreed.capabilities)),
                     None,
-                    now_ms(),
+                    c.now_ms(),
                 )
             })?;
             c.hello_agreed(host.as_str(), Some(&agreed.capabilities));
@@ -547,7 +547,7 @@ async fn hello(
                     &hello.labels,
                     None,
                     Some(&text),
-                    now_ms(),
+                    c.now_ms(),
                 )
             })?;
             c.hello_agreed(host.as_str(), None);
@@ -594,7 +594,7 @@ async fn desired(
     Query(query): Query<DesiredQuery>,
 ) -> Result<Response, ApiError> {
     let host = authenticate_host(&c, &method, &uri, &headers, b"")?;
-    let now = now_ms();
+    let now = c.now_ms();
     c.queue_seen(host.as_str(), now, query.index);
     let current = c.desired(&host)?;
     // Only an agent that agreed to long polls is kept waiting.
@@ -658,7 +658,7 @@ async fn report(
             report.host
         )));
     }
-    c.queue_report(report, now_ms());
+    c.queue_report(report, c.now_ms());
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -836,7 +836,7 @@ async fn push_bundle(
         name: verified.manifest.name.to_string(),
         version: verified.manifest.version.to_string(),
         size,
-        created_ms: now_ms(),
+        created_ms: c.now_ms(),
     };
     c.with_store(|s| s.add_bundle(&record))?;
     c.log(
@@ -998,7 +998,7 @@ async fn list_hosts(
     let selector = crate::spec::parse_selector(query.selector.as_deref().unwrap_or_default())
         .map_err(|why| ApiError::bad_request(format!("selector: {why}")))?;
     c.flush()?;
-    let now = now_ms();
+    let now = c.now_ms();
     let hosts: Vec<serde_json::Value> = c
         .with_store(|s| s.hosts())?
         .into_iter()
@@ -1078,7 +1078,7 @@ async fn create_token(
     let request: TokenRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!("expected {{enroll, role, ttl_secs, uses}}: {e}"))
     })?;
-    let now = now_ms();
+    let now = c.now_ms();
     let token = if request.enroll {
         let ttl_secs = request.ttl_secs.unwrap_or(3600);
         if !(1..=MAX_ENROLL_TTL_SECS).contains(&ttl_secs) {

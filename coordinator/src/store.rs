@@ -761,6 +761,16 @@ impl Store {
         Ok(id)
     }
 
+    /// The newest event's id (0 with none): one index lookup, not a scan.
+    pub fn last_event_id(&self) -> Result<u64> {
+        self.conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM events", [], |row| {
+                row.get::<_, i64>(0)
+            })
+            .map(|id| id as u64)
+            .map_err(self.err())
+    }
+
     /// Event-log lines after `after`, optionally for one rollout, oldest first.
     pub fn events(&self, after: u64, rollout: Option<&str>, limit: usize) -> Result<Vec<Event>> {
         let mut statement = self

@@ -469,6 +469,28 @@ impl Fleet {
         rollout.id
     }
 
+    /// The coordinator's `/metrics` page.
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut stream =
+            std::net::TcpStream::connect(self.url.trim_start_matches("http://")).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text
+    }
+
+    /// Rounds of the coordinator's rollout loop so far, from `/metrics`.
+    pub fn engine_rounds(&self) -> u64 {
+        let text = self.metrics();
+        text.lines()
+            .find_map(|line| line.strip_prefix("turnout_engine_rounds_total "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no turnout_engine_rounds_total in /metrics:\n{text}"))
+    }
+
     /// The rollout `id` now.
     pub fn get(&self, id: &str) -> Rollout {
         self.client().get(&format!("/v1/rollouts/{id}")).unwrap()

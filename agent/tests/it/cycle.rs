@@ -53,18 +53,13 @@ fn install_commit_rollback_and_automatic_revert() {
     assert_eq!(host.served_version().as_deref(), Some("1.0.0"));
 
     assert_eq!(host.install(&v2).0, 0);
-    // v3 fails its checks: the agent reverts to v2 on its own, within
-    // failure threshold (3) x interval (100 ms) + restart time.
-    let started = std::time::Instant::now();
+    // v3 fails its checks: the agent reverts to v2 on its own, on the
+    // failure threshold (3 in a row), not the bake deadline. (How fast is
+    // measured in bench/host-revert.sh, not asserted here.)
     let (code, out, _) = host.install(&v3);
     assert_eq!(code, 5, "exit 5 means installed, failed, reverted: {out}");
     assert!(out.contains("reverted web 3.0.0: check http"), "{out}");
     assert!(out.contains("failed 3 times in a row: status 503"), "{out}");
-    assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "the revert took {:?}",
-        started.elapsed()
-    );
     let s = host.status();
     assert_eq!(
         (version(&s["committed"]), version(&s["other"])),

@@ -7,3 +7,4 @@ mod faults;
 mod harness;
 mod hostile_bundles;
 mod in_process;
+mod upgrade;

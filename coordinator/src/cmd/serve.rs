@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::coordinator::{Coordinator, Settings, now_ms};
+use crate::coordinator::{Coordinator, Settings};
 use crate::exit::Exit;
 use crate::files;
 use crate::store::Role;
@@ -115,7 +115,8 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
                 "an operator token exists already; create more with `turnout token create`"
             );
         } else {
-            let token = coordinator.with_store(|s| s.create_token(Role::Admin, now_ms()))?;
+            let token =
+                coordinator.with_store(|s| s.create_token(Role::Admin, coordinator.now_ms()))?;
             match &args.token_file {
                 Some(path) => {
                     files::write_atomic(path, format!("{token}\n").as_bytes(), 0o600, true)?;

@@ -15,7 +15,7 @@ use turnout_proto::messages::{
 };
 use turnout_proto::{CapabilitySet, HostId, SUPPORTED, encode, request_auth};
 
-pub(crate) use turnout::coordinator::now_ms;
+pub(crate) use turnout_rt::clock::system_now_ms as now_ms;
 
 pub(crate) use turnout_testkit::wait_for;
 

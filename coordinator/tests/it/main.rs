@@ -5,3 +5,4 @@ mod bundle_tools;
 mod fake;
 mod hardening;
 mod sigkill;
+mod upgrade;

@@ -27,17 +27,6 @@ fn release_2(fleet: &Fleet) -> (String, Vec<u8>) {
     (sha, bytes)
 }
 
-fn metrics(fleet: &Fleet) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(fleet.url.trim_start_matches("http://")).unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    text
-}
-
 fn cache(fleet: &Fleet, host: &str) -> std::path::PathBuf {
     fleet.dir.path().join(host).join("state/cache")
 }
@@ -67,7 +56,7 @@ fn a_complete_download_left_unrenamed_is_checked_and_used_or_discarded() {
         assert_eq!(std::fs::read(&cached).unwrap(), bytes, "{}", host.id);
         assert!(!cache(&fleet, &host.id).join(format!("{sha}.part")).exists());
     }
-    let metrics = metrics(&fleet);
+    let metrics = fleet.metrics();
     assert!(
         !metrics.contains("status=\"416\""),
         "no download was asked for past its end:\n{metrics}"

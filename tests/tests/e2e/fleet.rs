@@ -186,10 +186,22 @@ fn manual_promotion_pause_resume_and_abort() {
         .unwrap();
     let paused = fleet.get(&id);
     let moved = paused.switch_order.len();
-    std::thread::sleep(Duration::from_millis(1500)); // an observation window: nothing may start while paused
+    let started = |r: &turnout::engine::Rollout| {
+        r.hosts
+            .values()
+            .filter(|h| h.phase != Phase::Waiting)
+            .count()
+    };
+    // Not a fixed wait: three rounds of the rollout loop, each of which
+    // would have dispatched the next host were the rollout not paused.
+    let rounds = fleet.engine_rounds();
+    wait_for("three rounds of the rollout loop", LONG, || {
+        fleet.engine_rounds() >= rounds + 3
+    });
+    let after = fleet.get(&id);
     assert_eq!(
-        fleet.get(&id).switch_order.len(),
-        moved,
+        (started(&after), after.switch_order.len()),
+        (started(&paused), moved),
         "no host starts while paused"
     );
     let _: serde_json::Value = client
