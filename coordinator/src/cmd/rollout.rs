@@ -303,21 +303,6 @@ fn send_command(id: &str, name: &str, body: Value, remote: &Remote) -> anyhow::R
     Ok(Exit::Success)
 }
 
-fn phase_name(phase: &Phase) -> &'static str {
-    match phase {
-        Phase::Waiting => "waiting",
-        Phase::Dispatched { .. } => "switching",
-        Phase::Committed { .. } => "baking",
-        Phase::Done => "done",
-        Phase::Failed { .. } => "failed",
-        Phase::Skipped { .. } => "skipped",
-        Phase::Reverting { .. } => "rolling back",
-        Phase::Reverted => "rolled back",
-        Phase::RevertFailed { .. } => "rollback failed",
-        Phase::Forgotten { .. } => "forgotten",
-    }
-}
-
 fn state_line(r: &Rollout) -> String {
     let detail = match &r.state {
         State::Running {
@@ -357,7 +342,7 @@ pub fn print_rollout(r: &Rollout) {
     for (i, wave) in r.waves.iter().enumerate() {
         let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
         for host in wave {
-            *counts.entry(phase_name(&r.hosts[host].phase)).or_default() += 1;
+            *counts.entry(r.hosts[host].phase.name()).or_default() += 1;
         }
         let parts: Vec<String> = counts
             .iter()
@@ -472,7 +457,7 @@ fn draw(r: &Rollout, recent: &[Value]) {
     for (i, wave) in r.waves.iter().enumerate() {
         let hosts: Vec<String> = wave
             .iter()
-            .map(|h| format!("{h}:{}", phase_name(&r.hosts[h].phase)))
+            .map(|h| format!("{h}:{}", r.hosts[h].phase.name()))
             .collect();
         println!("wave {}: {}", i + 1, hosts.join("  "));
     }
