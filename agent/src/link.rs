@@ -651,18 +651,16 @@ impl Link {
         converged: u64,
         work: impl Future<Output = T>,
     ) -> T {
+        let mut changes = self.agent.changes();
+        changes.mark_unchanged();
         let watch = async {
-            let mut last = None;
-            loop {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                let state = self.agent.state_name(name).ok();
-                if state.is_some() && state != last {
-                    last = state;
-                    if let Err(err) = self.report(converged).await {
-                        tracing::warn!(service = %name, "reporting progress: {err}");
-                    }
+            // Woken by the agent at each journaled step, not by a timer.
+            while changes.changed().await.is_ok() {
+                if let Err(err) = self.report(converged).await {
+                    tracing::warn!(service = %name, "reporting progress: {err}");
                 }
             }
+            std::future::pending::<T>().await
         };
         tokio::select! {
             done = work => done,

@@ -743,18 +743,22 @@ async fn push_bundle(
     let mut file = temp.as_file();
     let mut hasher = Sha256::new();
     let mut size = 0u64;
-    let mut stream = body.into_data_stream();
-    use futures_util_lite::next;
+    let mut body = body;
     let idle = c.settings().body_timeout;
     loop {
-        let Ok(chunk) = tokio::time::timeout(idle, next(&mut stream)).await else {
+        let Ok(frame) = tokio::time::timeout(idle, http_body_util::BodyExt::frame(&mut body)).await
+        else {
             return Err(ApiError::bad_request(format!(
                 "the upload stalled: no data for {} (body_timeout); nothing was stored",
                 humantime::format_duration(idle)
             )));
         };
-        let Some(chunk) = chunk else { break };
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("reading the upload: {e}")))?;
+        let Some(frame) = frame else { break };
+        let frame = frame.map_err(|e| ApiError::bad_request(format!("reading the upload: {e}")))?;
+        // Trailers carry no payload.
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
         size += chunk.len() as u64;
         if size > limit {
             return Err(too_large(size));
@@ -1247,28 +1251,6 @@ async fn metrics(State(c): State<Shared>) -> Response {
         c.metrics.render(),
     )
         .into_response()
-}
-
-/// The one stream helper the push handler needs, without a futures dependency.
-mod futures_util_lite {
-    use std::pin::Pin;
-
-    use axum::body::BodyDataStream;
-
-    /// The next chunk of a body stream.
-    pub(super) async fn next(
-        stream: &mut BodyDataStream,
-    ) -> Option<Result<axum::body::Bytes, axum::Error>> {
-        std::future::poll_fn(|cx| http_body_poll(Pin::new(&mut *stream), cx)).await
-    }
-
-    fn http_body_poll(
-        stream: Pin<&mut BodyDataStream>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<axum::body::Bytes, axum::Error>>> {
-        use futures_core::Stream;
-        stream.poll_next(cx)
-    }
 }
 
 #[cfg(test)]
