@@ -22,8 +22,11 @@ use turnout_proto::messages::{
 use turnout_proto::trust::Trust;
 use turnout_proto::{HostId, ServiceName};
 
+use crate::broker::Broker;
 use crate::engine::{self, Action, Fleet, HostView, Input, Rollout};
+use crate::host_auth::HostAuth;
 use crate::metrics::Metrics;
+use crate::reports::ReportQueue;
 use crate::spec::{RawSpec, ReleaseSelector, RolloutSpec};
 use crate::store::{HostRecord, Store, StoreError};
 
@@ -143,43 +146,6 @@ pub struct PlanView {
     pub excluded: BTreeMap<String, String>,
 }
 
-/// Signatures of requests whose timestamps are still inside the freshness
-/// window, so a replay of one is refused. They are kept by their timestamp's
-/// minute and a minute is dropped whole once every timestamp in it is too old
-/// to be accepted anyway: memory is bounded by the request rate times the
-/// window, and no request pays for a scan.
-#[derive(Debug, Default)]
-struct Nonces {
-    minutes: BTreeMap<u64, HashSet<u128>>,
-}
-
-impl Nonces {
-    const MINUTE: u64 = 60_000;
-
-    /// Records a signature made at `ts_ms`; false if it was seen before.
-    fn first_use(&mut self, signature: &[u8], ts_ms: u64, now: u64, window: u64) -> bool {
-        let oldest = now.saturating_sub(window) / Self::MINUTE;
-        while let Some((&minute, _)) = self.minutes.first_key_value()
-            && minute < oldest
-        {
-            self.minutes.pop_first();
-        }
-        // 128 bits of an ed25519 signature are as unique as all 512.
-        let mut key = [0u8; 16];
-        let n = signature.len().min(16);
-        key[..n].copy_from_slice(&signature[..n]);
-        self.minutes
-            .entry(ts_ms / Self::MINUTE)
-            .or_default()
-            .insert(u128::from_le_bytes(key))
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.minutes.values().map(HashSet::len).sum()
-    }
-}
-
 /// A host that reports it is reverting from a release has failed on it,
 /// already: its agent decided so before the revert itself, which may take a
 /// while, and the coordinator need not wait for it to stop dispatching.
@@ -233,15 +199,6 @@ pub fn host_view(report: Option<&ServiceReport>, online: bool, acked: bool) -> H
     }
 }
 
-/// Writes the hot paths leave for the rollout loop to batch.
-#[derive(Debug, Default)]
-struct Pending {
-    reports: HashMap<String, (turnout_proto::messages::Report, u64)>,
-    /// When each host was last seen, and the highest desired-state index
-    /// it said it had acted on (its long poll's `index`).
-    seen: HashMap<String, (u64, u64)>,
-}
-
 /// How an operator's command reads in the event log.
 fn requested(input: &Input) -> String {
     match input {
@@ -264,20 +221,15 @@ pub struct Coordinator {
     trust: Trust,
     bundles_dir: PathBuf,
     settings: Settings,
-    desired: Mutex<HashMap<String, watch::Sender<u64>>>,
+    /// Desired states in memory, the long polls waiting on them.
+    broker: Broker,
     events: watch::Sender<u64>,
     wake: Notify,
     stopping: watch::Sender<bool>,
-    nonces: Mutex<Nonces>,
-    /// Whether each host agreed to long polls, from its last hello.
-    long_poll: Mutex<HashMap<String, bool>>,
-    /// Hosts' desired states, as last read or changed; never older than the store's.
-    desired_states: Mutex<HashMap<String, Arc<DesiredState>>>,
+    /// Host keys and used request signatures.
+    auth: HostAuth,
     /// Reports and last-seen times not yet written.
-    pending: Mutex<Pending>,
-    /// Parsed public keys of enrolled hosts: parsing one decompresses a curve
-    /// point, too costly to do on every signed request.
-    keys: Mutex<HashMap<String, turnout_proto::keys::PublicKey>>,
+    reports: ReportQueue,
     /// Request and refusal counters, and the fleet gauges.
     pub metrics: Metrics,
     /// When the fleet gauges were last computed.
@@ -335,15 +287,12 @@ impl Coordinator {
             trust,
             bundles_dir,
             settings,
-            desired: Mutex::new(HashMap::new()),
+            broker: Broker::default(),
             events: watch::channel(latest).0,
             wake: Notify::new(),
             stopping: watch::channel(false).0,
-            keys: Mutex::new(HashMap::new()),
-            nonces: Mutex::new(Nonces::default()),
-            long_poll: Mutex::new(HashMap::new()),
-            desired_states: Mutex::new(HashMap::new()),
-            pending: Mutex::new(Pending::default()),
+            auth: HostAuth::default(),
+            reports: ReportQueue::default(),
             metrics: Metrics::default(),
             gauges_at: Mutex::new(None),
             last_round: Mutex::new(Some(std::time::Instant::now())),
@@ -404,50 +353,39 @@ impl Coordinator {
         self.settings
     }
 
-    /// An enrolled host's public key, from the cache or the store.
+    /// An enrolled host's public key, from memory or the store.
     pub fn host_key(&self, host: &str) -> Result<Option<turnout_proto::keys::PublicKey>, ApiError> {
-        if let Some(key) = self.keys.lock().expect("not poisoned").get(host) {
-            return Ok(Some(key.clone()));
-        }
-        let Some(pem) = self.with_store(|s| s.host_key(host))? else {
-            return Ok(None);
-        };
-        let key = turnout_proto::keys::PublicKey::from_pem(&pem).map_err(|e| ApiError {
-            status: 500,
-            code: ErrorCode::Internal,
-            message: e.to_string(),
-        })?;
-        self.keys
-            .lock()
-            .expect("not poisoned")
-            .insert(host.to_owned(), key.clone());
-        Ok(Some(key))
+        self.auth.key(host, || {
+            let Some(pem) = self.with_store(|s| s.host_key(host))? else {
+                return Ok(None);
+            };
+            turnout_proto::keys::PublicKey::from_pem(&pem)
+                .map(Some)
+                .map_err(|e| ApiError {
+                    status: 500,
+                    code: ErrorCode::Internal,
+                    message: e.to_string(),
+                })
+        })
     }
 
     /// Drops what is kept in memory of a host (it re-enrolled, or was forgotten).
     pub fn forget_key(&self, host: &str) {
-        self.keys.lock().expect("not poisoned").remove(host);
-        self.long_poll.lock().expect("not poisoned").remove(host);
-        self.desired_states
-            .lock()
-            .expect("not poisoned")
-            .remove(host);
+        self.auth.forget(host);
+        self.broker.forget(host);
     }
 
     /// Records `signature`, of a request stamped `ts_ms`, as used; false if
     /// it was used before (a replay).
     pub fn first_use(&self, signature: &[u8], ts_ms: u64, now: u64) -> bool {
         let window = self.settings.freshness.as_millis() as u64;
-        self.nonces
-            .lock()
-            .expect("not poisoned")
-            .first_use(signature, ts_ms, now, window)
+        self.auth.first_use(signature, ts_ms, now, window)
     }
 
     /// Whether `host` agreed to long polls in its last hello.
     pub fn long_polls(&self, host: &str) -> Result<bool, ApiError> {
-        if let Some(known) = self.long_poll.lock().expect("not poisoned").get(host) {
-            return Ok(*known);
+        if let Some(known) = self.broker.long_polls(host) {
+            return Ok(known);
         }
         let capabilities = self.with_store(|s| s.host_capabilities(host))?;
         Ok(self.hello_agreed(host, capabilities.as_ref()))
@@ -462,57 +400,27 @@ impl Coordinator {
     ) -> bool {
         let long_poll =
             capabilities.is_some_and(|caps| caps.contains(&turnout_proto::Capability::LongPoll));
-        self.long_poll
-            .lock()
-            .expect("not poisoned")
-            .insert(host.to_owned(), long_poll);
+        self.broker.agreed(host, long_poll);
         long_poll
     }
 
     /// `host`'s desired state, from memory when it is known there.
     pub fn desired(&self, host: &HostId) -> Result<Arc<DesiredState>, ApiError> {
-        if let Some(state) = self
-            .desired_states
-            .lock()
-            .expect("not poisoned")
-            .get(host.as_str())
-        {
-            return Ok(state.clone());
+        if let Some(state) = self.broker.cached(host.as_str()) {
+            return Ok(state);
         }
         // Read and remembered under the store's lock, as `step` changes both:
         // a read can never put back a state older than a change.
         Ok(self.with_store(|s| -> Result<_, StoreError> {
-            let state = Arc::new(s.desired(host)?);
-            let mut cache = self.desired_states.lock().expect("not poisoned");
-            let entry = cache
-                .entry(host.to_string())
-                .or_insert_with(|| state.clone());
-            if entry.index < state.index {
-                *entry = state;
-            }
-            Ok(entry.clone())
+            Ok(self.broker.remember(host.as_str(), s.desired(host)?))
         })?)
     }
 
     /// Queues a report; the rollout loop writes queued reports in one
     /// transaction (see `flush`), and stepping a rollout flushes first.
     pub fn queue_report(&self, report: turnout_proto::messages::Report, now: u64) {
-        {
-            let mut pending = self.pending.lock().expect("not poisoned");
-            let queued = pending.reports.entry(report.host.to_string());
-            match queued {
-                std::collections::hash_map::Entry::Occupied(mut queued) => {
-                    // Reports may arrive out of order: keep the newest.
-                    if queued.get().0.seq < report.seq {
-                        queued.insert((report, now));
-                    } else {
-                        self.metrics.stale_report();
-                    }
-                }
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert((report, now));
-                }
-            }
+        if !self.reports.report(report, now) {
+            self.metrics.stale_report();
         }
         self.wake();
     }
@@ -521,9 +429,7 @@ impl Coordinator {
     /// a host (a long poll arrived; an agent asks for the next desired state
     /// only once it has acted on the one before).
     pub fn queue_seen(&self, host: &str, now: u64, acked: u64) {
-        let mut pending = self.pending.lock().expect("not poisoned");
-        let entry = pending.seen.entry(host.to_owned()).or_insert((now, acked));
-        *entry = (now.max(entry.0), acked.max(entry.1));
+        self.reports.seen(host, now, acked);
     }
 
     /// Writes queued reports and last-seen times, in one transaction.
@@ -532,17 +438,17 @@ impl Coordinator {
     }
 
     fn flush_into(&self, store: &mut Store) -> Result<(), ApiError> {
-        let pending = std::mem::take(&mut *self.pending.lock().expect("not poisoned"));
-        if pending.reports.is_empty() && pending.seen.is_empty() {
+        let queued = self.reports.take();
+        if queued.is_empty() {
             return Ok(());
         }
         store.atomically(|s| {
-            for (report, at) in pending.reports.values() {
+            for (report, at) in queued.reports.values() {
                 if !s.record_report(report, *at)? {
                     self.metrics.stale_report();
                 }
             }
-            for (host, (at, acked)) in &pending.seen {
+            for (host, (at, acked)) in &queued.seen {
                 s.touch(host, *at, *acked)?;
             }
             Ok(())
@@ -552,24 +458,12 @@ impl Coordinator {
 
     /// A receiver that changes when `host`'s desired-state index does.
     pub fn watch_desired(&self, host: &str, current: u64) -> watch::Receiver<u64> {
-        let mut watchers = self.desired.lock().expect("not poisoned");
-        watchers
-            .entry(host.to_owned())
-            .or_insert_with(|| watch::channel(current).0)
-            .subscribe()
+        self.broker.watch(host, current)
     }
 
     /// How many long polls are waiting on `host`'s desired state right now.
     pub fn waiting(&self, host: &str) -> usize {
-        let watchers = self.desired.lock().expect("not poisoned");
-        watchers.get(host).map_or(0, watch::Sender::receiver_count)
-    }
-
-    fn notify_desired(&self, host: &str, index: u64) {
-        let watchers = self.desired.lock().expect("not poisoned");
-        if let Some(sender) = watchers.get(host) {
-            sender.send_replace(index);
-        }
+        self.broker.waiting(host)
     }
 
     /// A receiver that changes when the event log grows.
@@ -879,30 +773,20 @@ impl Coordinator {
             })?;
             // Known desired states change in memory as they did in the store,
             // still under its lock (see `desired`).
-            let mut cache = self.desired_states.lock().expect("not poisoned");
             for (host, index, service) in &notify {
-                if let Some(state) = cache.get_mut(host.as_str()) {
-                    let state = Arc::make_mut(state);
-                    state.index = *index;
-                    state.services.retain(|s| s.service != service.service);
-                    state.services.push(service.clone());
-                    state.services.sort_by(|a, b| a.service.cmp(&b.service));
-                }
+                self.broker.set(host.as_str(), *index, service);
             }
             for (host, index) in &cleared {
-                if let Some(state) = cache.get_mut(host.as_str()) {
-                    let state = Arc::make_mut(state);
-                    state.index = *index;
-                    state.services.retain(|s| s.service != rollout.spec.service);
-                }
+                self.broker
+                    .clear(host.as_str(), *index, rollout.spec.service.as_str());
             }
             Ok(Ok(rollout))
         })?;
         for (host, index, _) in notify {
-            self.notify_desired(host.as_str(), index);
+            self.broker.notify(host.as_str(), index);
         }
         for (host, index) in cleared {
-            self.notify_desired(host.as_str(), index);
+            self.broker.notify(host.as_str(), index);
         }
         if let Some(id) = last_event {
             self.events.send_replace(id);
@@ -1064,23 +948,6 @@ mod tests {
             last_outcome: None,
             last_error: Some("check http failed 3 times in a row".into()),
         }
-    }
-
-    #[test]
-    fn a_signature_is_refused_the_second_time_and_forgotten_once_too_old() {
-        let window = 300_000;
-        let mut nonces = Nonces::default();
-        let now = 10 * 3_600_000;
-        let sig = [7u8; 64];
-        assert!(nonces.first_use(&sig, now, now, window));
-        assert!(!nonces.first_use(&sig, now, now, window), "a replay");
-        assert!(nonces.first_use(&[8u8; 64], now - 1000, now, window));
-        assert_eq!(nonces.len(), 2);
-        // Once its timestamp is out of the window it cannot be accepted
-        // anyway (the freshness check refuses it), and it is dropped.
-        let later = now + window + Nonces::MINUTE + 1;
-        assert!(nonces.first_use(&[9u8; 64], later, later, window));
-        assert_eq!(nonces.len(), 1, "only the newest signature is kept");
     }
 
     #[test]

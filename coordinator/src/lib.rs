@@ -4,6 +4,7 @@
 //! The binary's `main.rs` only parses arguments and maps the outcome to an
 //! exit code; everything it runs lives here so that tests can drive it.
 
+pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod cmd;
@@ -13,7 +14,9 @@ pub mod demo;
 pub mod engine;
 pub mod exit;
 pub mod files;
+pub mod host_auth;
 pub mod metrics;
+pub mod reports;
 pub mod server;
 pub mod spec;
 pub mod store;
