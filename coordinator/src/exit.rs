@@ -7,9 +7,14 @@
 //! | 2    | the command line was wrong                                       |
 //! | 3    | an input file is invalid (key, trust file, payload directory)    |
 //! | 4    | verification refused a bundle or trust file                      |
-//! | 5    | the coordinator refused the credentials (401, 403)               |
+//! | 5    | (the agent's: installed, failed its bake, reverted)              |
 //! | 6    | the coordinator refused the request in its state (409)           |
 //! | 7    | a watched rollout finished without succeeding                    |
+//! | 8    | the coordinator refused the credentials (401, 403)               |
+//!
+//! One table for both binaries: `turnout agent …` exits with the agent's
+//! codes, and no code means one thing there and another here (the refused
+//! credentials were 5 before 0.2, which is the agent's "reverted").
 
 use std::process::ExitCode;
 
@@ -34,8 +39,8 @@ pub enum Exit {
     Input = 3,
     /// A bundle or trust file was refused by verification.
     Rejected = 4,
-    /// The coordinator refused the credentials.
-    Denied = 5,
+    /// The coordinator refused the credentials (was 5 before 0.2).
+    Denied = 8,
     /// The coordinator refused the request in the current state.
     Refused = 6,
     /// A watched rollout finished without succeeding.

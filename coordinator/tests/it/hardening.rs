@@ -679,8 +679,8 @@ fn a_push_with_too_weak_a_token_is_refused_as_such() {
         &[&release_key()],
     );
     for (token, code, says) in [
-        (viewer["token"].as_str().unwrap(), 5, "needs role operator"),
-        ("tnt_bogus", 5, "not known"),
+        (viewer["token"].as_str().unwrap(), 8, "needs role operator"),
+        ("tnt_bogus", 8, "not known"),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
             .args(["bundle", "push"])
