@@ -17,16 +17,12 @@ fn write(
     mode: u32,
     keep_existing: bool,
 ) -> anyhow::Result<bool> {
-    use std::os::unix::fs::PermissionsExt;
     let dest = root.join(path.trim_start_matches('/'));
     if keep_existing && dest.exists() {
         return Ok(false);
     }
     std::fs::create_dir_all(dest.parent().expect("paths have parents"))?;
-    let temp = dest.with_extension("turnout-new");
-    std::fs::write(&temp, text)?;
-    std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(mode))?;
-    std::fs::rename(&temp, &dest)?;
+    turnout_rt::files::write_atomic(&dest, text.as_bytes(), mode)?;
     Ok(true)
 }
 

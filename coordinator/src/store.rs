@@ -250,10 +250,7 @@ pub fn new_secret(prefix: &str) -> String {
 }
 
 fn digest(secret: &str) -> String {
-    Sha256::digest(secret.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    turnout_rt::hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
 type Result<T> = std::result::Result<T, StoreError>;

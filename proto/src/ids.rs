@@ -133,12 +133,7 @@ const DIGEST_RULE: &str = "expected 64 lowercase hexadecimal digits (a sha256)";
 impl Digest {
     /// The digest of raw hash output.
     pub fn from_bytes(bytes: [u8; 32]) -> Digest {
-        use fmt::Write;
-        let mut hex = String::with_capacity(64);
-        for byte in bytes {
-            write!(hex, "{byte:02x}").expect("writing to a String cannot fail");
-        }
-        Digest(hex)
+        Digest(hex::encode(bytes))
     }
 
     /// The 64 hex digits.

@@ -61,7 +61,7 @@ impl KeyId {
     /// The id of a raw public key.
     fn of(key: &VerifyingKey) -> KeyId {
         let digest = Sha256::digest(key.as_bytes());
-        KeyId(digest[..8].iter().map(|b| format!("{b:02x}")).collect())
+        KeyId(hex::encode(&digest[..8]))
     }
 
     /// The 16 hex digits.
@@ -282,7 +282,7 @@ mod tests {
     }
 
     fn hex_prefix(digest: &[u8]) -> String {
-        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(&digest[..8])
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub struct HostAuth {
 /// The exact bytes a request signature covers.
 pub fn payload(method: &str, path_and_query: &str, ts_ms: u64, body: &[u8]) -> Vec<u8> {
     let digest = Sha256::digest(body);
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = hex::encode(digest);
     format!("turnout-host-v1\n{method}\n{path_and_query}\n{ts_ms}\n{hex}").into_bytes()
 }
 
