@@ -10,6 +10,12 @@
 //! | `{"op":"install","service":S,"bundle":P,"trust":T?}` | `{"done":{…}}`      |
 //! | `{"op":"rollback","service":S}`                      | `{"done":{…}}`      |
 //! | any failure                                          | `{"error":{"message":M,"exit":N}}` |
+//!
+//! Versioned for upgrades, when a new `turnout-agent` binary talks to the
+//! daemon still running the old one: a request carries `"v"`
+//! ([`CONTROL_VERSION`]; absent means 0, before versions), readers ignore
+//! fields they do not know, and a request the daemon cannot read is
+//! answered with an error that says to restart the daemon.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -25,6 +31,9 @@ use crate::service::{Agent, AgentError, OperationResult, ServiceStatus};
 
 /// The socket's file name in the state directory.
 pub const SOCKET: &str = "agent.sock";
+
+/// The control messages' version this build speaks.
+pub const CONTROL_VERSION: u32 = 1;
 
 /// A local command's request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -78,7 +87,9 @@ pub fn call(socket: &Path, request: &Request) -> Result<Option<Response>, AgentE
         socket: socket.to_owned(),
         detail,
     };
-    let mut line = serde_json::to_vec(request).expect("requests serialise");
+    let mut message = serde_json::to_value(request).expect("requests serialise");
+    message["v"] = CONTROL_VERSION.into();
+    let mut line = serde_json::to_vec(&message).expect("requests serialise");
     line.push(b'\n');
     stream.write_all(&line).map_err(|e| failed(e.to_string()))?;
     let mut answer = String::new();
@@ -123,9 +134,9 @@ async fn answer(agent: Arc<Agent>, stream: tokio::net::UnixStream) {
             message: format!("reading the request: {err}"),
             exit: Exit::Usage as u8,
         },
-        Ok(_) => match serde_json::from_str::<Request>(&line) {
-            Err(err) => Response::Error {
-                message: format!("malformed request: {err}"),
+        Ok(_) => match read_request(&line) {
+            Err(message) => Response::Error {
+                message,
                 exit: Exit::Usage as u8,
             },
             Ok(request) => handle(&agent, request).await,
@@ -134,6 +145,26 @@ async fn answer(agent: Arc<Agent>, stream: tokio::net::UnixStream) {
     let mut bytes = serde_json::to_vec(&response).expect("responses serialise");
     bytes.push(b'\n');
     let _ = write.write_all(&bytes).await;
+}
+
+/// A request line, or why it cannot be read: from a newer client, the
+/// answer says to restart this daemon (the binary was upgraded under it).
+fn read_request(line: &str) -> Result<Request, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(line).map_err(|err| format!("malformed request: {err}"))?;
+    let version = value
+        .get("v")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    serde_json::from_value(value).map_err(|err| {
+        if version > u64::from(CONTROL_VERSION) {
+            format!(
+                "this daemon speaks control version {CONTROL_VERSION} and cannot read a version {version} request ({err}); the agent binary was upgraded under a running daemon: restart it (systemctl restart turnout-agent)"
+            )
+        } else {
+            format!("malformed request: {err}")
+        }
+    })
 }
 
 /// Performs one request on the agent.
@@ -157,4 +188,36 @@ pub async fn handle(agent: &Agent, request: Request) -> Response {
         message: err.to_string(),
         exit: classify_agent(&err) as u8,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_read_with_or_without_a_version_and_ignore_unknown_fields() {
+        for line in [
+            r#"{"op":"status"}"#,
+            r#"{"op":"status","v":1}"#,
+            r#"{"op":"status","v":1,"later":"field"}"#,
+        ] {
+            assert!(matches!(read_request(line), Ok(Request::Status)), "{line}");
+        }
+        let install = read_request(
+            r#"{"v":1,"op":"install","service":"web","bundle":"/b.tnt","trust":null,"dry_run":true}"#,
+        )
+        .unwrap();
+        assert!(matches!(install, Request::Install { service, .. } if service == "web"));
+    }
+
+    #[test]
+    fn a_newer_request_this_daemon_cannot_read_says_to_restart_it() {
+        let err = read_request(r#"{"v":2,"op":"reticulate","service":"web"}"#).unwrap_err();
+        assert!(err.contains("restart it"), "{err}");
+        assert!(err.contains("control version 1"), "{err}");
+        let err = read_request(r#"{"op":"reticulate"}"#).unwrap_err();
+        assert!(err.starts_with("malformed request"), "{err}");
+        let err = read_request("not json").unwrap_err();
+        assert!(err.starts_with("malformed request"), "{err}");
+    }
 }
