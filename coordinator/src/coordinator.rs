@@ -301,6 +301,11 @@ impl Coordinator {
         })
     }
 
+    /// Now, by this coordinator's clock.
+    pub fn now(&self) -> std::time::SystemTime {
+        self.clock.now()
+    }
+
     /// Milliseconds since the epoch, by this coordinator's clock.
     pub fn now_ms(&self) -> u64 {
         self.clock.now_ms()

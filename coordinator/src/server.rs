@@ -24,7 +24,7 @@
 //! of too low a role gets 403 naming the role needed.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -740,7 +740,13 @@ async fn push_bundle(
         .prefix(PUSH_PREFIX)
         .tempfile_in(c.bundles_dir())
         .map_err(|e| internal("creating the upload's file", e))?;
-    let mut file = temp.as_file();
+    // Written through tokio's file, whose writes and flush run on the
+    // blocking pool: a slow disk holds this upload, never a runtime thread.
+    let mut file = tokio::fs::File::from_std(
+        temp.as_file()
+            .try_clone()
+            .map_err(|e| internal("opening the upload's file", e))?,
+    );
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let mut body = body;
@@ -764,27 +770,33 @@ async fn push_bundle(
             return Err(too_large(size));
         }
         hasher.update(&chunk);
-        file.write_all(&chunk).map_err(|e| {
-            let full = e.raw_os_error() == Some(nix::libc::ENOSPC);
-            ApiError {
-                status: if full { 507 } else { 500 },
-                code: ErrorCode::Internal,
-                message: format!(
-                    "writing the upload to {}: {e}{}",
-                    c.bundles_dir().display(),
-                    if full {
-                        "; nothing was stored: free space and push again"
-                    } else {
-                        ""
-                    }
-                ),
-            }
-        })?;
+        tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
+            .await
+            .map_err(|e| {
+                let full = e.raw_os_error() == Some(nix::libc::ENOSPC);
+                ApiError {
+                    status: if full { 507 } else { 500 },
+                    code: ErrorCode::Internal,
+                    message: format!(
+                        "writing the upload to {}: {e}{}",
+                        c.bundles_dir().display(),
+                        if full {
+                            "; nothing was stored: free space and push again"
+                        } else {
+                            ""
+                        }
+                    ),
+                }
+            })?;
     }
+    tokio::io::AsyncWriteExt::flush(&mut file)
+        .await
+        .map_err(|e| internal("writing the upload", e))?;
     file.sync_all()
+        .await
         .map_err(|e| internal("writing the upload", e))?;
     let sha256 = turnout_proto::Digest::from_bytes(hasher.finalize().into());
-    let trust = c.trust().clone();
+    let (trust, now) = (c.trust().clone(), c.now());
     let check = temp
         .reopen()
         .map_err(|e| internal("reading the upload", e))?;
@@ -792,7 +804,7 @@ async fn push_bundle(
         turnout_proto::bundle::verify_and_unpack(
             std::io::BufReader::new(check),
             &trust,
-            std::time::SystemTime::now(),
+            now,
             &Limits::default(),
             &mut turnout_proto::bundle::Discard,
         )
@@ -809,31 +821,43 @@ async fn push_bundle(
     // release re-signed, say).
     let name = verified.manifest.name.to_string();
     let version = verified.manifest.version.to_string();
-    let same_release = c
+    let others: Vec<(String, PathBuf)> = c
         .with_store(|s| s.bundles())?
         .into_iter()
         .filter(|b| b.name == name && b.version == version && b.sha256 != sha256.as_str())
-        .find(|b| {
-            let stored = std::fs::File::open(c.bundle_path(&b.sha256))
-                .ok()
-                .and_then(|f| {
-                    turnout_proto::bundle::read_head(std::io::BufReader::new(f), &Limits::default())
-                        .ok()
-                });
-            stored.is_none_or(|head| head.manifest_bytes != verified.manifest_bytes)
+        .map(|b| {
+            let path = c.bundle_path(&b.sha256);
+            (b.sha256, path)
+        })
+        .collect();
+    let (dest, dir) = (c.bundle_path(sha256.as_str()), c.bundles_dir().to_owned());
+    let manifest = verified.manifest_bytes.clone();
+    // Reading the stored heads, the rename and the directory's flush are
+    // file I/O: on the blocking pool.
+    let stored = tokio::task::spawn_blocking(move || -> Result<Result<(), String>, ApiError> {
+        let same_release = others.into_iter().find(|(_, path)| {
+            let stored = std::fs::File::open(path).ok().and_then(|f| {
+                turnout_proto::bundle::read_head(std::io::BufReader::new(f), &Limits::default())
+                    .ok()
+            });
+            stored.is_none_or(|head| head.manifest_bytes != manifest)
         });
-    if let Some(other) = same_release {
+        if let Some((other, _)) = same_release {
+            return Ok(Err(other));
+        }
+        // Content-addressed: a concurrent push of the same bytes renames the
+        // same content over it, so whichever lands, the name matches the bytes.
+        temp.persist(&dest)
+            .map_err(|e| internal("storing the bundle", e.error))?;
+        let _ = turnout_rt::files::sync_dir(&dir);
+        Ok(Ok(()))
+    })
+    .await
+    .map_err(|e| internal("storing the bundle", std::io::Error::other(e)))??;
+    if let Err(other) = stored {
         return Err(ApiError::conflict(format!(
-            "{name} {version} is stored already as another release (bundle {}): a release is immutable; pack this one under a new version",
-            other.sha256
+            "{name} {version} is stored already as another release (bundle {other}): a release is immutable; pack this one under a new version"
         )));
-    }
-    // Content-addressed: a concurrent push of the same bytes renames the
-    // same content over it, so whichever lands, the name matches the bytes.
-    temp.persist(c.bundle_path(sha256.as_str()))
-        .map_err(|e| internal("storing the bundle", e.error))?;
-    if let Ok(dir) = std::fs::File::open(c.bundles_dir()) {
-        let _ = dir.sync_all();
     }
     let record = BundleRecord {
         sha256: sha256.to_string(),
