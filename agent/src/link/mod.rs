@@ -8,6 +8,11 @@
 //! keep running as they are and the link retries with exponential backoff
 //! and full jitter (1 s doubling to 5 min), so a fleet cut off together does
 //! not return together.
+//!
+//! - [`identity`]: the host's key and enrollment (`coordinator.json`);
+//! - [`transport`]: signed HTTP requests on one pooled client;
+//! - [`download`]: bundles into the cache, resumed and checked;
+//! - the convergence policy is the pure [`converge::decide`](crate::converge::decide).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -26,33 +31,12 @@ use turnout_proto::{Capability, CapabilitySet, HostId, encode, request_auth};
 use crate::converge;
 use crate::service::{Agent, ServiceStatus, now_ms};
 
-/// The host's identity: its key, its id, and its coordinator.
-#[derive(Debug)]
-pub struct Identity {
-    /// The host's id in the fleet.
-    pub host: HostId,
-    /// Its ed25519 key (`STATE_DIR/identity.pem`, mode 0600).
-    pub key: SecretKey,
-    /// The coordinator's base URL.
-    pub coordinator: String,
-}
+mod download;
+mod identity;
+mod transport;
 
-/// The format of `coordinator.json` this build writes (files without the
-/// field are format 1).
-const ENROLLED_FORMAT: u32 = 1;
-
-fn format_one() -> u32 {
-    1
-}
-
-/// `coordinator.json`: which coordinator this host enrolled with, as whom.
-#[derive(Serialize, Deserialize)]
-struct Enrolled {
-    #[serde(default = "format_one")]
-    format: u32,
-    host: HostId,
-    coordinator: String,
-}
+pub use identity::Identity;
+use transport::{client, error_message, http, signing_time};
 
 /// Why the link failed.
 #[derive(Debug, thiserror::Error)]
@@ -87,162 +71,6 @@ pub enum LinkError {
         #[source]
         source: std::io::Error,
     },
-}
-
-impl Identity {
-    /// The identity in `state_dir`, if the host enrolled.
-    pub fn load(state_dir: &Path) -> Result<Option<Identity>, LinkError> {
-        let io = |what: &str| {
-            let what = what.to_owned();
-            move |source| LinkError::Io { what, source }
-        };
-        let Ok(enrolled) = std::fs::read(state_dir.join("coordinator.json")) else {
-            return Ok(None);
-        };
-        let enrolled: Enrolled = serde_json::from_slice(&enrolled).map_err(|e| LinkError::Io {
-            what: "reading coordinator.json".into(),
-            source: std::io::Error::other(e),
-        })?;
-        let pem = std::fs::read_to_string(state_dir.join("identity.pem"))
-            .map_err(io("reading identity.pem"))?;
-        let key = SecretKey::from_pem(&pem).map_err(|e| LinkError::Io {
-            what: "reading identity.pem".into(),
-            source: std::io::Error::other(e),
-        })?;
-        Ok(Some(Identity {
-            host: enrolled.host,
-            key,
-            coordinator: enrolled.coordinator,
-        }))
-    }
-
-    /// Makes the host's key (once) and enrolls it with a token.
-    pub fn enroll(
-        state_dir: &Path,
-        coordinator: &str,
-        token: &str,
-        host: &HostId,
-        labels: &BTreeMap<String, String>,
-    ) -> Result<Identity, LinkError> {
-        let io = |what: &str| {
-            let what = what.to_owned();
-            move |source| LinkError::Io { what, source }
-        };
-        std::fs::create_dir_all(state_dir).map_err(io("creating the state directory"))?;
-        let key_path = state_dir.join("identity.pem");
-        let key = match std::fs::read_to_string(&key_path) {
-            Ok(pem) => SecretKey::from_pem(&pem).map_err(|e| LinkError::Io {
-                what: "reading identity.pem".into(),
-                source: std::io::Error::other(e),
-            })?,
-            Err(_) => {
-                let mut seed = [0u8; 32];
-                getrandom::fill(&mut seed).map_err(|e| LinkError::Io {
-                    what: "the random source".into(),
-                    source: std::io::Error::other(e.to_string()),
-                })?;
-                let key = SecretKey::from_seed(seed);
-                write_private(&key_path, key.to_pem().as_bytes())
-                    .map_err(io("writing identity.pem"))?;
-                key
-            }
-        };
-        let coordinator = coordinator.trim_end_matches('/').to_owned();
-        let body = serde_json::json!({"token": token, "host": host, "public_key": key.public().to_pem(), "labels": labels});
-        let (status, answer) = http(
-            &client(),
-            &coordinator,
-            "POST",
-            "/v1/enroll",
-            None,
-            body.to_string().as_bytes(),
-        )?;
-        if status != 200 {
-            return Err(LinkError::Refused {
-                what: "the enrollment".into(),
-                status,
-                message: error_message(&answer),
-            });
-        }
-        let enrolled = serde_json::to_vec_pretty(&Enrolled {
-            format: ENROLLED_FORMAT,
-            host: host.clone(),
-            coordinator: coordinator.clone(),
-        })
-        .expect("serialises");
-        turnout_rt::files::write_atomic(&state_dir.join("coordinator.json"), &enrolled, 0o644)
-            .map_err(io("writing coordinator.json"))?;
-        Ok(Identity {
-            host: host.clone(),
-            key,
-            coordinator,
-        })
-    }
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
-}
-
-fn error_message(body: &[u8]) -> String {
-    turnout_proto::messages::ErrorBody::message_of(body)
-}
-
-/// The coordinator link's HTTP client: a connection pool, so the link's
-/// polls, reports and downloads reuse one kept-alive connection.
-fn client() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(90)))
-        .build()
-        .into()
-}
-
-/// One HTTP request; returns the status and the body.
-fn http(
-    agent: &ureq::Agent,
-    base: &str,
-    method: &str,
-    path: &str,
-    auth: Option<String>,
-    body: &[u8],
-) -> Result<(u16, Vec<u8>), LinkError> {
-    let url = format!("{base}{path}");
-    let result = if method == "GET" {
-        let mut request = agent.get(&url);
-        if let Some(auth) = auth {
-            request = request.header("Authorization", auth);
-        }
-        request.call()
-    } else {
-        let mut request = agent.post(&url).header("Content-Type", "application/json");
-        if let Some(auth) = auth {
-            request = request.header("Authorization", auth);
-        }
-        request.send(body)
-    };
-    let mut response = result.map_err(|e| LinkError::Unreachable {
-        url: base.to_owned(),
-        detail: e.to_string(),
-    })?;
-    let status = response.status().as_u16();
-    let body = response
-        .body_mut()
-        .with_config()
-        .limit(8 << 20)
-        .read_to_vec()
-        .map_err(|e| LinkError::Unreachable {
-            url: base.to_owned(),
-            detail: e.to_string(),
-        })?;
-    Ok((status, body))
 }
 
 /// What `status` shows about the link.
@@ -333,28 +161,6 @@ impl Link {
         status.coordinator = Some(self.identity.coordinator.clone());
         status.state = state.to_owned();
         status.detail = detail;
-    }
-
-    async fn call(
-        &self,
-        method: &'static str,
-        path: String,
-        body: Vec<u8>,
-    ) -> Result<(u16, Vec<u8>), LinkError> {
-        let header = request_auth::sign(
-            &self.identity.key,
-            &self.identity.host,
-            method,
-            &path,
-            signing_time(),
-            &body,
-        );
-        let (base, client) = (self.identity.coordinator.clone(), self.client.clone());
-        tokio::task::spawn_blocking(move || {
-            http(&client, &base, method, &path, Some(header), &body)
-        })
-        .await
-        .expect("the request does not panic")
     }
 
     /// Runs until the task is dropped: handshake, then converge and report.
@@ -677,158 +483,6 @@ impl Link {
             .find(|s| s.service == name)
     }
 
-    /// Fetches a bundle into the cache, resuming a partial download, and
-    /// checks its sha256 before handing it to the install cycle.
-    ///
-    /// The download is bounded by the size the desired state names: a server
-    /// sending more is cut off and what it sent discarded. A `.part` that is
-    /// already complete (the agent stopped between the last byte and the
-    /// rename) is checked and used, or discarded, never asked for again with
-    /// a range past its end. Hashing runs off the runtime's threads.
-    async fn download(&self, desired: &DesiredService, resume: bool) -> Result<PathBuf, LinkError> {
-        let sha = desired.release.sha256.to_string();
-        let size = desired.size;
-        let io = |what: String| move |source| LinkError::Io { what, source };
-        std::fs::create_dir_all(&self.cache).map_err(io("creating the bundle cache".into()))?;
-        let done = self.cache.join(format!("{sha}.tnt"));
-        if done.exists() {
-            return Ok(done);
-        }
-        let part = self.cache.join(format!("{sha}.part"));
-        let mut have = std::fs::metadata(&part).map_or(0, |m| m.len());
-        if have > 0 && (!resume || (size > 0 && have >= size)) {
-            if size > 0 && have == size && hash_matches(&part, &sha).await {
-                return self.finish_download(&part, &done);
-            }
-            // Not resumable here, or complete but wrong, or too long: start over.
-            let _ = std::fs::remove_file(&part);
-            have = 0;
-        }
-        let path = format!("/v1/bundles/{sha}");
-        let header = request_auth::sign(
-            &self.identity.key,
-            &self.identity.host,
-            "GET",
-            &path,
-            signing_time(),
-            b"",
-        );
-        let url = format!("{}{path}", self.identity.coordinator);
-        let part_for_blocking = part.clone();
-        let client = self.client.clone();
-        let fetched = tokio::task::spawn_blocking(move || -> Result<(), LinkError> {
-            let mut request = client.get(&url).header("Authorization", header);
-            if have > 0 {
-                request = request.header("Range", format!("bytes={have}-"));
-            }
-            let mut response = request.call().map_err(|e| LinkError::Unreachable {
-                url: url.clone(),
-                detail: e.to_string(),
-            })?;
-            let status = response.status().as_u16();
-            if status != 200 && status != 206 {
-                let body = response
-                    .body_mut()
-                    .with_config()
-                    .limit(64 * 1024)
-                    .read_to_vec()
-                    .unwrap_or_default();
-                return Err(LinkError::Refused {
-                    what: "the bundle download".into(),
-                    status,
-                    message: error_message(&body),
-                });
-            }
-            let start = if status == 206 { have } else { 0 };
-            let mut file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(status == 206)
-                .write(true)
-                .truncate(status == 200)
-                .open(&part_for_blocking)
-                .map_err(|source| LinkError::Io {
-                    what: "writing the download".into(),
-                    source,
-                })?;
-            let mut reader = response.body_mut().with_config().limit(u64::MAX).reader();
-            let mut buffer = vec![0; 256 * 1024];
-            let mut written = start;
-            loop {
-                let n = reader
-                    .read(&mut buffer)
-                    .map_err(|e| LinkError::Unreachable {
-                        url: url.clone(),
-                        detail: e.to_string(),
-                    })?;
-                if n == 0 {
-                    break;
-                }
-                written += n as u64;
-                if size > 0 && written > size {
-                    drop(file);
-                    let _ = std::fs::remove_file(&part_for_blocking);
-                    return Err(LinkError::Io {
-                        what: format!("the download of {}", part_for_blocking.display()),
-                        source: std::io::Error::other(format!(
-                            "the server sent more than the {size} bytes the desired state names; discarded"
-                        )),
-                    });
-                }
-                file.write_all(&buffer[..n])
-                    .map_err(|source| LinkError::Io {
-                        what: "writing the download".into(),
-                        source,
-                    })?;
-            }
-            file.sync_all().map_err(|source| LinkError::Io {
-                what: "writing the download".into(),
-                source,
-            })
-        })
-        .await
-        .expect("the download does not panic");
-        if let Err(LinkError::Refused { status: 416, .. }) = &fetched {
-            // The range is past what the server has: what is here is not a
-            // prefix of it. Start over at the next attempt.
-            let _ = std::fs::remove_file(&part);
-        }
-        fetched?;
-        if !hash_matches(&part, &sha).await {
-            let _ = std::fs::remove_file(&part);
-            return Err(LinkError::Io {
-                what: format!("the download of {sha}"),
-                source: std::io::Error::other("its sha256 differs: corrupt or swapped; discarded"),
-            });
-        }
-        self.finish_download(&part, &done)
-    }
-
-    fn finish_download(&self, part: &Path, done: &Path) -> Result<PathBuf, LinkError> {
-        std::fs::rename(part, done).map_err(|source| LinkError::Io {
-            what: "finishing the download".into(),
-            source,
-        })?;
-        self.prune_cache(done);
-        Ok(done.to_owned())
-    }
-
-    /// Keeps the three newest bundles in the cache.
-    fn prune_cache(&self, keep: &Path) {
-        let Ok(entries) = std::fs::read_dir(&self.cache) else {
-            return;
-        };
-        let mut bundles: Vec<(std::time::SystemTime, PathBuf)> = entries
-            .filter_map(Result::ok)
-            .filter(|e| e.path().extension().is_some_and(|x| x == "tnt") && e.path() != keep)
-            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-            .collect();
-        bundles.sort();
-        let excess = bundles.len().saturating_sub(2);
-        for (_, path) in bundles.into_iter().take(excess) {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-
     /// Sends a report; `converged` is the index of the last desired state
     /// this agent has finished acting on, so that the coordinator can tell
     /// a host at rest on what it was last told from one not yet told.
@@ -867,28 +521,6 @@ impl Link {
             });
         }
         Ok(())
-    }
-}
-
-/// The timestamp a request is signed with: the clock, but strictly growing
-/// within this process, so that two requests made in the same millisecond
-/// never carry the same signature (the coordinator would refuse the second
-/// as a replay).
-fn signing_time() -> u64 {
-    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let now = now_ms();
-    let mut last = LAST.load(std::sync::atomic::Ordering::Relaxed);
-    loop {
-        let next = now.max(last + 1);
-        match LAST.compare_exchange_weak(
-            last,
-            next,
-            std::sync::atomic::Ordering::Relaxed,
-            std::sync::atomic::Ordering::Relaxed,
-        ) {
-            Ok(_) => return next,
-            Err(seen) => last = seen,
-        }
     }
 }
 
