@@ -296,6 +296,44 @@ fn operator(c: &Coordinator, headers: &HeaderMap, need: Role) -> Result<Role, Ap
     Ok(role)
 }
 
+/// What a route needs of an operator's token: a role at least.
+pub(crate) trait NeedRole {
+    /// The least role that may call it.
+    const ROLE: Role;
+}
+
+/// Routes any token may call.
+pub(crate) struct Viewer;
+/// Routes that change rollouts and bundles.
+pub(crate) struct Operator;
+/// Routes that change who may do what (tokens, hosts).
+pub(crate) struct Admin;
+
+impl NeedRole for Viewer {
+    const ROLE: Role = Role::Viewer;
+}
+impl NeedRole for Operator {
+    const ROLE: Role = Role::Operator;
+}
+impl NeedRole for Admin {
+    const ROLE: Role = Role::Admin;
+}
+
+/// An operator's bearer token of at least role `R`, checked before the
+/// handler runs (and before any body is read); holds the token's role.
+pub(crate) struct Authorized<R>(pub(crate) Role, std::marker::PhantomData<R>);
+
+impl<R: NeedRole> axum::extract::FromRequestParts<Shared> for Authorized<R> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        c: &Shared,
+    ) -> Result<Self, ApiError> {
+        operator(c, &parts.headers, R::ROLE).map(|role| Authorized(role, std::marker::PhantomData))
+    }
+}
+
 fn actor(role: Role) -> String {
     format!("operator:{}", role.name())
 }
@@ -707,10 +745,10 @@ fn free_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
 /// a client that goes away (the handler is dropped), a full disk.
 async fn push_bundle(
     State(c): State<Shared>,
+    Authorized(role, ..): Authorized<Operator>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let role = operator(&c, &headers, Role::Operator)?;
     let limit = Limits::default().max_bundle_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -879,8 +917,10 @@ async fn push_bundle(
     Ok((StatusCode::CREATED, json(&record)).into_response())
 }
 
-async fn list_bundles(State(c): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
-    operator(&c, &headers, Role::Viewer)?;
+async fn list_bundles(
+    State(c): State<Shared>,
+    _: Authorized<Viewer>,
+) -> Result<Response, ApiError> {
     Ok(json(&c.with_store(|s| s.bundles())?))
 }
 
@@ -1019,10 +1059,9 @@ struct HostsQuery {
 
 async fn list_hosts(
     State(c): State<Shared>,
-    headers: HeaderMap,
+    _: Authorized<Viewer>,
     Query(query): Query<HostsQuery>,
 ) -> Result<Response, ApiError> {
-    operator(&c, &headers, Role::Viewer)?;
     let selector = crate::spec::parse_selector(query.selector.as_deref().unwrap_or_default())
         .map_err(|why| ApiError::bad_request(format!("selector: {why}")))?;
     c.flush()?;
@@ -1049,10 +1088,9 @@ async fn list_hosts(
 
 async fn forget_host(
     State(c): State<Shared>,
-    headers: HeaderMap,
+    Authorized(role, ..): Authorized<Admin>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let role = operator(&c, &headers, Role::Admin)?;
     c.forget_key(&id);
     if !c.with_store(|s| s.forget_host(&id))? {
         return Err(ApiError::not_found(format!("no host {id}")));
@@ -1099,10 +1137,9 @@ struct TokenRequest {
 
 async fn create_token(
     State(c): State<Shared>,
-    headers: HeaderMap,
+    Authorized(role, ..): Authorized<Admin>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let role = operator(&c, &headers, Role::Admin)?;
     let request: TokenRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!("expected {{enroll, role, ttl_secs, uses}}: {e}"))
     })?;
@@ -1167,10 +1204,9 @@ struct StartRequest {
 
 async fn plan_rollout(
     State(c): State<Shared>,
-    headers: HeaderMap,
+    _: Authorized<Viewer>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    operator(&c, &headers, Role::Viewer)?;
     let request: StartRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("expected {{spec, id}}: {e}")))?;
     Ok(json(&c.plan(&request.spec, request.id)?))
@@ -1178,27 +1214,27 @@ async fn plan_rollout(
 
 async fn start_rollout(
     State(c): State<Shared>,
-    headers: HeaderMap,
+    Authorized(role, ..): Authorized<Operator>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let role = operator(&c, &headers, Role::Operator)?;
     let request: StartRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("expected {{spec, id}}: {e}")))?;
     let rollout = c.start(&request.spec, request.id, &actor(role))?;
     Ok((StatusCode::CREATED, json(&rollout)).into_response())
 }
 
-async fn list_rollouts(State(c): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
-    operator(&c, &headers, Role::Viewer)?;
+async fn list_rollouts(
+    State(c): State<Shared>,
+    _: Authorized<Viewer>,
+) -> Result<Response, ApiError> {
     Ok(json(&c.rollouts()?))
 }
 
 async fn get_rollout(
     State(c): State<Shared>,
-    headers: HeaderMap,
+    _: Authorized<Viewer>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    operator(&c, &headers, Role::Viewer)?;
     Ok(json(&c.rollout(&id)?))
 }
 
@@ -1210,11 +1246,10 @@ struct CommandBody {
 
 async fn command_rollout(
     State(c): State<Shared>,
-    headers: HeaderMap,
+    Authorized(role, ..): Authorized<Operator>,
     Path((id, command)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let role = operator(&c, &headers, Role::Operator)?;
     let options: CommandBody = if body.is_empty() {
         CommandBody::default()
     } else {
@@ -1247,10 +1282,9 @@ struct EventsQuery {
 
 async fn events(
     State(c): State<Shared>,
-    headers: HeaderMap,
+    _: Authorized<Viewer>,
     Query(query): Query<EventsQuery>,
 ) -> Result<Response, ApiError> {
-    operator(&c, &headers, Role::Viewer)?;
     let wait = wait_param(query.wait.as_ref(), c.settings().max_wait)?;
     let mut changes = c.watch_events();
     let mut found = c.with_store(|s| s.events(query.after, query.rollout.as_deref(), 1000))?;
