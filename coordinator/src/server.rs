@@ -429,6 +429,69 @@ fn authenticate_host(
     verify_host(c, host_claim(c, headers)?, method, uri, body)
 }
 
+/// A bodiless request signed by an enrolled host (the desired-state poll).
+pub(crate) struct SignedHost(pub(crate) HostId);
+
+impl axum::extract::FromRequestParts<Shared> for SignedHost {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        c: &Shared,
+    ) -> Result<Self, ApiError> {
+        authenticate_host(c, &parts.method, &parts.uri, &parts.headers, b"").map(SignedHost)
+    }
+}
+
+/// A request with a body, signed by an enrolled host (hello, report): the
+/// claim in its headers is checked first, so nobody else gets a body read
+/// at all; then the body is read (bounded) and the signature checked over it.
+pub(crate) struct SignedBody {
+    pub(crate) host: HostId,
+    pub(crate) body: Bytes,
+}
+
+/// Why a [`SignedBody`] was refused: the credentials, or the body itself
+/// (too large, too slow), which the report route counts apart.
+pub(crate) enum SignedBodyRejection {
+    /// The header, the host or the signature.
+    Credentials(ApiError),
+    /// Reading the body.
+    Body(ApiError),
+}
+
+impl SignedBodyRejection {
+    fn into_error(self) -> ApiError {
+        match self {
+            SignedBodyRejection::Credentials(err) | SignedBodyRejection::Body(err) => err,
+        }
+    }
+}
+
+impl IntoResponse for SignedBodyRejection {
+    fn into_response(self) -> Response {
+        self.into_error().into_response()
+    }
+}
+
+impl axum::extract::FromRequest<Shared> for SignedBody {
+    type Rejection = SignedBodyRejection;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        c: &Shared,
+    ) -> Result<Self, SignedBodyRejection> {
+        let (parts, body) = request.into_parts();
+        let claim = host_claim(c, &parts.headers).map_err(SignedBodyRejection::Credentials)?;
+        let body = read_body(c, body)
+            .await
+            .map_err(SignedBodyRejection::Body)?;
+        let host = verify_host(c, claim, &parts.method, &parts.uri, &body)
+            .map_err(SignedBodyRejection::Credentials)?;
+        Ok(SignedBody { host, body })
+    }
+}
+
 /// Reads a request body of at most `Limits::max_body_bytes`, refusing a
 /// larger one as it arrives (413), before it is ever held whole.
 async fn read_body(c: &Coordinator, body: Body) -> Result<Bytes, ApiError> {
@@ -533,14 +596,9 @@ async fn enroll(State(c): State<Shared>, body: Bytes) -> Result<Response, ApiErr
 
 async fn hello(
     State(c): State<Shared>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    signed: Result<SignedBody, SignedBodyRejection>,
 ) -> Result<Response, ApiError> {
-    let claim = host_claim(&c, &headers)?;
-    let body = read_body(&c, body).await?;
-    let host = verify_host(&c, claim, &method, &uri, &body)?;
+    let SignedBody { host, body } = signed.map_err(SignedBodyRejection::into_error)?;
     let Envelope { body: hello, .. } = Reader::default()
         .decode::<Hello>(&body)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -626,12 +684,9 @@ struct DesiredQuery {
 
 async fn desired(
     State(c): State<Shared>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    SignedHost(host): SignedHost,
     Query(query): Query<DesiredQuery>,
 ) -> Result<Response, ApiError> {
-    let host = authenticate_host(&c, &method, &uri, &headers, b"")?;
     let now = c.now_ms();
     c.queue_seen(host.as_str(), now, query.index);
     let current = c.desired(&host)?;
@@ -658,16 +713,14 @@ async fn desired(
 
 async fn report(
     State(c): State<Shared>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
+    signed: Result<SignedBody, SignedBodyRejection>,
 ) -> Result<Response, ApiError> {
-    let claim = host_claim(&c, &headers)?;
-    let body = read_body(&c, body)
-        .await
-        .inspect_err(|_| c.metrics.bad_report())?;
-    let host = verify_host(&c, claim, &method, &uri, &body)?;
+    let SignedBody { host, body } = signed.map_err(|rejected| {
+        if let SignedBodyRejection::Body(_) = rejected {
+            c.metrics.bad_report();
+        }
+        rejected.into_error()
+    })?;
     let decoded = Reader::default().decode::<Report>(&body);
     let report = match decoded {
         Ok(envelope) => envelope.body,
