@@ -477,11 +477,17 @@ fn a_damaged_row_is_an_error_naming_it_and_the_rest_keeps_working() {
     // Damaged behind the coordinator's back, as a bad restore or a hand edit would.
     let db = rusqlite::Connection::open(server.dir.path().join("coordinator.db")).unwrap();
     db.busy_timeout(Duration::from_secs(10)).unwrap();
-    db.execute(
-        "UPDATE rollouts SET body = '{\"half a rollout' WHERE id = ?1",
-        [&id],
-    )
-    .unwrap();
+    // The rollout loop may be stepping this rollout right now, and would
+    // write its body back over the damage: damage it until it stays so
+    // (once unreadable, no step can write it back).
+    wait_for("the damage to stay", Duration::from_secs(30), || {
+        db.execute(
+            "UPDATE rollouts SET body = '{\"half a rollout' WHERE id = ?1",
+            [&id],
+        )
+        .unwrap();
+        admin.get::<Value>(&format!("/v1/rollouts/{id}")).is_err()
+    });
     for _ in 0..3 {
         let err = admin
             .get::<Value>(&format!("/v1/rollouts/{id}"))
