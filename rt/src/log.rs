@@ -159,6 +159,76 @@ where
 mod tests {
     use super::*;
 
+    /// A writer into a shared buffer, for reading what was logged.
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn logged(priorities: bool, filter: &str, log: impl FnOnce()) -> String {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::registry()
+            .with(filter.parse::<Targets>().unwrap())
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(move || writer.clone())
+                    .with_ansi(false)
+                    .event_format(Text { priorities }),
+            );
+        tracing::subscriber::with_default(subscriber, log);
+        String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn text_lines_carry_level_message_fields_and_the_spans_fields() {
+        let text = logged(false, "info", || {
+            let span = tracing::info_span!("install", service = "web");
+            let _in = span.enter();
+            tracing::warn!(release = "web@2.0.0", "check 1 started failing");
+            tracing::debug!("filtered out at info");
+        });
+        assert_eq!(
+            text,
+            " WARN check 1 started failing release=\"web@2.0.0\" service=\"web\"\n"
+        );
+    }
+
+    #[test]
+    fn under_journald_each_line_starts_with_its_priority() {
+        let text = logged(true, "debug", || {
+            tracing::error!("e");
+            tracing::info!("i");
+            tracing::debug!("d");
+        });
+        assert_eq!(text, "<3>ERROR e\n<6> INFO i\n<7>DEBUG d\n");
+    }
+
+    #[test]
+    fn a_bad_filter_names_the_variable_and_what_is_expected() {
+        let value = "info,turnout_agent=loud";
+        let err = value.parse::<Targets>().map(drop).unwrap_err();
+        let text = BadFilter {
+            variable: "TURNOUT_LOG",
+            value: value.into(),
+            reason: err.to_string(),
+        }
+        .to_string();
+        assert!(
+            text.starts_with("TURNOUT_LOG=\"info,turnout_agent=loud\" is not a log filter"),
+            "{text}"
+        );
+        assert!(text.contains("expected e.g. `info`"), "{text}");
+    }
+
     #[test]
     fn the_default_filter_parses_and_levels_map_to_syslog_priorities() {
         let _: Targets = DEFAULT_FILTER.parse().unwrap();
