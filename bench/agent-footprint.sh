@@ -10,6 +10,8 @@
 #   INTERVAL=5s bash bench/agent-footprint.sh  # checks every 5 s instead of 1 s
 #   CYCLES=20 bash bench/agent-footprint.sh     # fewer install/rollback cycles
 #   SMOKE=1 bash bench/agent-footprint.sh      # CI: debug build, 5 s idle, 3 cycles, checks they work
+#   AGENT=/path/to/turnout-agent bash bench/agent-footprint.sh  # another build (an older one, say)
+#   RUNS=3 CYCLES=0 bash bench/agent-footprint.sh               # the idle figures 3 times, and their medians
 #
 # After the idle period, CYCLES (default 100) times: install web 2.0.0, then
 # roll back to 1.0.0. The agent's RSS after the cycles, against its RSS at
@@ -24,7 +26,8 @@ work=$(pwd)/target/bench/footprint
 rm -rf "$work" && mkdir -p "$work"
 . bench/lib.sh
 bench_build turnout turnout-agent
-agent=$bin/turnout-agent
+agent=${AGENT:-$bin/turnout-agent}
+RUNS=${RUNS:-1}
 release_keys "$work"
 {
     echo "state_dir = \"$work/state\""
@@ -66,10 +69,19 @@ for _ in $(seq 100); do [ -S "$work/state/agent.sock" ] && break; sleep 0.1; don
 for name in web api worker; do "$agent" install "$work/$name.tnt" --service "$name" >/dev/null; done
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$daemon/status"; }
-ticks() { awk '{ sub(/.*\) /, ""); split($0, f, " "); print f[12] + f[13] }' "/proc/$daemon/stat"; }
-rss0=$(rss_kib); t0=$(ticks); s0=$(date +%s.%N)
-sleep "$IDLE"
-rss1=$(rss_kib); t1=$(ticks); s1=$(date +%s.%N)
+# CPU time in nanoseconds, from the scheduler (exact; clock ticks are 10 ms).
+cpu_ns() { awk '{ print $1 }' "/proc/$daemon/schedstat"; }
+rss0=$(rss_kib)
+cpus=()
+for run in $(seq "$RUNS"); do
+    c0=$(cpu_ns); s0=$(date +%s.%N)
+    sleep "$IDLE"
+    c1=$(cpu_ns); s1=$(date +%s.%N)
+    cpu=$(awk -v c0="$c0" -v c1="$c1" -v s0="$s0" -v s1="$s1" 'BEGIN { printf "%.4f", (c1 - c0) / 1e9 / (s1 - s0) * 100 }')
+    cpus+=("$cpu")
+    echo "idle run $run: CPU $cpu% of one core over $IDLE s, RSS $(rss_kib) KiB"
+done
+rss1=$(rss_kib)
 for i in $(seq "$CYCLES"); do
     "$agent" install "$work/web-2.tnt" --service web >/dev/null \
         || { echo "cycle $i: installing web 2.0.0 failed" >&2; exit 1; }
@@ -82,11 +94,11 @@ rss2=$(rss_kib)
 healthy=$("$agent" status --json | grep -c '"health": "healthy"' || true)
 web=$("$agent" status --json | python3 -c 'import json,sys; print(next(s["committed"]["version"] for s in json.load(sys.stdin) if s["service"] == "web"))')
 size=$(stat -c %s "$agent")
-awk -v r0="$rss0" -v r1="$rss1" -v r2="$rss2" -v cycles="$CYCLES" -v t0="$t0" -v t1="$t1" -v s0="$s0" -v s1="$s1" -v size="$size" -v idle="$IDLE" -v interval="$INTERVAL" -v ok="$healthy" 'BEGIN {
-    hz = 100
-    printf "agent at rest for %d s with 3 services, 9 checks every %s (%d of 3 healthy at the end)\n", idle, interval, ok
+median=$(printf '%s\n' "${cpus[@]}" | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }')
+awk -v r0="$rss0" -v r1="$rss1" -v r2="$rss2" -v cycles="$CYCLES" -v median="$median" -v runs="$RUNS" -v size="$size" -v idle="$IDLE" -v interval="$INTERVAL" -v ok="$healthy" 'BEGIN {
+    printf "agent at rest for %d x %d s with 3 services, 9 checks every %s (%d of 3 healthy at the end)\n", runs, idle, interval, ok
     printf "RSS at start %.1f MiB, at end %.1f MiB (growth %.0f KiB)\n", r0 / 1024, r1 / 1024, r1 - r0
-    printf "CPU %.3f%% of one core (%d ticks in %.0f s)\n", (t1 - t0) / hz / (s1 - s0) * 100, t1 - t0, s1 - s0
+    printf "CPU %.3f%% of one core (median of %d idle runs)\n", median, runs
     printf "RSS after %d install/rollback cycles %.1f MiB (growth %.0f KiB since the idle period ended)\n", cycles, r2 / 1024, r2 - r1
     printf "binary %s bytes (%.1f MB)\n", size, size / 1e6
 }'

@@ -100,35 +100,55 @@ pub fn run(behaviour_file: &Path, port: u16) -> anyhow::Result<()> {
     );
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        let healthy = match behaviour.mode {
+        let (mode, version) = (behaviour.mode, behaviour.version.clone());
+        let healthy = move || match mode {
             Mode::Healthy | Mode::SlowStart => true,
             Mode::Unhealthy | Mode::Crash | Mode::Silent => false,
             Mode::FailAfter => started.elapsed() < after,
         };
-        let version = behaviour.version.clone();
-        std::thread::spawn(move || answer(stream, healthy, &version));
+        std::thread::spawn(move || serve(stream, &healthy, &version));
     }
     Ok(())
 }
 
-fn answer(mut stream: TcpStream, healthy: bool, version: &str) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let mut request = [0u8; 2048];
-    let n = stream.read(&mut request).unwrap_or(0);
-    let path = std::str::from_utf8(&request[..n])
-        .ok()
-        .and_then(|r| r.split_whitespace().nth(1))
-        .unwrap_or("/")
-        .to_owned();
-    let (status, body) = match path.as_str() {
-        "/healthz" if healthy => ("200 OK", format!("ok {version}\n")),
-        "/healthz" => ("503 Service Unavailable", format!("unhealthy {version}\n")),
-        "/version" => ("200 OK", format!("{version}\n")),
-        _ => ("404 Not Found", "not found\n".to_owned()),
-    };
-    let _ = write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
+/// Answers the requests of one connection, kept alive (HTTP/1.1) until the
+/// client closes it, asks to (`Connection: close`), or is idle for 30 s.
+fn serve(mut stream: TcpStream, healthy: &dyn Fn() -> bool, version: &str) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 2048];
+    loop {
+        let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+            if pending.len() > 16 * 1024 {
+                return;
+            }
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&pending[..end]).into_owned();
+        pending.drain(..end + 4);
+        let path = head.split_whitespace().nth(1).unwrap_or("/");
+        let close = head.lines().any(|line| {
+            let line = line.to_ascii_lowercase();
+            line.starts_with("connection:") && line.contains("close")
+        });
+        let (status, body) = match path {
+            "/healthz" if healthy() => ("200 OK", format!("ok {version}\n")),
+            "/healthz" => ("503 Service Unavailable", format!("unhealthy {version}\n")),
+            "/version" => ("200 OK", format!("{version}\n")),
+            _ => ("404 Not Found", "not found\n".to_owned()),
+        };
+        let written = write!(
+            stream,
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
+            body.len(),
+            if close { "close" } else { "keep-alive" }
+        );
+        if written.is_err() || close {
+            return;
+        }
+    }
 }

@@ -13,6 +13,11 @@ pub(super) fn error_message(body: &[u8]) -> String {
 pub(super) fn client() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
+        // Buffers per pooled connection (ureq's default is 128 KiB each
+        // way): desired states and reports are small, and a download
+        // streams to disk through whatever size the buffer is.
+        .input_buffer_size(32 * 1024)
+        .output_buffer_size(16 * 1024)
         .timeout_global(Some(Duration::from_secs(90)))
         .build()
         .into()

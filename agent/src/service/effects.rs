@@ -422,16 +422,16 @@ impl Agent {
             name.to_owned(),
         );
         tokio::task::spawn_blocking(move || {
-            stage_blocking(
-                &name,
-                &dir,
-                &trust,
-                &limits,
-                &bundle,
+            stage_blocking(StageJob {
+                name,
+                dir,
+                trust,
+                limits,
+                bundle,
                 digest,
-                committed.as_ref(),
+                committed,
                 now,
-            )
+            })
         })
         .await
         .unwrap_or_else(|err| {
@@ -520,16 +520,16 @@ impl Agent {
         let (limits, name_owned, digest) = (self.limits, name.to_owned(), release.sha256.clone());
         let now = self.clock.now();
         let staged = tokio::task::spawn_blocking(move || {
-            stage_blocking(
-                &name_owned,
-                &dir,
-                &trust,
-                &limits,
-                &cached,
+            stage_blocking(StageJob {
+                name: name_owned,
+                dir,
+                trust,
+                limits,
+                bundle: cached,
                 digest,
-                None,
+                committed: None,
                 now,
-            )
+            })
         })
         .await
         .map_err(|e| lost(format!("unpacking it again panicked: {e}")))?;
@@ -563,16 +563,34 @@ fn repair_current_dir(name: &str, dir: &ServiceDir, now_ms: u64) -> Result<(), A
 /// How staging failed: the outcome to record, the release if known, why.
 type StageFailure = Box<(OutcomeKind, Option<ReleaseRef>, String)>;
 
-fn stage_blocking(
-    name: &str,
-    dir: &ServiceDir,
-    trust: &Trust,
-    limits: &Limits,
-    bundle: &Path,
+/// One staging, carried onto the blocking pool: the bundle to verify and
+/// unpack, for which service, against which trust and limits, at what time.
+struct StageJob {
+    name: String,
+    dir: ServiceDir,
+    trust: Trust,
+    limits: Limits,
+    bundle: PathBuf,
     digest: Digest,
-    committed: Option<&ReleaseRef>,
+    /// The service's committed release, if any (the downgrade rule).
+    committed: Option<ReleaseRef>,
     now: SystemTime,
-) -> Result<ReleaseRef, StageFailure> {
+}
+
+fn stage_blocking(job: StageJob) -> Result<ReleaseRef, StageFailure> {
+    let StageJob {
+        name,
+        dir,
+        trust,
+        limits,
+        bundle,
+        digest,
+        committed,
+        now,
+    } = job;
+    let (name, dir, trust, limits, bundle) =
+        (name.as_str(), &dir, &trust, &limits, bundle.as_path());
+    let committed = committed.as_ref();
     let failed = |what: &str, err: &dyn std::fmt::Display| -> StageFailure {
         Box::new((OutcomeKind::Failed, None, format!("{what}: {err}")))
     };

@@ -184,7 +184,7 @@ impl Host {
         let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
         stream
-            .write_all(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+            .write_all(b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             .ok()?;
         let mut text = String::new();
         stream.read_to_string(&mut text).ok()?;
