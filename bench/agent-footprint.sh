@@ -69,17 +69,22 @@ for _ in $(seq 100); do [ -S "$work/state/agent.sock" ] && break; sleep 0.1; don
 for name in web api worker; do "$agent" install "$work/$name.tnt" --service "$name" >/dev/null; done
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$daemon/status"; }
-# CPU time in nanoseconds, from the scheduler (exact; clock ticks are 10 ms).
-cpu_ns() { awk '{ print $1 }' "/proc/$daemon/schedstat"; }
+# CPU time in nanoseconds, from the scheduler (exact, where /proc/PID/stat
+# counts 10 ms ticks), summed over the agent's threads: the runtime thread and
+# any blocking-pool thread alive at that moment. A blocking thread that starts
+# and exits inside an idle run would be missed; the thread count at the start
+# and end of each run is printed so that would show.
+cpu_ns() { cat /proc/"$daemon"/task/*/schedstat | awk '{ s += $1 } END { print s }'; }
+threads() { ls /proc/"$daemon"/task | wc -l; }
 rss0=$(rss_kib)
 cpus=()
 for run in $(seq "$RUNS"); do
-    c0=$(cpu_ns); s0=$(date +%s.%N)
+    t0=$(threads); c0=$(cpu_ns); s0=$(date +%s.%N)
     sleep "$IDLE"
-    c1=$(cpu_ns); s1=$(date +%s.%N)
+    c1=$(cpu_ns); s1=$(date +%s.%N); t1=$(threads)
     cpu=$(awk -v c0="$c0" -v c1="$c1" -v s0="$s0" -v s1="$s1" 'BEGIN { printf "%.4f", (c1 - c0) / 1e9 / (s1 - s0) * 100 }')
     cpus+=("$cpu")
-    echo "idle run $run: CPU $cpu% of one core over $IDLE s, RSS $(rss_kib) KiB"
+    echo "idle run $run: CPU $cpu% of one core over $IDLE s, RSS $(rss_kib) KiB, threads $t0 -> $t1"
 done
 rss1=$(rss_kib)
 for i in $(seq "$CYCLES"); do
@@ -87,6 +92,7 @@ for i in $(seq "$CYCLES"); do
         || { echo "cycle $i: installing web 2.0.0 failed" >&2; exit 1; }
     "$agent" rollback --service web >/dev/null \
         || { echo "cycle $i: rolling web back to 1.0.0 failed" >&2; exit 1; }
+    [ $((i % 50)) != 0 ] || echo "after $i cycles: RSS $(rss_kib) KiB"
 done
 # Let the last cycle's buffers go before reading RSS.
 sleep 2
