@@ -14,8 +14,13 @@
 //! Versioned for upgrades, when a new `turnout-agent` binary talks to the
 //! daemon still running the old one: a request carries `"v"`
 //! ([`CONTROL_VERSION`]; absent means 0, before versions), readers ignore
-//! fields they do not know, and a request the daemon cannot read is
-//! answered with an error that says to restart the daemon.
+//! fields they do not know (a newer request whose `op` this daemon knows is
+//! served), and a request the daemon cannot read is answered with an error
+//! that says to restart the daemon.
+//!
+//! A client has 10 s to send its line (at most 64 KiB); at most 64 are
+//! answered at once, and more are told to try again, so neither a stuck
+//! local tool nor a flood can wedge the daemon.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -106,35 +111,111 @@ pub fn call(socket: &Path, request: &Request) -> Result<Option<Response>, AgentE
         .map_err(|e| failed(format!("unreadable answer: {e}")))
 }
 
+/// How the control socket guards the daemon against a stuck or flooding
+/// local client.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections answered at once; more are told to try again and closed.
+    pub max_connections: usize,
+    /// How long a client has to send its request line.
+    pub request_timeout: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 64,
+            request_timeout: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+/// The longest request line read.
+const MAX_REQUEST: u64 = 64 * 1024;
+
 /// Answers requests on `listener` until `shutdown` resolves.
 pub async fn serve(
     agent: Arc<Agent>,
     listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    serve_with(agent, listener, shutdown, Limits::default()).await;
+}
+
+/// [`serve`] with other [`Limits`] (tests).
+pub async fn serve_with(
+    agent: Arc<Agent>,
+    listener: UnixListener,
+    shutdown: impl std::future::Future<Output = ()>,
+    limits: Limits,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let mut complained: Option<tokio::time::Instant> = None;
     tokio::pin!(shutdown);
     loop {
-        tokio::select! {
+        let accepted = tokio::select! {
             () = &mut shutdown => return,
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let agent = Arc::clone(&agent);
-                tokio::spawn(async move { answer(agent, stream).await });
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Out of descriptors, most often: say so (not in a flood),
+                // and give connections a moment to finish instead of
+                // spinning on a listener that stays readable.
+                if complained.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(10)) {
+                    complained = Some(tokio::time::Instant::now());
+                    tracing::warn!("the control socket cannot accept a connection: {err}");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
             }
-        }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tokio::spawn(refuse_busy(stream, limits.max_connections));
+            continue;
+        };
+        let agent = Arc::clone(&agent);
+        tokio::spawn(async move {
+            answer(agent, stream, limits.request_timeout).await;
+            drop(slot);
+        });
     }
 }
 
-async fn answer(agent: Arc<Agent>, stream: tokio::net::UnixStream) {
+async fn refuse_busy(mut stream: tokio::net::UnixStream, max: usize) {
+    let response = Response::Error {
+        message: format!(
+            "the daemon is answering {max} local commands already (the most it takes at once); try again"
+        ),
+        exit: Exit::Failure as u8,
+    };
+    let mut bytes = serde_json::to_vec(&response).expect("responses serialise");
+    bytes.push(b'\n');
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.write_all(&bytes)).await;
+}
+
+async fn answer(agent: Arc<Agent>, stream: tokio::net::UnixStream, timeout: std::time::Duration) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    let mut reader = tokio::io::BufReader::new(read.take(64 * 1024));
-    let response = match reader.read_line(&mut line).await {
-        Err(err) => Response::Error {
+    let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST));
+    let response = match tokio::time::timeout(timeout, reader.read_line(&mut line)).await {
+        Err(_) => Response::Error {
+            message: format!(
+                "no request line within {}; closing",
+                humantime::format_duration(timeout)
+            ),
+            exit: Exit::Usage as u8,
+        },
+        Ok(Err(err)) => Response::Error {
             message: format!("reading the request: {err}"),
             exit: Exit::Usage as u8,
         },
-        Ok(_) => match read_request(&line) {
+        Ok(Ok(_)) if !line.ends_with('\n') && line.len() as u64 >= MAX_REQUEST => Response::Error {
+            message: format!("the request is longer than {MAX_REQUEST} bytes, the most read"),
+            exit: Exit::Usage as u8,
+        },
+        Ok(Ok(_)) => match read_request(&line) {
             Err(message) => Response::Error {
                 message,
                 exit: Exit::Usage as u8,
@@ -152,10 +233,12 @@ async fn answer(agent: Arc<Agent>, stream: tokio::net::UnixStream) {
 fn read_request(line: &str) -> Result<Request, String> {
     let value: serde_json::Value =
         serde_json::from_str(line).map_err(|err| format!("malformed request: {err}"))?;
-    let version = value
-        .get("v")
-        .and_then(serde_json::Value::as_u64)
-        .unwrap_or(0);
+    let version = match value.get("v") {
+        None => 0,
+        Some(v) => v.as_u64().ok_or_else(|| {
+            format!("malformed request: \"v\" is the control version, a whole number; found {v}")
+        })?,
+    };
     serde_json::from_value(value).map_err(|err| {
         if version > u64::from(CONTROL_VERSION) {
             format!(
@@ -208,6 +291,21 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(install, Request::Install { service, .. } if service == "web"));
+    }
+
+    #[test]
+    fn a_version_that_is_no_whole_number_is_refused_by_name() {
+        for line in [
+            r#"{"v":-1,"op":"status"}"#,
+            r#"{"v":"1","op":"status"}"#,
+            r#"{"v":1.5,"op":"status"}"#,
+        ] {
+            let err = read_request(line).unwrap_err();
+            assert!(
+                err.contains("\"v\" is the control version, a whole number"),
+                "{line}: {err}"
+            );
+        }
     }
 
     #[test]

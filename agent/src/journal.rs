@@ -165,9 +165,19 @@ impl Journal {
                 source,
             })
         };
-        let mut conn =
-            turnout_rt::sqlite::open(path, turnout_rt::sqlite::Durability::Full).map_err(sqlite)?;
-        migrate(&mut conn, path).map_err(damaged)?;
+        let conn =
+            match turnout_rt::sqlite::open(path, turnout_rt::sqlite::Durability::Full, MIGRATIONS)
+                .map_err(sqlite)?
+            {
+                turnout_rt::sqlite::Opened::Current(conn) => conn,
+                turnout_rt::sqlite::Opened::Newer { found, known } => {
+                    return Err(JournalError::Newer {
+                        path: path.to_owned(),
+                        found,
+                        known,
+                    });
+                }
+            };
         #[cfg(feature = "fault-injection")]
         let crash_after = std::env::var(CRASH_HOOK).ok().and_then(|n| n.parse().ok());
         #[cfg(not(feature = "fault-injection"))]
@@ -285,21 +295,6 @@ impl Journal {
             })
             .map_err(|e| self.sqlite(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.sqlite(e))
-    }
-}
-
-fn migrate(conn: &mut Connection, path: &Path) -> Result<(), JournalError> {
-    match turnout_rt::sqlite::migrate(conn, MIGRATIONS) {
-        Ok(turnout_rt::sqlite::Migrated::Current) => Ok(()),
-        Ok(turnout_rt::sqlite::Migrated::Newer { found, known }) => Err(JournalError::Newer {
-            path: path.to_owned(),
-            found,
-            known,
-        }),
-        Err(source) => Err(JournalError::Sqlite {
-            path: path.to_owned(),
-            source,
-        }),
     }
 }
 

@@ -271,6 +271,9 @@ impl Coordinator {
         settings: Settings,
         clock: Arc<dyn turnout_rt::Clock>,
     ) -> Result<Coordinator, anyhow::Error> {
+        // The database first: one this build refuses leaves the state
+        // directory as it found it.
+        let store = Store::open(&state_dir.join("coordinator.db"))?;
         let bundles_dir = state_dir.join("bundles");
         std::fs::create_dir_all(&bundles_dir)?;
         let removed = crate::server::remove_unfinished_pushes(&bundles_dir)?;
@@ -280,7 +283,6 @@ impl Coordinator {
                 bundles_dir.display()
             );
         }
-        let store = Store::open(&state_dir.join("coordinator.db"))?;
         let latest = store.last_event_id()?;
         Ok(Coordinator {
             store: Mutex::new(store),

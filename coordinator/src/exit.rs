@@ -82,6 +82,28 @@ pub fn classify(err: &anyhow::Error) -> Exit {
                 _ => Exit::Failure,
             };
         }
+        // A database this build must not use: written by a newer build, or
+        // not a database. A restart cannot fix either (the unit does not retry 3).
+        if let Some(err) = cause.downcast_ref::<crate::store::StoreError>() {
+            match err {
+                crate::store::StoreError::Newer { .. }
+                | crate::store::StoreError::Corrupt { .. } => {
+                    return Exit::Input;
+                }
+                crate::store::StoreError::Sqlite { source, .. }
+                    if matches!(
+                        source.sqlite_error_code(),
+                        Some(
+                            rusqlite::ErrorCode::NotADatabase
+                                | rusqlite::ErrorCode::DatabaseCorrupt
+                        )
+                    ) =>
+                {
+                    return Exit::Input;
+                }
+                _ => {}
+            }
+        }
         if cause.is::<crate::spec::SpecError>() {
             return Exit::Input;
         }

@@ -262,18 +262,22 @@ impl Store {
             path: path.to_owned(),
             source,
         };
-        let mut conn = turnout_rt::sqlite::open(path, turnout_rt::sqlite::Durability::Normal)
-            .map_err(sqlite)?;
-        match turnout_rt::sqlite::migrate(&mut conn, MIGRATIONS).map_err(sqlite)? {
-            turnout_rt::sqlite::Migrated::Current => {}
-            turnout_rt::sqlite::Migrated::Newer { found, known } => {
+        let conn = match turnout_rt::sqlite::open(
+            path,
+            turnout_rt::sqlite::Durability::Normal,
+            MIGRATIONS,
+        )
+        .map_err(sqlite)?
+        {
+            turnout_rt::sqlite::Opened::Current(conn) => conn,
+            turnout_rt::sqlite::Opened::Newer { found, known } => {
                 return Err(StoreError::Newer {
                     path: path.to_owned(),
                     found,
                     known,
                 });
             }
-        }
+        };
         Ok(Store {
             conn,
             path: path.to_owned(),

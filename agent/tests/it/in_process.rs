@@ -213,3 +213,71 @@ async fn an_expired_bundle_is_rejected_by_the_agents_clock_and_touches_nothing()
     assert_eq!(committed(&agent).await.as_deref(), Some("1.0.0"));
     assert_eq!(fake.starts(), starts, "nothing was restarted");
 }
+
+/// One line from a control-socket connection.
+async fn control_line(stream: &mut tokio::net::UnixStream) -> String {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut line = String::new();
+    tokio::io::BufReader::new(stream)
+        .read_line(&mut line)
+        .await
+        .unwrap();
+    line
+}
+
+#[tokio::test]
+async fn the_control_socket_answers_while_clients_hang_and_turns_a_flood_away() {
+    use tokio::io::AsyncWriteExt as _;
+    use turnout_agent::control::{Limits, serve_with};
+    let world = World::new();
+    let fake = Arc::new(Fake::new());
+    let agent = Arc::new(world.agent("1s", &fake));
+    let path = world.dir.path().join("agent.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let limits = Limits {
+        max_connections: 2,
+        request_timeout: Duration::from_millis(300),
+    };
+    let server = tokio::spawn(serve_with(
+        agent,
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+        limits,
+    ));
+    // Two clients that never send a request take both places ...
+    let mut idle = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let mut half = tokio::net::UnixStream::connect(&path).await.unwrap();
+    half.write_all(br#"{"v":1,"op":"sta"#).await.unwrap();
+    // ... so a third is told to try again, at once.
+    let mut third = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let busy = control_line(&mut third).await;
+    assert!(
+        busy.contains("answering 2 local commands already"),
+        "{busy}"
+    );
+    // The idle and the half-sent ones are closed after the timeout, saying why.
+    for stream in [&mut idle, &mut half] {
+        let closed = control_line(stream).await;
+        assert!(closed.contains("no request line within 300ms"), "{closed}");
+    }
+    // Then a status request is answered.
+    let mut ok = tokio::net::UnixStream::connect(&path).await.unwrap();
+    ok.write_all(b"{\"v\":1,\"op\":\"status\"}\n")
+        .await
+        .unwrap();
+    let status = control_line(&mut ok).await;
+    assert!(status.starts_with("{\"status\":"), "{status}");
+    // A line longer than the daemon reads is refused by name.
+    let mut long = tokio::net::UnixStream::connect(&path).await.unwrap();
+    let mut line = br#"{"v":1,"op":"status","pad":""#.to_vec();
+    line.extend(std::iter::repeat_n(b'x', 70 * 1024));
+    // The daemon stops reading at 64 KiB and answers: the rest may not fit.
+    let _ = long.write_all(&line).await;
+    let refused = control_line(&mut long).await;
+    assert!(refused.contains("longer than 65536 bytes"), "{refused}");
+    let _ = stop.send(());
+    server.await.unwrap();
+}

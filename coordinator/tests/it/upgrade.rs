@@ -60,3 +60,73 @@ fn a_coordinator_serves_a_store_written_before_issue_13() {
     let events = coordinator.with_store(|s| s.events(0, None, 100)).unwrap();
     assert_eq!(events.len(), 36, "nothing was rewritten or added");
 }
+
+/// Runs `turnout serve` on `state` until it exits (it should refuse to start).
+fn serve_refusing(dir: &Path, state: &Path) -> std::process::Output {
+    let key = crate::fake::release_key();
+    let trust_key = dir.join("k.pub.pem");
+    std::fs::write(&trust_key, key.public().to_pem()).unwrap();
+    let trust = dir.join("trust.json");
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
+        .args(["trust", "init", "--key"])
+        .arg(&trust_key)
+        .arg("--out")
+        .arg(&trust)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    std::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(state)
+        .arg("--trust")
+        .arg(&trust)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_store_of_a_newer_coordinator_is_refused_with_exit_3_and_left_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    copy_fixture(&state);
+    let db = state.join("coordinator.db");
+    {
+        // As a newer build might leave it: another schema version, and the
+        // rollback journal instead of WAL.
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.pragma_update(None, "journal_mode", "DELETE").unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+    }
+    let before = std::fs::read(&db).unwrap();
+    let out = serve_refusing(dir.path(), &state);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("has schema version 99") && stderr.contains("run the newer coordinator"),
+        "{stderr}"
+    );
+    assert!(
+        std::fs::read(&db).unwrap() == before,
+        "the file is untouched"
+    );
+    let left: Vec<_> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(left, ["coordinator.db"], "nothing made beside it");
+}
+
+#[test]
+fn a_file_that_is_no_database_is_refused_with_exit_3_and_left_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let junk = b"this is a text file someone put where the database goes\n".repeat(40);
+    std::fs::write(state.join("coordinator.db"), &junk).unwrap();
+    let out = serve_refusing(dir.path(), &state);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("not a database"), "{stderr}");
+    assert_eq!(std::fs::read(state.join("coordinator.db")).unwrap(), junk);
+}
