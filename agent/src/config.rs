@@ -743,14 +743,30 @@ fn read_service(path: &str, t: &toml::Table, problems: &mut Vec<Problem>) -> Opt
     })
 }
 
+/// The longest a check's probe may wait for an answer.
+pub const MAX_CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+
 fn read_check(path: &str, t: &toml::Table, problems: &mut Vec<Problem>) -> Option<Check> {
     let mut fields = Fields::new(path.to_owned(), t);
     let interval = duration(problems, fields.get("interval"), Duration::from_secs(1));
+    let timeout_field = fields.get("timeout");
+    let timeout_path = timeout_field.as_ref().map(|(p, _)| p.clone());
     let timeout = duration(
         problems,
-        fields.get("timeout"),
+        timeout_field,
         interval.min(Duration::from_secs(5)),
     );
+    if let Some(path) = timeout_path.filter(|_| timeout > MAX_CHECK_TIMEOUT) {
+        problem(
+            problems,
+            &path,
+            &format!(
+                "expected at most {}: a probe waited on that long holds every install and revert of the service, found {}",
+                humantime::format_duration(MAX_CHECK_TIMEOUT),
+                humantime::format_duration(timeout)
+            ),
+        );
+    }
     let success = count(problems, fields.get("success"), 1);
     let failure = count(problems, fields.get("failure"), 3);
     let start_period = duration_or_zero(problems, fields.get("start_period"), DEFAULT_START_PERIOD);
@@ -1148,6 +1164,29 @@ mod tests {
         let checks = &config.services[0].checks;
         assert_eq!(checks[0].start_period, Duration::ZERO);
         assert_eq!(checks[1].start_period, DEFAULT_START_PERIOD);
+    }
+
+    #[test]
+    fn a_check_timeout_over_a_minute_is_refused_by_its_key() {
+        for timeout in ["61s", "18446744073709551615s"] {
+            let err = Config::parse(&format!(
+                "[[service]]\nname = \"w\"\n[[service.check]]\nkind = \"tcp\"\naddress = \"127.0.0.1:1\"\ntimeout = \"{timeout}\"\n"
+            ))
+            .unwrap_err();
+            let ParseError::Invalid(problems) = err else {
+                panic!("{timeout}")
+            };
+            let problem = problems
+                .iter()
+                .find(|p| p.path == "service[0].check[0].timeout")
+                .unwrap_or_else(|| panic!("{timeout}: {problems:?}"));
+            assert!(
+                problem.message.contains("expected at most 1m"),
+                "{problem:?}"
+            );
+        }
+        Config::parse("[[service]]\nname = \"w\"\n[[service.check]]\nkind = \"tcp\"\naddress = \"127.0.0.1:1\"\ntimeout = \"60s\"\n")
+            .unwrap();
     }
 
     #[test]

@@ -471,6 +471,30 @@ pub async fn probe_all(
     (!failures.is_empty()).then(|| failures.join("; "))
 }
 
+/// The most the baseline probe before a switch may take, whatever the
+/// checks' timeouts.
+pub const BASELINE_BUDGET: Duration = Duration::from_secs(5);
+
+/// One probe of every check before a switch, to tell "broke it" from "was
+/// broken": [`probe_all`] bounded by `budget` as a whole, since it only
+/// annotates and must never hold the switch (checks that hang are the
+/// usual reason for an install).
+pub async fn baseline(
+    checks: &[Check],
+    supervisor: &dyn Supervisor,
+    http: &HttpClient,
+    budget: Duration,
+) -> Option<String> {
+    tokio::time::timeout(budget, probe_all(checks, supervisor, http))
+        .await
+        .unwrap_or_else(|_| {
+            Some(format!(
+                "the checks did not all answer within {}",
+                humantime::format_duration(budget)
+            ))
+        })
+}
+
 /// Watches health after a switch until the judge decides: `Ok` with how it
 /// passed, or `Err` with why it failed.
 pub async fn bake(
@@ -868,6 +892,23 @@ mod tests {
         let check = http_check(format!("{silent}/"), None, Duration::from_millis(300));
         let err = probe_http(&client, &check).await.unwrap_err();
         assert!(err.contains("within 300ms"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_baseline_before_a_switch_is_bounded_whatever_the_check_timeouts() {
+        // A service that accepts and never answers, checked with the
+        // longest timeout allowed: the baseline gives up at its budget.
+        let (silent, _) = raw_server(b"").await;
+        let check = http_check(format!("{silent}/"), None, crate::config::MAX_CHECK_TIMEOUT);
+        let client = HttpClient::new();
+        let supervisor = crate::supervisor::fake::Fake::new();
+        let started = tokio::time::Instant::now();
+        let note = baseline(&[check], &supervisor, &client, BASELINE_BUDGET).await;
+        assert_eq!(started.elapsed(), BASELINE_BUDGET);
+        assert_eq!(
+            note.as_deref(),
+            Some("the checks did not all answer within 5s")
+        );
     }
 
     #[tokio::test]

@@ -10,9 +10,10 @@
 //! after = "5s"             # fail-after: healthy this long, then 503; slow-start: delay before listening
 //! ```
 //!
-//! `GET /healthz` answers `200 ok VERSION` or `503 unhealthy VERSION`. For
-//! fleet tests, `TURNOUT_DEMO_UNHEALTHY=2.0.0,…` in the environment makes
-//! this host's copy of those versions unhealthy.
+//! `GET /healthz` answers `200 ok VERSION` or `503 unhealthy VERSION`. In
+//! builds with the `fault-injection` feature (tests only, never a release),
+//! `TURNOUT_DEMO_UNHEALTHY=2.0.0,…` in the environment makes this host's
+//! copy of those versions unhealthy.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -75,6 +76,7 @@ pub fn run(behaviour_file: &Path, port: u16) -> anyhow::Result<()> {
     })?;
     let mut behaviour: Behaviour = toml::from_str(&text)?;
     // Fault injection for fleet tests: this host's copy of these versions is unhealthy.
+    #[cfg(feature = "fault-injection")]
     if let Ok(versions) = std::env::var("TURNOUT_DEMO_UNHEALTHY")
         && versions.split(',').any(|v| v.trim() == behaviour.version)
     {

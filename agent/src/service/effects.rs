@@ -188,10 +188,11 @@ impl Agent {
                     // "was broken"; with no previous release, nothing ran.
                     let note = match previous {
                         Some(_) => {
-                            health::probe_all(
+                            health::baseline(
                                 &service.config.checks,
                                 &*service.supervisor,
                                 &service.http,
+                                health::BASELINE_BUDGET,
                             )
                             .await
                         }
