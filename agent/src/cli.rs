@@ -25,7 +25,7 @@ use crate::{daemon, stage};
 
 /// Turnout's host agent.
 #[derive(Debug, Parser)]
-#[command(name = "turnout-agent", version, about)]
+#[command(name = "turnout-agent", version, about, after_help = crate::exit::HELP)]
 pub struct Cli {
     /// The agent's config file.
     #[arg(long, global = true, env = "TURNOUT_AGENT_CONFIG", default_value = DEFAULT_PATH)]

@@ -29,7 +29,7 @@ pub enum LockError {
     )]
     Held(PathBuf),
     /// The lock file could not be opened.
-    #[error("cannot open the lock file {path}: {source}")]
+    #[error("cannot open the lock file {path}{}", permission_hint(source))]
     Open {
         /// The lock file.
         path: PathBuf,
@@ -37,6 +37,14 @@ pub enum LockError {
         #[source]
         source: std::io::Error,
     },
+}
+
+fn permission_hint(source: &std::io::Error) -> &'static str {
+    if source.kind() == std::io::ErrorKind::PermissionDenied {
+        " (the state directory is root's: run this as root)"
+    } else {
+        ""
+    }
 }
 
 /// Takes the state directory's lock; released when the file is dropped.

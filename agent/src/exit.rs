@@ -13,8 +13,20 @@
 //! | 4    | verification refused a bundle                             |
 //! | 5    | the release was installed, failed its bake, and was reverted |
 //! | 6    | refused: another operation runs, nothing to roll back to, or the coordinator refused (409) |
+//! | 8    | the coordinator refused the credentials (an unknown, used-up or expired enrollment token: 401, 403) |
 
 use std::process::ExitCode;
+
+/// The exit codes, for `--help`.
+pub const HELP: &str = "Exit codes (the same table as turnout's):
+  0  committed, or done
+  1  run-time failure (I/O, disk full, supervisor, coordinator unreachable); a retry may help
+  2  usage
+  3  invalid config, trust file, journal, host id or request; a restart cannot help
+  4  the bundle was rejected
+  5  installed, failed its bake, reverted
+  6  refused: another operation runs, nothing to roll back to, or the coordinator refused in its state (409)
+  8  the coordinator refused the credentials (401, 403)";
 
 use turnout_proto::bundle::BundleError;
 use turnout_proto::trust::TrustError;
@@ -41,6 +53,8 @@ pub enum Exit {
     Reverted = 5,
     /// Refused in the current state: busy, or nothing to roll back to.
     Refused = 6,
+    /// The coordinator refused the credentials (same code as `turnout`'s).
+    Denied = 8,
 }
 
 impl From<Exit> for ExitCode {
@@ -68,8 +82,14 @@ pub fn classify(err: &anyhow::Error) -> Exit {
         if cause.is::<ConfigError>() {
             return Exit::Input;
         }
-        if cause.is::<crate::daemon::LockError>() {
-            return Exit::Refused;
+        if let Some(err) = cause.downcast_ref::<crate::daemon::LockError>() {
+            return match err {
+                crate::daemon::LockError::Held(_) => Exit::Refused,
+                crate::daemon::LockError::Open { .. } => Exit::Failure,
+            };
+        }
+        if cause.is::<turnout_proto::ids::IdError>() {
+            return Exit::Input;
         }
         if let Some(err) = cause.downcast_ref::<AgentError>() {
             return classify_agent(err);
@@ -81,6 +101,7 @@ pub fn classify(err: &anyhow::Error) -> Exit {
             cause.downcast_ref::<crate::link::LinkError>()
         {
             return match status {
+                401 | 403 => Exit::Denied,
                 409 => Exit::Refused,
                 400..=499 => Exit::Input,
                 _ => Exit::Failure,

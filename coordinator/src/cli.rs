@@ -8,7 +8,7 @@ use crate::exit::Exit;
 
 /// Turnout: roll services out across a fleet, wave by wave.
 #[derive(Debug, Parser)]
-#[command(name = "turnout", version, about)]
+#[command(name = "turnout", version, about, after_help = crate::exit::HELP)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]

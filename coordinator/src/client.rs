@@ -28,6 +28,12 @@ pub enum ClientError {
         /// The coordinator's message.
         message: String,
     },
+    /// The operator token cannot be sent as it is.
+    #[error(
+        "the operator token holds a space or control character (a line break pasted with it?); expected \
+         the tnt_… token alone, as `turnout serve --init` or `turnout token create` printed it"
+    )]
+    BadToken,
     /// The answer was not what the API promises.
     #[error("unexpected answer from the coordinator: {0}")]
     Decode(String),
@@ -87,12 +93,25 @@ impl Client {
         serde_json::from_slice(&body).map_err(|e| ClientError::Decode(e.to_string()))
     }
 
+    /// Refuses before any connection what cannot be sent.
+    fn ready(&self) -> Result<(), ClientError> {
+        if self
+            .token
+            .as_ref()
+            .is_some_and(|t| t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(ClientError::BadToken);
+        }
+        Ok(())
+    }
+
     fn auth(&self) -> Option<String> {
         self.token.as_ref().map(|t| format!("Bearer {t}"))
     }
 
     /// GET `path`.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.ready()?;
         let url = self.url(path);
         let mut request = self.agent.get(&url);
         if let Some(auth) = self.auth() {
@@ -107,6 +126,7 @@ impl Client {
         path: &str,
         body: &serde_json::Value,
     ) -> Result<T, ClientError> {
+        self.ready()?;
         let url = self.url(path);
         let mut request = self.agent.post(&url);
         if let Some(auth) = self.auth() {
@@ -121,6 +141,7 @@ impl Client {
         path: &str,
         reader: &mut dyn Read,
     ) -> Result<T, ClientError> {
+        self.ready()?;
         let url = self.url(path);
         let mut request = self
             .agent
@@ -134,6 +155,7 @@ impl Client {
 
     /// DELETE `path`.
     pub fn delete(&self, path: &str) -> Result<(), ClientError> {
+        self.ready()?;
         let url = self.url(path);
         let mut request = self.agent.delete(&url);
         if let Some(auth) = self.auth() {

@@ -18,6 +18,18 @@
 
 use std::process::ExitCode;
 
+/// The exit codes, for `--help`.
+pub const HELP: &str = "Exit codes (one table with turnout-agent's):
+  0  done; a watched rollout succeeded
+  1  run-time failure (I/O, network); a retry may help
+  2  usage
+  3  invalid input: a spec, a file, a database this build cannot use, an unknown release or host
+  4  a bundle or trust file was refused by verification
+  5  (the agent's: installed, failed its bake, reverted)
+  6  refused in the current state (409)
+  7  a watched rollout finished without succeeding
+  8  the coordinator refused the credentials (401, 403)";
+
 use turnout_proto::bundle::BundleError;
 use turnout_proto::keys::KeyError;
 use turnout_proto::manifest::ManifestError;
@@ -70,6 +82,11 @@ pub fn classify(err: &anyhow::Error) -> Exit {
                 | TrustError::NotSelfSigned(_) => Exit::Rejected,
                 _ => Exit::Input,
             };
+        }
+        if let Some(crate::client::ClientError::BadToken) =
+            cause.downcast_ref::<crate::client::ClientError>()
+        {
+            return Exit::Input;
         }
         if let Some(crate::client::ClientError::Api { status, .. }) =
             cause.downcast_ref::<crate::client::ClientError>()

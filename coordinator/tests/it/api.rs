@@ -778,3 +778,85 @@ fn a_re_enrolled_host_is_known_by_its_new_key_at_once() {
         answer.text()
     );
 }
+
+#[test]
+fn refused_enrollments_bad_host_ids_and_mangled_tokens_exit_with_their_own_codes() {
+    let server = Server::start(settings());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\ntrust = \"{}\"\n",
+            dir.path().join("state").display(),
+            dir.path().join("trust.json").display()
+        ),
+    )
+    .unwrap();
+    let turnout = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
+            .args(args)
+            .env("TURNOUT_AGENT_CONFIG", &config)
+            .env_remove("TURNOUT_TOKEN")
+            .output()
+            .unwrap();
+        (
+            out.status.code().expect("exited"),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // An unknown enrollment token: the credentials were refused (8), as
+    // `turnout` says it, and no identity is kept.
+    let (code, stderr) = turnout(&[
+        "agent",
+        "enroll",
+        "--coordinator",
+        &server.url,
+        "--token",
+        "tnt_unknown",
+        "--host",
+        "web-1",
+    ]);
+    assert_eq!(code, 8, "{stderr}");
+    assert!(stderr.contains("not known"), "{stderr}");
+    assert!(!dir.path().join("state/coordinator.json").exists());
+    // A host id that can never be one: invalid input (3), nothing sent.
+    let token = server.enroll_token(1);
+    let (code, stderr) = turnout(&[
+        "agent",
+        "enroll",
+        "--coordinator",
+        &server.url,
+        "--token",
+        &token,
+        "--host",
+        "bad host!",
+    ]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("bad host!"), "{stderr}");
+    // An operator token with a line break pasted in: said so, exit 3, not
+    // "cannot reach the coordinator".
+    let mangled = format!("{}\r\n", server.admin);
+    let (code, stderr) = turnout(&[
+        "host",
+        "list",
+        "--coordinator",
+        &server.url,
+        "--token",
+        &mangled,
+    ]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("line break"), "{stderr}");
+    // The token itself still works: nothing was spent.
+    let (code, stderr) = turnout(&[
+        "agent",
+        "enroll",
+        "--coordinator",
+        &server.url,
+        "--token",
+        &token,
+        "--host",
+        "web-1",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+}
