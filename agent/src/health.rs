@@ -405,6 +405,7 @@ impl HttpClient {
         let (sender, response) = match reused {
             Some(answered) => answered,
             None => {
+                tracing::debug!(authority, "health check: opening a connection");
                 let mut sender = connect(authority).await?;
                 let response = sender
                     .send_request(request()?)
@@ -429,6 +430,7 @@ impl HttpClient {
                 }
             }
         }
+        tracing::trace!(authority, code, bytes = read.len(), "health check answered");
         // The whole answer was read: the connection can serve the next probe.
         self.idle
             .lock()

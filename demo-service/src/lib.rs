@@ -74,6 +74,7 @@ pub fn run(behaviour_file: &Path, port: u16) -> anyhow::Result<()> {
             behaviour_file.display()
         )
     })?;
+    #[cfg_attr(not(feature = "fault-injection"), allow(unused_mut))]
     let mut behaviour: Behaviour = toml::from_str(&text)?;
     // Fault injection for fleet tests: this host's copy of these versions is unhealthy.
     #[cfg(feature = "fault-injection")]

@@ -75,13 +75,17 @@ pub fn filter_from_env() -> Result<Targets, BadFilter> {
 }
 
 /// Sets up logging for the rest of the process. A second call does
-/// nothing (tests call it once per process). A bad filter is reported on
-/// stderr and the default is used: a typo must not silence a daemon.
+/// nothing (tests call it once per process). A bad filter is reported as
+/// a warning in the chosen format (a JSON line in JSON, with its priority
+/// under journald) and the default is used: a typo must not silence a daemon.
 pub fn init(format: LogFormat) {
-    let filter = filter_from_env().unwrap_or_else(|err| {
-        eprintln!("{err}; using {DEFAULT_FILTER:?}");
-        DEFAULT_FILTER.parse().expect("the default filter parses")
-    });
+    let (filter, bad) = match filter_from_env() {
+        Ok(filter) => (filter, None),
+        Err(err) => (
+            DEFAULT_FILTER.parse().expect("the default filter parses"),
+            Some(err),
+        ),
+    };
     let registry = tracing_subscriber::registry().with(filter);
     let _ = match format {
         LogFormat::Text => registry
@@ -106,6 +110,9 @@ pub fn init(format: LogFormat) {
             )
             .try_init(),
     };
+    if let Some(err) = bad {
+        tracing::warn!("{err}; using {DEFAULT_FILTER:?}");
+    }
 }
 
 /// The text form: `[<N>]LEVEL message fields (span fields)`.

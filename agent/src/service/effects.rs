@@ -55,7 +55,8 @@ impl Agent {
                     service = %name,
                     release = %release,
                     outcome = %record.kind.as_str(),
-                    "{}",
+                    "{} {release}: {}",
+                    record.kind.as_str(),
                     record.reason
                 );
             }

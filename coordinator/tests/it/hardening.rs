@@ -799,3 +799,48 @@ fn a_refused_enrollment_exits_with_what_it_means() {
     assert_eq!(out.status.code(), Some(6), "{stderr}");
     assert!(stderr.contains("turnout host forget web-09"), "{stderr}");
 }
+
+#[test]
+fn a_bad_log_filter_is_a_warning_in_the_log_format_chosen() {
+    let dir = tempfile::tempdir().unwrap();
+    for (format, journald) in [("json", false), ("text", true)] {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_turnout"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--trust"])
+            .arg(dir.path().join("missing-trust.json"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env("TURNOUT_LOG", "garbage==")
+            .env("TURNOUT_LOG_FORMAT", format);
+        if journald {
+            command.env("JOURNAL_STREAM", "8:1234");
+        } else {
+            command.env_remove("JOURNAL_STREAM");
+        }
+        let out = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let first = stderr.lines().next().unwrap_or_default();
+        if journald {
+            assert!(
+                first.starts_with("<4> WARN TURNOUT_LOG=\"garbage==\" is not a log filter"),
+                "{stderr}"
+            );
+        } else {
+            let line: Value =
+                serde_json::from_str(first).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+            assert_eq!(line["level"], "WARN", "{line}");
+            assert!(
+                line["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("is not a log filter"),
+                "{line}"
+            );
+        }
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "the missing trust file still stops it: {stderr}"
+        );
+    }
+}

@@ -148,6 +148,10 @@ fn a_stalled_agent_does_not_install_a_release_rolled_back_meanwhile() {
     });
     fleet.install_everywhere("1.0.0");
     let host = &fleet.hosts[0];
+    // The line whose absence below proves 2.0.0 was never committed.
+    turnout_tests::wait_for("the commit of 1.0.0 in the agent's log", LONG, || {
+        host.log().contains("committed web 1.0.0")
+    });
     let proxy = host.proxy.as_ref().unwrap();
     for attempt in 1.. {
         proxy.hold();
