@@ -273,6 +273,7 @@ impl Coordinator {
     ) -> Result<Coordinator, anyhow::Error> {
         // The database first: one this build refuses leaves the state
         // directory as it found it.
+        std::fs::create_dir_all(state_dir)?;
         let store = Store::open(&state_dir.join("coordinator.db"))?;
         let bundles_dir = state_dir.join("bundles");
         std::fs::create_dir_all(&bundles_dir)?;

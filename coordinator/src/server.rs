@@ -59,7 +59,37 @@ impl IntoResponse for ApiError {
                 message: self.message,
             },
         );
-        (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        let mut response =
+            (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            // RFC 9110: a 401 names the scheme it wants.
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"turnout\""),
+            );
+        }
+        response
+    }
+}
+
+/// Every failure answers with an ErrorBody, an unknown path too.
+async fn no_route(request: Request) -> ApiError {
+    ApiError::not_found(format!(
+        "no such API path: {} {} (the API is under /v1; see docs/protocol.md)",
+        request.method(),
+        request.uri().path()
+    ))
+}
+
+async fn wrong_method(request: Request) -> ApiError {
+    ApiError {
+        status: 405,
+        code: ErrorCode::BadRequest,
+        message: format!(
+            "{} is not a method of {} (see docs/protocol.md)",
+            request.method(),
+            request.uri().path()
+        ),
     }
 }
 
@@ -90,6 +120,8 @@ pub fn router(coordinator: Shared) -> Router {
         .route("/v1/rollouts/{id}/{command}", post(command_rollout))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(middleware::from_fn_with_state(
             coordinator.clone(),
             bounded_body,
@@ -269,13 +301,31 @@ fn complain(last: &mut Option<Instant>, message: &str) {
 // ---- authentication ----
 
 fn operator(c: &Coordinator, headers: &HeaderMap, need: Role) -> Result<Role, ApiError> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        c.metrics.auth_failure("operator_missing");
+        return Err(if headers.contains_key(header::AUTHORIZATION) {
+            ApiError::bad_request(
+                "two Authorization headers: send one, `Authorization: Bearer tnt_…`",
+            )
+        } else {
+            ApiError::unauthorized(
+                "no operator token: pass --token or set TURNOUT_TOKEN (`turnout serve --init` prints the first admin token)",
+            )
+        });
+    };
+    // The scheme's name is case-insensitive (RFC 9110 11.1).
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
         .ok_or_else(|| {
-            c.metrics.auth_failure("operator_missing");
-            ApiError::unauthorized("no operator token: pass --token or set TURNOUT_TOKEN (`turnout serve --init` prints the first admin token)")
+            c.metrics.auth_failure("operator_scheme");
+            ApiError::unauthorized(
+                "expected an operator token as `Authorization: Bearer tnt_…`; this route takes no other scheme",
+            )
         })?;
     let role = c.with_store(|s| s.token_role(token))?.ok_or_else(|| {
         c.metrics.auth_failure("operator_unknown");

@@ -860,3 +860,80 @@ fn refused_enrollments_bad_host_ids_and_mangled_tokens_exit_with_their_own_codes
     ]);
     assert_eq!(code, 0, "{stderr}");
 }
+
+#[test]
+fn operator_auth_takes_any_case_of_bearer_refuses_two_headers_and_every_failure_has_a_body() {
+    let server = Server::start(settings());
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let call = |method: &str, path: &str, auth: &[&str]| {
+        let mut request = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", server.url));
+        for value in auth {
+            request = request.header("Authorization", *value);
+        }
+        let mut response = agent.run(request.body(()).unwrap()).unwrap();
+        let challenge = response
+            .headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let status = response.status().as_u16();
+        let body: Value = serde_json::from_slice(&response.body_mut().read_to_vec().unwrap())
+            .unwrap_or(Value::Null);
+        (status, body, challenge)
+    };
+    let admin = &server.admin;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let (status, body, _) = call("GET", "/v1/hosts", &[&format!("{scheme} {admin}")]);
+        assert_eq!(status, 200, "{scheme}: {body}");
+    }
+    let (status, body, challenge) = call("GET", "/v1/hosts", &["Basic YWRtaW46YWRtaW4="]);
+    assert_eq!(status, 401);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("Authorization: Bearer tnt_"),
+        "{body}"
+    );
+    assert_eq!(challenge.as_deref(), Some("Bearer realm=\"turnout\""));
+    let (_, _, challenge) = call("GET", "/v1/hosts", &[]);
+    assert_eq!(
+        challenge.as_deref(),
+        Some("Bearer realm=\"turnout\""),
+        "no token: a challenge too"
+    );
+    // Two headers, whichever comes first: refused, not "the first wins".
+    for pair in [
+        [format!("Bearer {admin}"), "Bearer tnt_wrong".to_owned()],
+        ["Bearer tnt_wrong".to_owned(), format!("Bearer {admin}")],
+    ] {
+        let (status, body, _) = call("GET", "/v1/hosts", &[&pair[0], &pair[1]]);
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("two Authorization headers"),
+            "{body}"
+        );
+    }
+    let (status, body, _) = call("GET", "/v1/nothing-here", &[]);
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("not_found")),
+        "{body}"
+    );
+    let (status, body, _) = call("DELETE", "/v1/rollouts", &[&format!("Bearer {admin}")]);
+    assert_eq!(status, 405, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("DELETE is not a method"),
+        "{body}"
+    );
+}

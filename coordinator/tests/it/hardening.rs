@@ -784,7 +784,8 @@ fn a_refused_enrollment_exits_with_what_it_means() {
     };
     let out = enroll("tne_bogus");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    // Refused credentials: 8, as `turnout` exits for them.
+    assert_eq!(out.status.code(), Some(8), "{stderr}");
     assert!(stderr.contains("not known"), "{stderr}");
     // The id is taken by another host's key.
     let token = server.enroll_token(2);
