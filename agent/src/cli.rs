@@ -49,6 +49,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: recover, then manage the services and answer local commands.
     Run,
+    /// Check the config and its trust file as `run` would read them,
+    /// changing nothing: every problem with its key, exit 3 if any.
+    Check,
     /// Show each service: state, committed release, slots, health, last outcome.
     Status {
         /// Print JSON instead of text.
@@ -194,11 +197,44 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
             );
             Ok(Exit::Success)
         }
+        Command::Check => {
+            let config = Config::load(&cli.config)?;
+            let trust = read_trust(&config.trust).map_err(|err| {
+                anyhow::Error::from(crate::config::ConfigError::Invalid {
+                    path: cli.config.clone(),
+                    problems: vec![crate::config::Problem {
+                        path: "trust".into(),
+                        message: format!("expected a trust file ({err:#})"),
+                    }],
+                })
+            })?;
+            println!(
+                "{}: {} service(s), trusting {} key(s) (threshold {}); coordinator: {}",
+                cli.config.display(),
+                config.services.len(),
+                trust.keys().len(),
+                trust.threshold(),
+                config.coordinator.as_deref().unwrap_or("none (standalone)")
+            );
+            Ok(Exit::Success)
+        }
         Command::Status { json } => {
             let config = Config::load(&cli.config)?;
             let statuses = match ask(&config, &Request::Status)? {
                 Some(Response::Status(statuses)) => statuses,
                 Some(other) => return answered(other, json),
+                // Nothing to show, and nothing is made just to show it.
+                None if !config.state_dir.join("agent.db").exists() => {
+                    if json {
+                        println!("[]");
+                    } else {
+                        println!(
+                            "no daemon is running and nothing is installed yet: {} holds no journal",
+                            config.state_dir.display()
+                        );
+                    }
+                    return Ok(Exit::Success);
+                }
                 None => {
                     let _lock = daemon::lock(&config.state_dir)?;
                     let agent = Agent::open(config.clone())?;

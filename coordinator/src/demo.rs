@@ -101,7 +101,8 @@ fn demo(args: &Args, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<Exit> {
         dir.display()
     ));
     let key = SecretKey::from_seed(random_seed()?);
-    std::fs::write(dir.join("release.key.pem"), key.to_pem())?;
+    // A private key, even a throwaway one: readable by its owner only.
+    turnout_rt::files::write_atomic(&dir.join("release.key.pem"), key.to_pem().as_bytes(), 0o600)?;
     let trust = Trust::new(1, 1, SystemTime::now(), vec![key.public()])?;
     std::fs::write(
         dir.join("trust.json"),

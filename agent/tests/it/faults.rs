@@ -599,3 +599,33 @@ fn a_journal_damaged_inside_says_what_to_do() {
         "{err}"
     );
 }
+
+#[test]
+fn check_reads_config_and_trust_and_status_makes_nothing_before_the_first_install() {
+    let host = Host::new("1s");
+    let (code, stdout, stderr) = host.run(&["check"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("1 service(s), trusting 1 key(s) (threshold 1)"),
+        "{stdout}"
+    );
+    // Status with no daemon and no journal says so and creates nothing.
+    let (code, stdout, stderr) = host.run(&["status"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("nothing is installed yet"), "{stdout}");
+    assert!(
+        !host.state().exists(),
+        "status made {}",
+        host.state().display()
+    );
+    // A missing trust file is a problem of the config's `trust` key: exit 3.
+    std::fs::remove_file(host.path("trust.json")).unwrap();
+    let (code, _, stderr) = host.run(&["check"]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("trust: expected a trust file"), "{stderr}");
+    assert!(
+        !host.state().exists(),
+        "check made {}",
+        host.state().display()
+    );
+}

@@ -278,10 +278,12 @@ pub fn run(command: Command) -> anyhow::Result<Exit> {
                     "ID", "SERVICE", "STATE", "HOSTS"
                 );
                 for r in &rollouts {
+                    // Padding applies to strings: ids and names are
+                    // formatted first.
                     println!(
                         "{:<28} {:<10} {:<14} {:<8} {}",
-                        r.id,
-                        r.spec.service,
+                        r.id.to_string(),
+                        r.spec.service.to_string(),
                         r.state.name(),
                         r.hosts.len(),
                         r.target.version

@@ -685,6 +685,22 @@ fn the_rollout_cli_plans_starts_and_watches_to_the_end() {
         "{}",
         String::from_utf8_lossy(&status.stdout)
     );
+    // The list's columns line up under their headings.
+    let list = cli(&["rollout", "list"]);
+    let text = String::from_utf8_lossy(&list.stdout);
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let row = lines.next().unwrap();
+    for (heading, value) in [
+        ("SERVICE", "web "),
+        ("STATE", "succeeded"),
+        ("RELEASE", " 2.0.0"),
+    ] {
+        let at = row
+            .rfind(value)
+            .map(|i| i + value.len() - value.trim_start().len());
+        assert_eq!(header.find(heading), at, "{heading}:\n{text}");
+    }
 }
 
 #[test]
