@@ -760,7 +760,7 @@ fn read_check(path: &str, t: &toml::Table, problems: &mut Vec<Problem>) -> Optio
         problem(
             problems,
             &path,
-            &format!(
+            format!(
                 "expected at most {}: a probe waited on that long holds every install and revert of the service, found {}",
                 humantime::format_duration(MAX_CHECK_TIMEOUT),
                 humantime::format_duration(timeout)
