@@ -104,6 +104,12 @@ pub enum Command {
         /// The host's id (default: its hostname).
         #[arg(long)]
         host: Option<String>,
+        /// The coordinator's CA pin (sha256:…, on the join line); repeatable.
+        #[arg(long = "ca-pin", value_delimiter = ',')]
+        ca_pins: Vec<String>,
+        /// Or the coordinator's CA certificates (PEM), instead of a pin.
+        #[arg(long, conflicts_with = "ca_pins")]
+        ca: Option<PathBuf>,
     },
     /// Install this agent as a systemd service: binary, unit, tmpfiles entry,
     /// an example config (kept if one exists), then `systemctl daemon-reload`.
@@ -175,6 +181,8 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
             coordinator,
             token,
             host,
+            ca_pins,
+            ca,
         } => {
             let config = Config::load(&cli.config)?;
             let host = match host {
@@ -184,12 +192,24 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
                     .to_owned(),
             };
             let host: turnout_proto::HostId = host.parse()?;
+            let trust = crate::link::EnrollTrust {
+                pins: ca_pins
+                    .iter()
+                    .map(|p| turnout_rt::tls::Pin::parse(p))
+                    .collect::<Result<_, _>>()?,
+                ca_pem: ca
+                    .as_deref()
+                    .map(std::fs::read)
+                    .transpose()
+                    .context("reading --ca")?,
+            };
             let identity = crate::link::Identity::enroll(
                 &config.state_dir,
                 &coordinator,
                 &token,
                 &host,
                 &config.labels,
+                &trust,
             )?;
             println!(
                 "enrolled host {} with {}; `turnout-agent run` follows it now",

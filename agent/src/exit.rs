@@ -14,6 +14,7 @@
 //! | 5    | the release was installed, failed its bake, and was reverted |
 //! | 6    | refused: another operation runs, nothing to roll back to, or the coordinator refused (409) |
 //! | 8    | the coordinator refused the credentials (an unknown, used-up or expired enrollment token: 401, 403) |
+//! | 9    | the coordinator could not be verified (TLS: pin, CA, name, dates) |
 
 use std::process::ExitCode;
 
@@ -26,7 +27,8 @@ pub const HELP: &str = "Exit codes (the same table as turnout's):
   4  the bundle was rejected
   5  installed, failed its bake, reverted
   6  refused: another operation runs, nothing to roll back to, or the coordinator refused in its state (409)
-  8  the coordinator refused the credentials (401, 403)";
+  8  the coordinator refused the credentials (401, 403)
+  9  the coordinator could not be verified (TLS: pin, CA, host name, dates)";
 
 use turnout_proto::bundle::BundleError;
 use turnout_proto::trust::TrustError;
@@ -55,6 +57,8 @@ pub enum Exit {
     Refused = 6,
     /// The coordinator refused the credentials (same code as `turnout`'s).
     Denied = 8,
+    /// The coordinator's certificate could not be trusted (same code as `turnout`'s).
+    Untrusted = 9,
 }
 
 impl From<Exit> for ExitCode {
@@ -97,6 +101,20 @@ pub fn classify(err: &anyhow::Error) -> Exit {
         // The coordinator's answer to an enrollment: a token or request it
         // will not take is an input to fix; a host id taken by another key
         // is refused in the current state.
+        if let Some(crate::link::LinkError::Untrusted { .. }) =
+            cause.downcast_ref::<crate::link::LinkError>()
+        {
+            return Exit::Untrusted;
+        }
+        if let Some(err) = cause.downcast_ref::<turnout_rt::tls::TlsError>() {
+            use turnout_rt::tls::TlsError;
+            return match err {
+                TlsError::BadPin(_) | TlsError::NotHttps(_) => Exit::Usage,
+                TlsError::PinMismatch { .. } | TlsError::Invalid { .. } => Exit::Untrusted,
+                TlsError::Connect { .. } => Exit::Failure,
+                TlsError::BadCertificate(_) | TlsError::NoCertificates => Exit::Input,
+            };
+        }
         if let Some(crate::link::LinkError::Refused { status, .. }) =
             cause.downcast_ref::<crate::link::LinkError>()
         {

@@ -4,6 +4,7 @@
 use std::io::Read;
 use std::time::Duration;
 
+use rustls::pki_types::CertificateDer;
 use serde::de::DeserializeOwned;
 use turnout_proto::messages::ErrorBody;
 
@@ -34,6 +35,24 @@ pub enum ClientError {
          the tnt_… token alone, as `turnout serve --init` or `turnout token create` printed it"
     )]
     BadToken,
+    /// The coordinator's certificate could not be trusted.
+    #[error("the coordinator at {url} could not be verified: {detail}")]
+    Untrusted {
+        /// The URL.
+        url: String,
+        /// Why, and what to do.
+        detail: String,
+    },
+    /// An https:// coordinator, and no CA to check it against.
+    #[error(
+        "{url} is https, and this command has no CA to check the coordinator against: pass --ca FILE \
+         (the coordinator's STATE_DIR/tls/ca.pem) or --ca-pin sha256:…, or use the operator profile that \
+         `turnout serve --init` writes"
+    )]
+    NoCa {
+        /// The URL.
+        url: String,
+    },
     /// The answer was not what the API promises.
     #[error("unexpected answer from the coordinator: {0}")]
     Decode(String),
@@ -45,19 +64,29 @@ pub struct Client {
     agent: ureq::Agent,
     base: String,
     token: Option<String>,
+    has_ca: bool,
 }
 
 impl Client {
-    /// A client for the coordinator at `base` (e.g. `http://127.0.0.1:7400`).
+    /// A client for a plain-HTTP coordinator at `base` (e.g.
+    /// `http://127.0.0.1:7400`); an https URL needs [`Client::with_ca`].
     pub fn new(base: &str, token: Option<String>) -> Client {
+        Client::with_ca(base, token, &[])
+    }
+
+    /// A client for the coordinator at `base` that trusts the CA
+    /// certificates `cas` (and nothing else) for https.
+    pub fn with_ca(base: &str, token: Option<String>, cas: &[CertificateDer<'_>]) -> Client {
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(120)))
+            .tls_config(turnout_rt::tls::ureq_trusting(cas))
             .build();
         Client {
             agent: config.into(),
             base: base.trim_end_matches('/').to_owned(),
             token,
+            has_ca: !cas.is_empty(),
         }
     }
 
@@ -65,14 +94,41 @@ impl Client {
         format!("{}{path}", self.base)
     }
 
-    fn finish<T: DeserializeOwned>(
+    /// Refuses before any connection when TLS could not be checked.
+    fn ready(&self) -> Result<(), ClientError> {
+        if self
+            .token
+            .as_ref()
+            .is_some_and(|t| t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(ClientError::BadToken);
+        }
+        if self.base.starts_with("https://") && !self.has_ca {
+            return Err(ClientError::NoCa {
+                url: self.base.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn finish_raw(
         &self,
         url: &str,
         result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-    ) -> Result<T, ClientError> {
-        let mut response = result.map_err(|e| ClientError::Connect {
-            url: url.to_owned(),
-            detail: e.to_string(),
+    ) -> Result<Vec<u8>, ClientError> {
+        let mut response = result.map_err(|e| match turnout_rt::tls::ureq_failure(&e) {
+            Some(tls) if tls.certificate => ClientError::Untrusted {
+                url: self.base.clone(),
+                detail: tls.detail,
+            },
+            Some(tls) => ClientError::Connect {
+                url: url.to_owned(),
+                detail: tls.detail,
+            },
+            None => ClientError::Connect {
+                url: url.to_owned(),
+                detail: e.to_string(),
+            },
         })?;
         let status = response.status().as_u16();
         let body = response
@@ -85,6 +141,15 @@ impl Client {
             let message = ErrorBody::message_of(&body);
             return Err(ClientError::Api { status, message });
         }
+        Ok(body)
+    }
+
+    fn finish<T: DeserializeOwned>(
+        &self,
+        url: &str,
+        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<T, ClientError> {
+        let body = self.finish_raw(url, result)?;
         let body = if body.is_empty() {
             b"null".to_vec()
         } else {
@@ -94,17 +159,6 @@ impl Client {
     }
 
     /// Refuses before any connection what cannot be sent.
-    fn ready(&self) -> Result<(), ClientError> {
-        if self
-            .token
-            .as_ref()
-            .is_some_and(|t| t.is_empty() || !t.bytes().all(|b| b.is_ascii_graphic()))
-        {
-            return Err(ClientError::BadToken);
-        }
-        Ok(())
-    }
-
     fn auth(&self) -> Option<String> {
         self.token.as_ref().map(|t| format!("Bearer {t}"))
     }
@@ -118,6 +172,18 @@ impl Client {
             request = request.header("Authorization", auth);
         }
         self.finish(&url, request.call())
+    }
+
+    /// GET `path` as text (`/metrics`).
+    pub fn get_text(&self, path: &str) -> Result<String, ClientError> {
+        self.ready()?;
+        let url = self.url(path);
+        let mut request = self.agent.get(&url);
+        if let Some(auth) = self.auth() {
+            request = request.header("Authorization", auth);
+        }
+        let bytes = self.finish_raw(&url, request.call())?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
     /// POST `body` as JSON to `path`.

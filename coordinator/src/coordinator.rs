@@ -240,6 +240,9 @@ pub struct Coordinator {
     step_failures: Mutex<HashMap<String, std::time::Instant>>,
     /// The time of day: event stamps, request-signature freshness, deadlines.
     clock: Arc<dyn turnout_rt::Clock>,
+    /// The pins of the CAs agents may trust this coordinator by (empty
+    /// when it serves plain HTTP); join lines carry them.
+    ca_pins: Mutex<Vec<turnout_rt::tls::Pin>>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -301,7 +304,18 @@ impl Coordinator {
             last_round: Mutex::new(Some(std::time::Instant::now())),
             step_failures: Mutex::new(HashMap::new()),
             clock,
+            ca_pins: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Sets the CA pins join lines carry.
+    pub fn set_ca_pins(&self, pins: Vec<turnout_rt::tls::Pin>) {
+        *self.ca_pins.lock().expect("not poisoned") = pins;
+    }
+
+    /// The CA pins join lines carry (none for a plain-HTTP coordinator).
+    pub fn ca_pins(&self) -> Vec<turnout_rt::tls::Pin> {
+        self.ca_pins.lock().expect("not poisoned").clone()
     }
 
     /// Now, by this coordinator's clock.

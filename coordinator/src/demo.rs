@@ -119,7 +119,9 @@ fn demo(args: &Args, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<Exit> {
         bundles.push(path);
     }
 
-    say("Starting a coordinator on 127.0.0.1 (one process, one SQLite file)");
+    say(
+        "Starting a coordinator on 127.0.0.1 (one process, one SQLite file), over TLS with its own CA",
+    );
     let settings = Settings {
         report_interval: Duration::from_secs(1),
         tick: Duration::from_millis(100),
@@ -131,6 +133,16 @@ fn demo(args: &Args, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<Exit> {
         settings,
     )?);
     let admin = coordinator.with_store(|s| s.create_token(Role::Admin, coordinator.now_ms()))?;
+    let tls_paths = crate::tls::Paths::in_state_dir(&dir.join("coordinator"));
+    crate::tls::init(
+        &tls_paths,
+        &["127.0.0.1".to_owned(), "localhost".to_owned()],
+        SystemTime::now(),
+    )?;
+    let pins = crate::tls::pins(&tls_paths)?;
+    coordinator.set_ca_pins(pins.clone());
+    let served = crate::tls::Reloading::open(&tls_paths.cert, &tls_paths.key)?;
+    let cas = turnout_rt::tls::certificates_from_pem(&std::fs::read(&tls_paths.ca)?)?;
     let (url_tx, url_rx) = std::sync::mpsc::channel();
     let serving = Arc::clone(&coordinator);
     std::thread::spawn(move || {
@@ -144,23 +156,26 @@ fn demo(args: &Args, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<Exit> {
                 .await
                 .expect("a loopback port");
             let _ = url_tx.send(format!(
-                "http://{}",
+                "https://{}",
                 listener.local_addr().expect("an address")
             ));
-            let _ = crate::server::serve(serving, listener, std::future::pending()).await;
+            let acceptor = crate::tls::acceptor(served);
+            let _ = crate::server::serve(serving, listener, Some(acceptor), std::future::pending())
+                .await;
         });
     });
     let url = url_rx.recv().context("starting the coordinator")?;
-    let client = Client::new(&url, Some(admin.clone()));
+    let client = Client::with_ca(&url, Some(admin.clone()), &cas);
     for bundle in &bundles {
         let _: Value = client.post_stream("/v1/bundles", &mut std::fs::File::open(bundle)?)?;
     }
     println!(
-        "    listening on {url}; pushed the three bundles (each verified against the trust file)"
+        "    listening on {url} (CA pin {}); pushed the three bundles (each verified against the trust file)",
+        pins.first().map(ToString::to_string).unwrap_or_default()
     );
 
     say(&format!(
-        "Starting {} hosts: each a `turnout agent run` with the demo service under the exec supervisor",
+        "Starting {} hosts: each joins with the CA pin, then a `turnout agent run` with the demo service under the exec supervisor",
         args.hosts
     ));
     let token: Value = client.post(
@@ -185,6 +200,8 @@ fn demo(args: &Args, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<Exit> {
                 &token,
                 "--host",
                 &host,
+                "--ca-pin",
+                &pins.first().map(ToString::to_string).unwrap_or_default(),
             ])
             .env("TURNOUT_AGENT_CONFIG", &config)
             .output()?;
@@ -273,7 +290,10 @@ fn demo(args: &Args, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<Exit> {
     }
     if args.keep {
         println!("\nThe fleet keeps running. Drive it from another terminal:");
-        println!("    export TURNOUT_COORDINATOR={url} TURNOUT_TOKEN={admin}");
+        println!(
+            "    export TURNOUT_COORDINATOR={url} TURNOUT_TOKEN={admin} TURNOUT_CA={}",
+            tls_paths.ca.display()
+        );
         println!("    turnout host list");
         println!("    turnout rollout start --service web --release web@3.0.0 --waves 1,100%");
         println!("    turnout rollout watch web-3.0.0-2");

@@ -11,6 +11,7 @@
 //! | 6    | the coordinator refused the request in its state (409)           |
 //! | 7    | a watched rollout finished without succeeding                    |
 //! | 8    | the coordinator refused the credentials (401, 403)               |
+//! | 9    | the coordinator could not be verified (TLS: pin, CA, name, dates) |
 //!
 //! One table for both binaries: `turnout agent …` exits with the agent's
 //! codes, and no code means one thing there and another here (the refused
@@ -28,7 +29,8 @@ pub const HELP: &str = "Exit codes (one table with turnout-agent's):
   5  (the agent's: installed, failed its bake, reverted)
   6  refused in the current state (409)
   7  a watched rollout finished without succeeding
-  8  the coordinator refused the credentials (401, 403)";
+  8  the coordinator refused the credentials (401, 403)
+  9  the coordinator could not be verified (TLS: pin, CA, host name, dates)";
 
 use turnout_proto::bundle::BundleError;
 use turnout_proto::keys::KeyError;
@@ -57,6 +59,9 @@ pub enum Exit {
     Refused = 6,
     /// A watched rollout finished without succeeding.
     Unsuccessful = 7,
+    /// The coordinator's certificate could not be trusted: a pin that does
+    /// not match, a CA that did not sign it, a wrong name, expired.
+    Untrusted = 9,
 }
 
 impl From<Exit> for ExitCode {
@@ -82,6 +87,23 @@ pub fn classify(err: &anyhow::Error) -> Exit {
                 | TrustError::NotSelfSigned(_) => Exit::Rejected,
                 _ => Exit::Input,
             };
+        }
+        match cause.downcast_ref::<crate::client::ClientError>() {
+            Some(crate::client::ClientError::Untrusted { .. }) => return Exit::Untrusted,
+            Some(crate::client::ClientError::NoCa { .. }) => return Exit::Usage,
+            _ => {}
+        }
+        if let Some(err) = cause.downcast_ref::<turnout_rt::tls::TlsError>() {
+            use turnout_rt::tls::TlsError;
+            return match err {
+                TlsError::PinMismatch { .. } | TlsError::Invalid { .. } => Exit::Untrusted,
+                TlsError::BadPin(_) | TlsError::NotHttps(_) => Exit::Usage,
+                TlsError::BadCertificate(_) | TlsError::NoCertificates => Exit::Input,
+                TlsError::Connect { .. } => Exit::Failure,
+            };
+        }
+        if cause.is::<crate::tls::TlsSetupError>() {
+            return Exit::Input;
         }
         if let Some(crate::client::ClientError::BadToken) =
             cause.downcast_ref::<crate::client::ClientError>()

@@ -16,10 +16,12 @@ pub mod exit;
 pub mod files;
 pub mod host_auth;
 pub mod metrics;
+pub mod profile;
 pub mod reports;
 pub mod server;
 pub mod spec;
 pub mod store;
+pub mod tls;
 
 use turnout_proto::{CapabilitySet, Offer, SUPPORTED};
 

@@ -80,6 +80,7 @@ pub struct Metrics {
     bad_reports: Counter,
     stale_reports: Counter,
     connections_refused: Counter,
+    tls_failures: Family<Reason, Counter>,
     engine_rounds: Counter,
     hosts: Family<StateLabel, Gauge>,
     agents: Family<AgentLabels, Gauge>,
@@ -102,6 +103,7 @@ impl Default for Metrics {
         let latency =
             Family::<Route, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
         let auth_failures = Family::<Reason, Counter>::default();
+        let tls_failures = Family::<Reason, Counter>::default();
         let (bad_reports, stale_reports, connections_refused, engine_rounds) = (
             Counter::default(),
             Counter::default(),
@@ -143,6 +145,11 @@ impl Default for Metrics {
             connections_refused.clone(),
         );
         registry.register(
+            "turnout_tls_failures",
+            "connections that did not finish a TLS handshake, by reason (timeout, plain_http, handshake)",
+            tls_failures.clone(),
+        );
+        registry.register(
             "turnout_engine_rounds",
             "rounds of the rollout loop completed (every unfinished rollout stepped once)",
             engine_rounds.clone(),
@@ -167,6 +174,7 @@ impl Default for Metrics {
             bad_reports,
             stale_reports,
             connections_refused,
+            tls_failures,
             engine_rounds,
             hosts,
             agents,
@@ -225,6 +233,24 @@ impl Metrics {
     /// Counts a connection closed because `max_connections` were open.
     pub fn connection_refused(&self) {
         self.connections_refused.inc();
+    }
+
+    /// Counts a connection that did not finish its TLS handshake.
+    pub fn tls_failure(&self, reason: &'static str) {
+        self.tls_failures
+            .get_or_create(&Reason {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// How many TLS failures of `reason` were counted.
+    pub fn tls_failures(&self, reason: &str) -> u64 {
+        self.tls_failures
+            .get_or_create(&Reason {
+                reason: reason.to_owned(),
+            })
+            .get()
     }
 
     /// How many auth failures of `reason` were counted.

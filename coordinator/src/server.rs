@@ -198,6 +198,7 @@ async fn measure(State(c): State<Shared>, request: Request, next: Next) -> Respo
 pub async fn serve(
     coordinator: Shared,
     listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -263,9 +264,41 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let connection = graceful
-            .watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone()));
+        let Some(acceptor) = tls.clone() else {
+            let connection = graceful.watch(
+                http.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone()),
+            );
+            tokio::spawn(async move {
+                let _ = connection.await;
+                drop(slot);
+            });
+            continue;
+        };
+        // The handshake runs on the connection's own task, bounded by the
+        // header timeout: a client that never finishes one holds only its
+        // slot, for that long, and never the accept loop.
+        let (watcher, http, service, c) = (
+            graceful.watcher(),
+            http.clone(),
+            service.clone(),
+            coordinator.clone(),
+        );
         tokio::spawn(async move {
+            let handshake =
+                tokio::time::timeout(settings.header_timeout, handshake(&acceptor, stream)).await;
+            let stream = match handshake {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(reason)) => {
+                    c.metrics.tls_failure(reason);
+                    return;
+                }
+                Err(_) => {
+                    c.metrics.tls_failure("timeout");
+                    return;
+                }
+            };
+            let connection =
+                watcher.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
             let _ = connection.await;
             drop(slot);
         });
@@ -287,6 +320,53 @@ pub async fn serve(
     freeze.abort();
     let _ = engine.await;
     Ok(())
+}
+
+/// A TLS handshake on a new connection. A client that speaks plain HTTP
+/// to a TLS port gets a plain answer that says to use https (the first byte
+/// of a TLS connection is 0x16, a handshake record; no HTTP method starts so).
+async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: tokio::net::TcpStream,
+) -> Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, &'static str> {
+    let mut first = [0u8; 1];
+    match stream.peek(&mut first).await {
+        Ok(1) if first[0] != 0x16 => {
+            refuse_plain_http(stream).await;
+            return Err("plain_http");
+        }
+        Ok(1) => {}
+        _ => return Err("handshake"),
+    }
+    acceptor.accept(stream).await.map_err(|err| {
+        tracing::debug!("a TLS handshake failed: {err}");
+        "handshake"
+    })
+}
+
+/// Answers a plain-HTTP request on the TLS port with a 400 that says what to do.
+async fn refuse_plain_http(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt as _;
+    let body = encode(
+        SUPPORTED.max(),
+        &ErrorBody {
+            code: ErrorCode::BadRequest,
+            message: "this coordinator speaks TLS: use an https:// URL (or start `turnout serve` with --plaintext \
+                      behind a proxy that terminates TLS)"
+                .into(),
+        },
+    );
+    let head = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    // Best effort: the client may already be gone.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(&body).await?;
+        stream.shutdown().await
+    })
+    .await;
 }
 
 /// Logs `message`, at most once every ten seconds: a flood of refused
@@ -1290,11 +1370,13 @@ async fn create_token(
             "operator token created"
         },
     )?;
-    Ok((
-        StatusCode::CREATED,
-        json(&serde_json::json!({"token": token})),
-    )
-        .into_response())
+    let pins: Vec<String> = c.ca_pins().iter().map(ToString::to_string).collect();
+    let answer = if request.enroll {
+        serde_json::json!({"token": token, "ca_pins": pins})
+    } else {
+        serde_json::json!({"token": token})
+    };
+    Ok((StatusCode::CREATED, json(&answer)).into_response())
 }
 
 // ---- rollouts and events ----

@@ -1,16 +1,18 @@
 //! The fleet harness for the workspace end-to-end tests: a coordinator as a
 //! child process (`turnout serve`), agents as child processes (`turnout agent
-//! run`, exec supervisor, the demo service), signed demo releases, and a TCP
-//! proxy that can cut one host off. Everything listens on 127.0.0.1 only.
+//! run`, exec supervisor, the demo service), signed demo releases, and a
+//! proxy that can cut one host off or stall its answers ([`proxy`]).
+//! Everything listens on 127.0.0.1 only, over TLS as in production.
 
 pub mod http;
+pub mod proxy;
+
+pub use proxy::{Proxy, ProxyTls};
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
@@ -39,112 +41,6 @@ pub use turnout_testkit::{free_port, wait_for};
 
 fn signal(child: &Child, signal: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
-}
-
-/// A TCP proxy in front of the coordinator that can cut a host off and let it back.
-pub struct Proxy {
-    /// The port agents behind it use.
-    pub port: u16,
-    cut: Arc<AtomicBool>,
-    open: Arc<Mutex<Vec<TcpStream>>>,
-    hold: Arc<AtomicBool>,
-    held: Arc<Mutex<Vec<u8>>>,
-}
-
-impl Proxy {
-    /// Forwards 127.0.0.1:(new port) to 127.0.0.1:`target`.
-    pub fn start(target: u16) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (cut, open) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(Mutex::new(Vec::<TcpStream>::new())),
-        );
-        let (hold, held) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(Mutex::new(Vec::<u8>::new())),
-        );
-        let (c, o, h, hd) = (cut.clone(), open.clone(), hold.clone(), held.clone());
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                if c.load(Ordering::SeqCst) {
-                    continue; // dropped: the connection is refused mid-handshake
-                }
-                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
-                    continue;
-                };
-                o.lock()
-                    .unwrap()
-                    .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
-                let mut upstream = client.try_clone().unwrap();
-                let mut to_server = server.try_clone().unwrap();
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut upstream, &mut to_server);
-                    let _ = to_server.shutdown(Shutdown::Both);
-                });
-                // Answers may be held (not delivered) while `hold` is set,
-                // and what is held is kept for the test to read.
-                let (h, hd) = (h.clone(), hd.clone());
-                let (mut from, mut to) = (server, client);
-                std::thread::spawn(move || {
-                    let mut buffer = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = match from.read(&mut buffer) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        if h.load(Ordering::SeqCst) {
-                            hd.lock().unwrap().extend_from_slice(&buffer[..n]);
-                            while h.load(Ordering::SeqCst) {
-                                std::thread::sleep(Duration::from_millis(5));
-                            }
-                        }
-                        if to.write_all(&buffer[..n]).is_err() {
-                            break;
-                        }
-                    }
-                    let _ = to.shutdown(Shutdown::Both);
-                });
-            }
-        });
-        Proxy {
-            port,
-            cut,
-            open,
-            hold,
-            held,
-        }
-    }
-
-    /// Holds every answer from the coordinator (a stalled link), keeping
-    /// what arrives; [`Proxy::release`] delivers it.
-    pub fn hold(&self) {
-        self.held.lock().unwrap().clear();
-        self.hold.store(true, Ordering::SeqCst);
-    }
-
-    /// What the coordinator answered while held, as text.
-    pub fn held(&self) -> String {
-        String::from_utf8_lossy(&self.held.lock().unwrap()).into_owned()
-    }
-
-    /// Delivers what was held, and lets answers through again.
-    pub fn release(&self) {
-        self.hold.store(false, Ordering::SeqCst);
-    }
-
-    /// Cuts every open connection and refuses new ones.
-    pub fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        for stream in self.open.lock().unwrap().drain(..) {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-    }
-
-    /// Lets connections through again.
-    pub fn restore(&self) {
-        self.cut.store(false, Ordering::SeqCst);
-    }
 }
 
 /// One agent host.
@@ -273,6 +169,8 @@ pub struct Fleet {
     pub url: String,
     /// An admin token.
     pub admin: String,
+    /// The coordinator's CA pin, which hosts join with.
+    pub pin: String,
     port: u16,
     coordinator: Option<Child>,
     /// The hosts.
@@ -294,8 +192,9 @@ impl Fleet {
         .unwrap();
         let port = free_port();
         let mut fleet = Fleet {
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("https://127.0.0.1:{port}"),
             admin: String::new(),
+            pin: String::new(),
             port,
             coordinator: None,
             hosts: Vec::new(),
@@ -303,6 +202,9 @@ impl Fleet {
             dir,
         };
         fleet.admin = fleet.start_coordinator(true).unwrap();
+        fleet.pin = turnout_rt::tls::Pin::of_certificate(&fleet.ca()[0])
+            .unwrap()
+            .to_string();
         for (version, mode) in [
             ("1.0.0", "healthy"),
             ("2.0.0", "healthy"),
@@ -333,9 +235,14 @@ impl Fleet {
                 ),
             )
             .unwrap();
-            let proxy = options.proxied.contains(&i).then(|| Proxy::start(port));
+            let proxy = options.proxied.contains(&i).then(|| {
+                Proxy::start(
+                    port,
+                    Some(ProxyTls::relay(&fleet.dir.path().join("coordinator"))),
+                )
+            });
             let via = proxy.as_ref().map_or(fleet.url.clone(), |p| {
-                format!("http://127.0.0.1:{}", p.port)
+                format!("https://127.0.0.1:{}", p.port)
             });
             let enrolled = Command::new(turnout_bin())
                 .args([
@@ -347,6 +254,8 @@ impl Fleet {
                     token["token"].as_str().unwrap(),
                     "--host",
                     &id,
+                    "--ca-pin",
+                    &fleet.pin,
                 ])
                 .env("TURNOUT_AGENT_CONFIG", &config)
                 .output()
@@ -401,7 +310,10 @@ impl Fleet {
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         if init {
-            command.arg("--init");
+            command
+                .arg("--init")
+                .arg("--profile")
+                .arg(self.dir.path().join("profile.toml"));
         }
         let mut child = command.spawn().unwrap();
         let token = init.then(|| {
@@ -426,9 +338,15 @@ impl Fleet {
         }
     }
 
-    /// An admin client.
+    /// The coordinator's CA (made by `turnout serve --init`).
+    pub fn ca(&self) -> Vec<turnout_rt::tls::CertificateDer<'static>> {
+        let pem = std::fs::read(self.dir.path().join("coordinator/tls/ca.pem")).unwrap();
+        turnout_rt::tls::certificates_from_pem(&pem).unwrap()
+    }
+
+    /// An admin client, trusting the coordinator's CA.
     pub fn client(&self) -> Client {
-        Client::new(&self.url, Some(self.admin.clone()))
+        Client::with_ca(&self.url, Some(self.admin.clone()), &self.ca())
     }
 
     /// A one-script demo release of `web` signed by `key`.
@@ -471,15 +389,7 @@ impl Fleet {
 
     /// The coordinator's `/metrics` page.
     pub fn metrics(&self) -> String {
-        use std::io::{Read, Write};
-        let mut stream =
-            std::net::TcpStream::connect(self.url.trim_start_matches("http://")).unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut text = String::new();
-        stream.read_to_string(&mut text).unwrap();
-        text
+        self.client().get_text("/metrics").unwrap()
     }
 
     /// Rounds of the coordinator's rollout loop so far, from `/metrics`.

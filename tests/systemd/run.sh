@@ -50,7 +50,7 @@ wait_until() {
     done
 }
 inside() { local i=$1; shift; nsenter -t "${LEADER[$i]}" -a "$@"; }
-api() { curl -sf -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$CPORT$1"; }
+api() { curl -sf --cacert "$W/coordinator/tls/ca.pem" -H "Authorization: Bearer $TOKEN" "https://127.0.0.1:$CPORT$1"; }
 rollout_state() { api "/v1/rollouts/$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"]["state"])'; }
 served() { curl -sf "http://127.0.0.1:${PORT[$1]}/version"; }
 agent_field() { inside "$1" /usr/local/bin/turnout agent status --json | python3 -c "import json,sys; s=json.load(sys.stdin)[0]; print($2)"; }
@@ -74,13 +74,15 @@ for spec in 1.0.0:healthy 2.0.0:healthy 3.0.0:unhealthy 4.0.0:healthy 5.0.0:heal
 done
 
 CPORT=$(free_port)
-"$BIN" serve --listen "127.0.0.1:$CPORT" --state-dir "$W/coordinator" --trust "$W/trust.json" --report-interval 1s --init > "$W/serve.out" 2> "$W/serve.log" &
+"$BIN" serve --listen "127.0.0.1:$CPORT" --state-dir "$W/coordinator" --trust "$W/trust.json" --report-interval 1s --init --profile "$W/profile.toml" > "$W/serve.out" 2> "$W/serve.log" &
 COORD=$!
-wait_until 20 "the coordinator" 'curl -sf "http://127.0.0.1:$CPORT/metrics"'
+wait_until 20 "the coordinator" 'curl -sf --cacert "$W/coordinator/tls/ca.pem" "https://127.0.0.1:$CPORT/metrics"'
 TOKEN=$(grep -o 'tnt_[A-Za-z0-9_-]*' "$W/serve.out")
-export TURNOUT_COORDINATOR="http://127.0.0.1:$CPORT" TURNOUT_TOKEN=$TOKEN
+export TURNOUT_COORDINATOR="https://127.0.0.1:$CPORT" TURNOUT_TOKEN=$TOKEN TURNOUT_CA="$W/coordinator/tls/ca.pem"
 for v in 1.0.0 2.0.0 3.0.0 4.0.0 5.0.0 6.0.0; do "$BIN" bundle push "$W/web-$v.tnt" >/dev/null; done
-ENROLL=$("$BIN" token create --enroll --uses "$N")
+ENROLL_JSON=$("$BIN" token create --enroll --uses "$N" --json)
+ENROLL=$(printf '%s' "$ENROLL_JSON" | grep -o 'tnt_[A-Za-z0-9_-]*' | head -n 1)
+PIN=$(printf '%s' "$ENROLL_JSON" | grep -o 'sha256:[0-9a-f]\{64\}' | head -n 1)
 
 # The agent's unit as shipped, run from the `turnout` binary, with a short
 # watchdog and the test-only freeze switch for these checks.
@@ -135,7 +137,7 @@ TOML
     sed "s#--port 8080#--port ${PORT[$i]}#; s#DynamicUser=yes#DynamicUser=no#" systemd/web.service.example > "$W/h$i/web.service"
     start_proxy "$i"
     boot "$i"
-    inside "$i" /usr/local/bin/turnout agent enroll --coordinator "http://127.0.0.1:${PPORT[$i]}" --token "$ENROLL" --host "h$i" >/dev/null
+    inside "$i" /usr/local/bin/turnout agent enroll --coordinator "https://127.0.0.1:${PPORT[$i]}" --token "$ENROLL" --ca-pin "$PIN" --host "h$i" >/dev/null
     inside "$i" systemctl restart turnout-agent
 done
 wait_until 30 "every host to report" 'test "$(hosts_reporting)" = "$N"'

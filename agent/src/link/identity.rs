@@ -1,5 +1,11 @@
 //! The host's identity: its ed25519 key (`identity.pem`, mode 0600), its
-//! id and its coordinator (`coordinator.json`), made by enrolling.
+//! id and its coordinator (`coordinator.json`), and the CA the coordinator's
+//! certificate must chain to (`ca.pem`), made by enrolling.
+//!
+//! Enrolling with an https coordinator needs a pin of its CA (the join line
+//! carries one) or the CA's certificate: the first contact accepts the
+//! server only if its chain matches, and every later connection is checked
+//! against the CA kept in `ca.pem`, with host-name checks.
 
 use super::*;
 
@@ -12,6 +18,38 @@ pub struct Identity {
     pub key: SecretKey,
     /// The coordinator's base URL.
     pub coordinator: String,
+    /// The CA certificates its certificate must chain to (`ca.pem`; none for http).
+    pub ca: Vec<CertificateDer<'static>>,
+}
+
+/// How an enrolling host learns to trust an https coordinator.
+#[derive(Debug, Clone, Default)]
+pub struct EnrollTrust {
+    /// Pins of the coordinator's CA (`sha256:…`, from the join line).
+    pub pins: Vec<turnout_rt::tls::Pin>,
+    /// Or the CA certificates themselves (PEM).
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+const CA_FILE: &str = "ca.pem";
+
+fn read_ca(state_dir: &Path, coordinator: &str) -> Result<Vec<CertificateDer<'static>>, LinkError> {
+    if !coordinator.starts_with("https://") {
+        return Ok(Vec::new());
+    }
+    let path = state_dir.join(CA_FILE);
+    let pem = std::fs::read(&path).map_err(|source| LinkError::Io {
+        what: format!(
+            "reading {} (the CA of the https coordinator this host enrolled with; enroll again with the join line \
+             from `turnout token create --enroll` to get it)",
+            path.display()
+        ),
+        source,
+    })?;
+    turnout_rt::tls::certificates_from_pem(&pem).map_err(|e| LinkError::Io {
+        what: format!("reading {}", path.display()),
+        source: std::io::Error::other(e),
+    })
 }
 
 /// The format of `coordinator.json` this build writes (files without the
@@ -51,10 +89,12 @@ impl Identity {
             what: "reading identity.pem".into(),
             source: std::io::Error::other(e),
         })?;
+        let ca = read_ca(state_dir, &enrolled.coordinator)?;
         Ok(Some(Identity {
             host: enrolled.host,
             key,
             coordinator: enrolled.coordinator,
+            ca,
         }))
     }
 
@@ -65,10 +105,51 @@ impl Identity {
         token: &str,
         host: &HostId,
         labels: &BTreeMap<String, String>,
+        trust: &EnrollTrust,
     ) -> Result<Identity, LinkError> {
         let io = |what: &str| {
             let what = what.to_owned();
             move |source| LinkError::Io { what, source }
+        };
+        let coordinator = coordinator.trim_end_matches('/').to_owned();
+        // Trust first: nothing is written, no key made, for a coordinator
+        // that cannot be verified.
+        let ca = if !coordinator.starts_with("https://") {
+            tracing::warn!(
+                "enrolling over plain HTTP ({coordinator}): the token and every desired state cross the network \
+                 in clear text; use the coordinator's https:// URL and its CA pin"
+            );
+            Vec::new()
+        } else if let Some(pem) = &trust.ca_pem {
+            turnout_rt::tls::certificates_from_pem(pem).map_err(|e| LinkError::Io {
+                what: "reading the CA given with --ca".into(),
+                source: std::io::Error::other(e),
+            })?
+        } else if !trust.pins.is_empty() {
+            let found =
+                turnout_rt::tls::discover(&coordinator, &trust.pins, Duration::from_secs(20))
+                    .map_err(|e| match e {
+                        turnout_rt::tls::TlsError::Connect { url, detail } => {
+                            LinkError::Unreachable { url, detail }
+                        }
+                        other => LinkError::Untrusted {
+                            url: coordinator.clone(),
+                            detail: other.to_string(),
+                        },
+                    })?;
+            vec![found]
+        } else {
+            match read_ca(state_dir, &coordinator) {
+                Ok(ca) => ca,
+                Err(_) => {
+                    return Err(LinkError::Untrusted {
+                        url: coordinator.clone(),
+                        detail: "an https coordinator needs its CA pin: pass --ca-pin sha256:… (the join line that \
+                                 `turnout token create --enroll` prints has it) or --ca FILE"
+                            .into(),
+                    });
+                }
+            }
         };
         std::fs::create_dir_all(state_dir).map_err(io("creating the state directory"))?;
         let key_path = state_dir.join("identity.pem");
@@ -89,10 +170,9 @@ impl Identity {
                 key
             }
         };
-        let coordinator = coordinator.trim_end_matches('/').to_owned();
         let body = serde_json::json!({"token": token, "host": host, "public_key": key.public().to_pem(), "labels": labels});
         let (status, answer) = http(
-            &client(),
+            &client(&ca),
             &coordinator,
             "POST",
             "/v1/enroll",
@@ -112,12 +192,21 @@ impl Identity {
             coordinator: coordinator.clone(),
         })
         .expect("serialises");
+        if !ca.is_empty() {
+            turnout_rt::files::write_atomic(
+                &state_dir.join(CA_FILE),
+                turnout_rt::tls::certificates_to_pem(&ca).as_bytes(),
+                0o644,
+            )
+            .map_err(io("writing ca.pem"))?;
+        }
         turnout_rt::files::write_atomic(&state_dir.join("coordinator.json"), &enrolled, 0o644)
             .map_err(io("writing coordinator.json"))?;
         Ok(Identity {
             host: host.clone(),
             key,
             coordinator,
+            ca,
         })
     }
 }

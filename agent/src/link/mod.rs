@@ -27,6 +27,7 @@ use turnout_proto::messages::{
     ServiceReport, ServiceState, Welcome,
 };
 use turnout_proto::{Capability, CapabilitySet, HostId, encode, request_auth};
+use turnout_rt::tls::CertificateDer;
 
 use crate::converge;
 use crate::service::{Agent, ServiceStatus, now_ms};
@@ -35,7 +36,7 @@ mod download;
 mod identity;
 mod transport;
 
-pub use identity::Identity;
+pub use identity::{EnrollTrust, Identity};
 use transport::{client, error_message, http, signing_time};
 
 /// Why the link failed.
@@ -59,6 +60,14 @@ pub enum LinkError {
         /// Its message.
         message: String,
     },
+    /// The coordinator's certificate could not be trusted (pin, CA, name, dates).
+    #[error("the coordinator at {url} could not be verified: {detail}")]
+    Untrusted {
+        /// Where.
+        url: String,
+        /// Why, and what to do.
+        detail: String,
+    },
     /// No common protocol version.
     #[error("{0}")]
     Incompatible(Incompatible),
@@ -78,7 +87,7 @@ pub enum LinkError {
 pub struct LinkStatus {
     /// The coordinator, when enrolled.
     pub coordinator: Option<String>,
-    /// `connected`, `refused`, `unreachable`, `standalone`.
+    /// `connected`, `refused`, `untrusted`, `unreachable`, `standalone`.
     pub state: String,
     /// Why, when not connected.
     pub detail: Option<String>,
@@ -145,6 +154,7 @@ impl Link {
     /// A link for `agent` as `identity`; `status` is shared with `turnout-agent status`.
     pub fn new(agent: Arc<Agent>, identity: Identity, status: Arc<Mutex<LinkStatus>>) -> Link {
         let cache = agent.config().state_dir.join("cache");
+        let client = client(&identity.ca);
         Link {
             agent,
             identity,
@@ -152,7 +162,7 @@ impl Link {
             cache,
             refusals: Mutex::new(BTreeMap::new()),
             last_seq: Mutex::new(0),
-            client: client(),
+            client,
         }
     }
 
@@ -181,6 +191,12 @@ impl Link {
                     self.set("refused", Some(refusal.to_string()));
                     tracing::error!(
                         "the coordinator refused this agent: {refusal}; services keep running as they are"
+                    );
+                }
+                LinkError::Untrusted { .. } => {
+                    self.set("untrusted", Some(err.to_string()));
+                    tracing::error!(
+                        "{err}; no desired state is taken from it, services keep running, retrying"
                     );
                 }
                 other => {

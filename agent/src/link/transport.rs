@@ -10,8 +10,10 @@ pub(super) fn error_message(body: &[u8]) -> String {
 
 /// The coordinator link's HTTP client: a connection pool, so the link's
 /// polls, reports and downloads reuse one kept-alive connection.
-pub(super) fn client() -> ureq::Agent {
+pub(super) fn client(cas: &[CertificateDer<'_>]) -> ureq::Agent {
     ureq::Agent::config_builder()
+        // https: the coordinator's CA (ca.pem) and nothing else.
+        .tls_config(turnout_rt::tls::ureq_trusting(cas))
         .http_status_as_error(false)
         // Buffers per pooled connection (ureq's default is 128 KiB each
         // way): desired states and reports are small, and a download
@@ -46,10 +48,7 @@ pub(super) fn http(
         }
         request.send(body)
     };
-    let mut response = result.map_err(|e| LinkError::Unreachable {
-        url: base.to_owned(),
-        detail: e.to_string(),
-    })?;
+    let mut response = result.map_err(|e| unreachable_or_untrusted(base, &e))?;
     let status = response.status().as_u16();
     let body = response
         .body_mut()
@@ -61,6 +60,25 @@ pub(super) fn http(
             detail: e.to_string(),
         })?;
     Ok((status, body))
+}
+
+/// A failed request: untrusted when TLS refused the coordinator's
+/// certificate, unreachable otherwise.
+pub(super) fn unreachable_or_untrusted(base: &str, err: &ureq::Error) -> LinkError {
+    match turnout_rt::tls::ureq_failure(err) {
+        Some(tls) if tls.certificate => LinkError::Untrusted {
+            url: base.to_owned(),
+            detail: tls.detail,
+        },
+        Some(tls) => LinkError::Unreachable {
+            url: base.to_owned(),
+            detail: tls.detail,
+        },
+        None => LinkError::Unreachable {
+            url: base.to_owned(),
+            detail: err.to_string(),
+        },
+    }
 }
 
 impl Link {

@@ -95,9 +95,27 @@ pub fn token(command: TokenCommand) -> anyhow::Result<Exit> {
     } else {
         json!({"role": role})
     };
-    let answer: Value = remote.client().post("/v1/tokens", &body)?;
+    let mut answer: Value = remote.client()?.post("/v1/tokens", &body)?;
+    let secret = answer["token"].as_str().unwrap_or_default().to_owned();
+    let join = enroll.then(|| {
+        let mut line = format!(
+            "turnout-agent enroll --coordinator {} --token {secret}",
+            remote.url().unwrap_or_default()
+        );
+        for pin in answer["ca_pins"].as_array().into_iter().flatten() {
+            line.push_str(&format!(" --ca-pin {}", pin.as_str().unwrap_or_default()));
+        }
+        line
+    });
+    if let Some(join) = &join {
+        answer["join"] = Value::from(join.clone());
+    }
     if !remote.print_json(&answer)? {
-        println!("{}", answer["token"].as_str().unwrap_or_default());
+        // The token alone on stdout, for scripts; the join line for people.
+        println!("{secret}");
+        if let Some(join) = join {
+            eprintln!("join a host with:\n  {join}");
+        }
     }
     Ok(Exit::Success)
 }
@@ -110,7 +128,7 @@ pub fn host(command: HostCommand) -> anyhow::Result<Exit> {
                 Some(s) => format!("/v1/hosts?selector={}", s.replace(' ', "")),
                 None => "/v1/hosts".into(),
             };
-            let hosts: Vec<Value> = remote.client().get(&path)?;
+            let hosts: Vec<Value> = remote.client()?.get(&path)?;
             if remote.print_json(&hosts)? {
                 return Ok(Exit::Success);
             }
@@ -148,7 +166,7 @@ pub fn host(command: HostCommand) -> anyhow::Result<Exit> {
             Ok(Exit::Success)
         }
         HostCommand::Forget { host, remote } => {
-            remote.client().delete(&format!("/v1/hosts/{host}"))?;
+            remote.client()?.delete(&format!("/v1/hosts/{host}"))?;
             println!("forgot host {host}");
             Ok(Exit::Success)
         }
@@ -164,7 +182,7 @@ pub fn bundle(command: BundleCommand) -> anyhow::Result<Exit> {
                     path: file.clone(),
                     cause: source,
                 })?;
-            let client = remote.client();
+            let client = remote.client()?;
             // Credentials first: a refused push of a large bundle would end in
             // a broken pipe, not in the refusal.
             let _: Value = client.get("/v1/auth?role=operator")?;
@@ -181,7 +199,7 @@ pub fn bundle(command: BundleCommand) -> anyhow::Result<Exit> {
             Ok(Exit::Success)
         }
         BundleCommand::List { remote } => {
-            let bundles: Vec<Value> = remote.client().get("/v1/bundles")?;
+            let bundles: Vec<Value> = remote.client()?.get("/v1/bundles")?;
             if !remote.print_json(&bundles)? {
                 println!(
                     "{:<16} {:<12} {:>10}  {:<20} SHA256",
@@ -216,7 +234,7 @@ pub fn print_event(event: &Value) {
 
 /// Runs `turnout events`.
 pub fn events(args: &EventsArgs) -> anyhow::Result<Exit> {
-    let client = args.remote.client();
+    let client = args.remote.client()?;
     let mut after = 0;
     loop {
         let mut path = format!("/v1/events?after={after}");

@@ -178,7 +178,7 @@ pub enum Command {
 pub fn run(command: Command) -> anyhow::Result<Exit> {
     match command {
         Command::Plan { spec, remote } => {
-            let plan: Value = remote.client().post(
+            let plan: Value = remote.client()?.post(
                 "/v1/rollouts/plan",
                 &json!({"spec": spec.raw()?, "id": spec.id}),
             )?;
@@ -221,7 +221,7 @@ pub fn run(command: Command) -> anyhow::Result<Exit> {
             remote,
         } => {
             let rollout: Rollout = remote
-                .client()
+                .client()?
                 .post("/v1/rollouts", &json!({"spec": spec.raw()?, "id": spec.id}))?;
             if follow {
                 if !remote.json {
@@ -239,9 +239,9 @@ pub fn run(command: Command) -> anyhow::Result<Exit> {
         }
         Command::Status { id, remote } => {
             let rollouts: Vec<Rollout> = match id {
-                Some(id) => vec![remote.client().get(&format!("/v1/rollouts/{id}"))?],
+                Some(id) => vec![remote.client()?.get(&format!("/v1/rollouts/{id}"))?],
                 None => remote
-                    .client()
+                    .client()?
                     .get::<Vec<Rollout>>("/v1/rollouts")?
                     .into_iter()
                     .filter(|r| !r.state.is_finished())
@@ -271,7 +271,7 @@ pub fn run(command: Command) -> anyhow::Result<Exit> {
             &remote,
         ),
         Command::List { remote } => {
-            let rollouts: Vec<Rollout> = remote.client().get("/v1/rollouts")?;
+            let rollouts: Vec<Rollout> = remote.client()?.get("/v1/rollouts")?;
             if !remote.print_json(&rollouts)? {
                 println!(
                     "{:<28} {:<10} {:<14} {:<8} RELEASE",
@@ -297,7 +297,7 @@ pub fn run(command: Command) -> anyhow::Result<Exit> {
 
 fn send_command(id: &str, name: &str, body: Value, remote: &Remote) -> anyhow::Result<Exit> {
     let rollout: Rollout = remote
-        .client()
+        .client()?
         .post(&format!("/v1/rollouts/{id}/{name}"), &body)?;
     if !remote.print_json(&rollout)? {
         print_rollout(&rollout);
@@ -387,7 +387,7 @@ pub fn print_rollout(r: &Rollout) {
 }
 
 fn watch(id: &str, remote: &Remote) -> anyhow::Result<Exit> {
-    let client = remote.client();
+    let client = remote.client()?;
     let live = std::io::stdout().is_terminal() && !remote.json;
     let mut after = 0;
     let mut recent: Vec<Value> = Vec::new();

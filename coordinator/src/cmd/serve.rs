@@ -3,19 +3,23 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use serde::Deserialize;
 
 use crate::coordinator::{Coordinator, Settings};
 use crate::exit::Exit;
 use crate::files;
+use crate::profile::Profile;
 use crate::store::Role;
+use crate::tls;
 
 /// Arguments of `turnout serve`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// A config file (TOML) with any of: listen, state_dir, trust,
-    /// report_interval, offline_after, max_connections. Flags override it.
+    /// report_interval, offline_after, max_connections, san (a list),
+    /// tls_cert, tls_key, plaintext. Flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// The address to listen on.
@@ -46,6 +50,28 @@ pub struct Args {
     /// instead of printing it.
     #[arg(long, requires = "init")]
     pub token_file: Option<PathBuf>,
+    /// With --init: a DNS name or IP address agents and operators reach
+    /// this coordinator by, for its TLS certificate (repeat it; localhost,
+    /// 127.0.0.1, this machine's host name and the listen address are always in).
+    #[arg(long = "san", value_name = "NAME")]
+    pub sans: Vec<String>,
+    /// Serve this certificate chain (PEM: the server's certificate, then
+    /// its CAs) instead of the one `--init` makes; read again on SIGHUP
+    /// and when the file changes.
+    #[arg(long, requires = "tls_key", conflicts_with = "plaintext")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP, for a proxy in front that terminates TLS. Tokens
+    /// and desired states then cross the network in clear between the
+    /// proxy and this coordinator.
+    #[arg(long)]
+    pub plaintext: bool,
+    /// Write the operator profile (`--init`) here instead of
+    /// $XDG_CONFIG_HOME/turnout/profile.toml (~/.config/turnout/profile.toml).
+    #[arg(long, requires = "init", env = "TURNOUT_PROFILE")]
+    pub profile: Option<PathBuf>,
     /// How log lines are written to stderr.
     #[arg(long, value_enum, env = "TURNOUT_LOG_FORMAT", default_value = "text")]
     pub log_format: turnout_rt::log::LogFormat,
@@ -55,6 +81,12 @@ pub struct Args {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<SocketAddr>,
+    #[serde(default)]
+    san: Vec<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    #[serde(default)]
+    plaintext: bool,
     state_dir: Option<PathBuf>,
     trust: Option<PathBuf>,
     report_interval: Option<String>,
@@ -108,7 +140,51 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
     if !args.init {
         refuse_lost_database(&state_dir)?;
     }
+    // The database first: one this build refuses stops it before anything
+    // (TLS files included) is made.
     let coordinator = Arc::new(Coordinator::open(&state_dir, trust, settings)?);
+    let plaintext = args.plaintext || file.plaintext;
+    let tls_files = match (
+        args.tls_cert.clone().or(file.tls_cert),
+        args.tls_key.clone().or(file.tls_key),
+    ) {
+        _ if plaintext => None,
+        (Some(cert), Some(key)) => Some((cert, key, false)),
+        (None, None) => {
+            let paths = tls::Paths::in_state_dir(&state_dir);
+            if args.init {
+                let names = server_names(listen, args.sans.iter().chain(&file.san));
+                let done = tls::init(&paths, &names, SystemTime::now())?;
+                if done.new_ca {
+                    tracing::info!(ca = %paths.ca.display(), "made the coordinator's CA");
+                }
+                if done.new_cert {
+                    tracing::info!(names = %names.join(","), "issued the coordinator's TLS certificate");
+                }
+            }
+            Some((paths.cert, paths.key, true))
+        }
+        _ => anyhow::bail!("give both tls_cert and tls_key, or neither"),
+    };
+    let served = tls_files
+        .as_ref()
+        .map(|(cert, key, _)| tls::Reloading::open(cert, key))
+        .transpose()?;
+    let pins = match &tls_files {
+        None => Vec::new(),
+        Some((cert, key, own)) => tls::pins(&if *own {
+            tls::Paths::in_state_dir(&state_dir)
+        } else {
+            tls::Paths {
+                ca: state_dir.join("tls/none"),
+                ca_key: state_dir.join("tls/none"),
+                cert: cert.clone(),
+                key: key.clone(),
+            }
+        })?,
+    };
+    coordinator.set_ca_pins(pins.clone());
+    let scheme = if served.is_some() { "https" } else { "http" };
     if args.init {
         if coordinator.with_store(|s| s.has_tokens())? {
             tracing::info!(
@@ -127,7 +203,36 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
                 }
                 None => println!("admin token (shown once, keep it safe): {token}"),
             }
+            let url = format!("{scheme}://{}", local_address(listen));
+            let ca = match &tls_files {
+                Some((_, _, true)) => Some(std::fs::read_to_string(
+                    tls::Paths::in_state_dir(&state_dir).ca,
+                )?),
+                _ => None,
+            };
+            let profile = Profile {
+                coordinator: url,
+                token: Some(token),
+                ca,
+                ca_pins: Vec::new(),
+            };
+            match profile.write_new(args.profile.as_deref()) {
+                Ok(path) => tracing::info!(
+                    "wrote the operator profile to {} (mode 0600): `turnout` commands on this machine need no flags",
+                    path.display()
+                ),
+                Err(err) => tracing::warn!("no operator profile written: {err:#}"),
+            }
         }
+    }
+    if plaintext {
+        tracing::warn!(
+            "serving PLAIN HTTP (--plaintext): operator tokens, enrollment tokens and desired states cross the \
+             network in clear text; use this only behind a proxy that terminates TLS"
+        );
+    }
+    for pin in &pins {
+        tracing::info!(%pin, "agents join with this CA pin (`turnout token create --enroll` prints the join line)");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -136,13 +241,50 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         tracing::info!(
-            "coordinator listening on http://{}, state in {}",
+            "coordinator listening on {scheme}://{}, state in {}",
             listener.local_addr()?,
             state_dir.display()
         );
-        crate::server::serve(coordinator, listener, shutdown()).await
+        let acceptor = served.clone().map(tls::acceptor);
+        let reload = served.map(|served| tokio::spawn(served.watch()));
+        let served = crate::server::serve(coordinator, listener, acceptor, shutdown()).await;
+        if let Some(reload) = reload {
+            reload.abort();
+        }
+        served
     })?;
     Ok(Exit::Success)
+}
+
+/// The names the coordinator's certificate carries: loopback, this
+/// machine's host name, the listen address when it is a specific one, and
+/// the operator's.
+fn server_names<'a>(listen: SocketAddr, extra: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let host = host.trim();
+        if !host.is_empty() && host.parse::<std::net::IpAddr>().is_err() {
+            names.push(host.to_owned());
+        }
+    }
+    if !listen.ip().is_unspecified() {
+        names.push(listen.ip().to_string());
+    }
+    for name in extra {
+        names.push(name.clone());
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    names.retain(|n| seen.insert(n.to_ascii_lowercase()));
+    names
+}
+
+/// How a client on this machine reaches the listen address.
+fn local_address(listen: SocketAddr) -> String {
+    match listen.ip() {
+        ip if ip.is_unspecified() || ip.is_loopback() => format!("127.0.0.1:{}", listen.port()),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]:{}", listen.port()),
+        ip => format!("{ip}:{}", listen.port()),
+    }
 }
 
 /// Refuses to start on a missing or empty database beside a bundle store

@@ -52,7 +52,7 @@ impl Server {
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 ready_tx.send(listener.local_addr().unwrap()).unwrap();
-                turnout::server::serve(c, listener, async move {
+                turnout::server::serve(c, listener, None, async move {
                     let _ = stopped.await;
                 })
                 .await

@@ -5,4 +5,5 @@ mod bundle_tools;
 mod fake;
 mod hardening;
 mod sigkill;
+mod tls;
 mod upgrade;

@@ -30,10 +30,15 @@ impl Serve {
             .arg("--trust")
             .arg(dir.join("trust.json"))
             .args(["--report-interval", "1s"])
+            // Crash recovery is the subject here, over plain HTTP; TLS has its own tests.
+            .arg("--plaintext")
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         if init {
-            command.arg("--init");
+            command
+                .arg("--init")
+                .arg("--profile")
+                .arg(dir.join("profile.toml"));
         }
         let mut child = command.spawn().unwrap();
         let token = init.then(|| {

@@ -485,20 +485,22 @@ fn mixed_agent_versions_work_together_or_are_refused_cleanly() {
             .any(|c| c == "long_poll"),
         "{old}"
     );
-    // The refused host shows why, and keeps serving what it runs.
-    let out = std::process::Command::new(turnout_tests::turnout_bin())
-        .args(["agent", "status"])
-        .env(
-            "TURNOUT_AGENT_CONFIG",
-            fleet.dir.path().join("host-02/agent.toml"),
-        )
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("refused: no common protocol version"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    // The refused host shows why (once its link has the answer the
+    // coordinator already recorded), and keeps serving what it runs.
+    let status = || {
+        let out = std::process::Command::new(turnout_tests::turnout_bin())
+            .args(["agent", "status"])
+            .env(
+                "TURNOUT_AGENT_CONFIG",
+                fleet.dir.path().join("host-02/agent.toml"),
+            )
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    turnout_tests::wait_for("host-02's status to show the refusal", LONG, || {
+        status().contains("refused: no common protocol version")
+    });
     let id = fleet.rollout(
         json!({"service": "web", "release": "web@1.0.0", "waves": ["100%"], "max_parallel": 3}),
     );

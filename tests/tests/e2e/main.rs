@@ -5,4 +5,5 @@
 mod downloads;
 mod fleet;
 mod handshake;
+mod tls;
 mod units;

@@ -1,0 +1,306 @@
+//! `turnout serve` over TLS as a real process, and the operator CLI
+//! against it: the profile `--init` writes, a CA file, a pin, and every way
+//! trust can fail, each with its own message and exit code.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, SystemTime};
+
+use turnout_testkit::{free_port, wait_for};
+
+use crate::fake::release_key;
+
+/// A coordinator child process; killed on drop.
+struct Serve {
+    child: Child,
+    port: u16,
+    stderr: PathBuf,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn trust_file(dir: &Path) -> PathBuf {
+    let key = dir.join("k.pub.pem");
+    std::fs::write(&key, release_key().public().to_pem()).unwrap();
+    let trust = dir.join("trust.json");
+    let made = Command::new(env!("CARGO_BIN_EXE_turnout"))
+        .args(["trust", "init", "--key"])
+        .arg(&key)
+        .arg("--out")
+        .arg(&trust)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    trust
+}
+
+/// `turnout serve` on a free port with `extra` arguments, HOME in `dir`.
+fn serve(dir: &Path, extra: &[&str]) -> Serve {
+    let port = free_port();
+    let stderr = dir.join(format!("serve-{port}.log"));
+    let child = Command::new(env!("CARGO_BIN_EXE_turnout"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--state-dir",
+        ])
+        .arg(dir.join("state"))
+        .arg("--trust")
+        .arg(trust_file(dir))
+        .args(extra)
+        .env("HOME", dir)
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("TURNOUT_PROFILE")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for("the coordinator to listen", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    Serve {
+        child,
+        port,
+        stderr,
+    }
+}
+
+/// `turnout ARGS` with HOME in `home` and no operator variables.
+fn turnout(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_turnout"))
+        .args(args)
+        .env("HOME", home)
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("TURNOUT_PROFILE")
+        .env_remove("TURNOUT_COORDINATOR")
+        .env_remove("TURNOUT_TOKEN")
+        .env_remove("TURNOUT_CA")
+        .env_remove("TURNOUT_CA_PIN")
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn profile_token(home: &Path) -> String {
+    let profile = std::fs::read_to_string(home.join(".config/turnout/profile.toml")).unwrap();
+    let profile: toml::Table = toml::from_str(&profile).unwrap();
+    profile["token"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn init_makes_a_ca_and_a_profile_and_the_cli_needs_no_flags_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &["--init"]);
+    // The profile in HOME names the coordinator, its CA and the admin token.
+    let out = turnout(dir.path(), &["host", "list"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    use std::os::unix::fs::PermissionsExt;
+    for private in [
+        ".config/turnout/profile.toml",
+        "state/tls/ca.key",
+        "state/tls/server.key",
+    ] {
+        let mode = std::fs::metadata(dir.path().join(private))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{private}");
+    }
+    // An enrollment token's join line carries the CA's pin, the one the
+    // server logged.
+    let out = turnout(dir.path(), &["token", "create", "--enroll", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pin = answer["ca_pins"][0].as_str().unwrap().to_owned();
+    assert!(pin.starts_with("sha256:") && pin.len() == 71, "{answer}");
+    let join = answer["join"].as_str().unwrap();
+    assert!(
+        join.contains(&format!("--coordinator https://127.0.0.1:{}", server.port))
+            && join.contains(&format!("--ca-pin {pin}")),
+        "{join}"
+    );
+    let log = std::fs::read_to_string(&server.stderr).unwrap();
+    assert!(log.contains(&pin), "{log}");
+
+    // The same with a pin instead of the profile's CA.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let url = format!("https://127.0.0.1:{}", server.port);
+    let token = profile_token(dir.path());
+    let by_pin = turnout(
+        elsewhere.path(),
+        &[
+            "host",
+            "list",
+            "--coordinator",
+            &url,
+            "--token",
+            &token,
+            "--ca-pin",
+            &pin,
+        ],
+    );
+    assert_eq!(by_pin.status.code(), Some(0), "{}", text(&by_pin));
+    // Without any CA: said what to pass, exit 2, nothing sent.
+    let no_ca = turnout(
+        elsewhere.path(),
+        &["host", "list", "--coordinator", &url, "--token", &token],
+    );
+    assert_eq!(no_ca.status.code(), Some(2), "{}", text(&no_ca));
+    assert!(
+        text(&no_ca).contains("--ca FILE") && text(&no_ca).contains("--ca-pin"),
+        "{}",
+        text(&no_ca)
+    );
+    // Plain HTTP to the TLS port: told to use https, exit 3.
+    let plain = turnout(
+        elsewhere.path(),
+        &[
+            "host",
+            "list",
+            "--coordinator",
+            &format!("http://127.0.0.1:{}", server.port),
+            "--token",
+            &token,
+        ],
+    );
+    assert_eq!(plain.status.code(), Some(3), "{}", text(&plain));
+    assert!(
+        text(&plain).contains("this coordinator speaks TLS: use an https:// URL"),
+        "{}",
+        text(&plain)
+    );
+    // A pin of another key: refused, both named, exit 9.
+    let wrong = format!("sha256:{}", "ab".repeat(32));
+    let mismatch = turnout(
+        elsewhere.path(),
+        &[
+            "host",
+            "list",
+            "--coordinator",
+            &url,
+            "--token",
+            &token,
+            "--ca-pin",
+            &wrong,
+        ],
+    );
+    assert_eq!(mismatch.status.code(), Some(9), "{}", text(&mismatch));
+    assert!(
+        text(&mismatch).contains(&wrong) && text(&mismatch).contains(&pin),
+        "{}",
+        text(&mismatch)
+    );
+    // Another CA given as the CA file: the certificate is refused, exit 9.
+    let other = tempfile::tempdir().unwrap();
+    let paths = turnout::tls::Paths::in_state_dir(other.path());
+    turnout::tls::init(&paths, &["127.0.0.1".to_owned()], SystemTime::now()).unwrap();
+    let other_ca = paths.ca.to_str().unwrap().to_owned();
+    let untrusted = turnout(
+        elsewhere.path(),
+        &[
+            "host",
+            "list",
+            "--coordinator",
+            &url,
+            "--token",
+            &token,
+            "--ca",
+            &other_ca,
+        ],
+    );
+    assert_eq!(untrusted.status.code(), Some(9), "{}", text(&untrusted));
+    assert!(
+        text(&untrusted).contains("not signed by the CA"),
+        "{}",
+        text(&untrusted)
+    );
+}
+
+#[test]
+fn an_expired_certificate_is_refused_by_name_and_a_missing_one_stops_serve_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    // A certificate whose year ended long ago, given as the operator's own.
+    let old = dir.path().join("old");
+    let paths = turnout::tls::Paths::in_state_dir(&old);
+    let long_ago = SystemTime::now() - Duration::from_secs(3 * 365 * 24 * 3600);
+    turnout::tls::init(&paths, &["127.0.0.1".to_owned()], long_ago).unwrap();
+    let server = serve(
+        dir.path(),
+        &[
+            "--init",
+            "--tls-cert",
+            paths.cert.to_str().unwrap(),
+            "--tls-key",
+            paths.key.to_str().unwrap(),
+        ],
+    );
+    let token = profile_token(dir.path());
+    let url = format!("https://127.0.0.1:{}", server.port);
+    let out = turnout(
+        dir.path(),
+        &[
+            "host",
+            "list",
+            "--coordinator",
+            &url,
+            "--token",
+            &token,
+            "--ca",
+            paths.ca.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(9), "{}", text(&out));
+    assert!(text(&out).contains("has expired"), "{}", text(&out));
+    drop(server);
+
+    // No certificate, no --init, no --plaintext: refused with the three ways out.
+    let fresh = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_turnout"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(fresh.path().join("state"))
+        .arg("--trust")
+        .arg(trust_file(fresh.path()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains("turnout serve --init")
+            && said.contains("--tls-cert")
+            && said.contains("--plaintext"),
+        "{said}"
+    );
+}
+
+#[test]
+fn plaintext_is_loud_and_stalled_handshakes_do_not_block_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = serve(dir.path(), &["--plaintext"]);
+    let log = std::fs::read_to_string(&plain.stderr).unwrap();
+    assert!(log.contains("serving PLAIN HTTP (--plaintext)"), "{log}");
+    drop(plain);
+
+    // Over TLS: clients that connect and never finish a handshake hold
+    // only their own connection, and an operator is answered meanwhile.
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &["--init"]);
+    let stalled: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap())
+        .collect();
+    let out = turnout(dir.path(), &["host", "list"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    drop(stalled);
+}

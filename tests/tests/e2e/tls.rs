@@ -1,0 +1,132 @@
+//! The trusted channel with real processes: agents that joined with the
+//! coordinator's CA pin refuse a man in the middle, at enrollment and
+//! after, and keep their services as they are.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use serde_json::{Value, json};
+use turnout_tests::{Fleet, Options, ProxyTls, turnout_bin, wait_for};
+
+const LONG: Duration = Duration::from_secs(45);
+
+/// A proxy identity from a CA that is not the coordinator's (made in
+/// `dir`), with a certificate for 127.0.0.1 all the same; it trusts the
+/// real coordinator upstream.
+fn impostor(fleet: &Fleet, dir: &Path) -> (ProxyTls, String) {
+    let paths = turnout::tls::Paths::in_state_dir(dir);
+    turnout::tls::init(&paths, &["127.0.0.1".to_owned()], SystemTime::now()).unwrap();
+    let pin = turnout::tls::pins(&paths).unwrap()[0].to_string();
+    let tls = ProxyTls::new(
+        &paths.cert,
+        &paths.key,
+        &fleet.dir.path().join("coordinator/tls/ca.pem"),
+    );
+    (tls, pin)
+}
+
+fn agent_status(fleet: &Fleet, host: &str) -> String {
+    let out = std::process::Command::new(turnout_bin())
+        .args(["agent", "status"])
+        .env(
+            "TURNOUT_AGENT_CONFIG",
+            fleet.dir.path().join(host).join("agent.toml"),
+        )
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_man_in_the_middle_is_refused_at_enrollment_and_after_and_services_keep_running() {
+    let fleet = Fleet::start(Options {
+        hosts: 1,
+        proxied: vec![0],
+        ..Options::default()
+    });
+    fleet.install_everywhere("1.0.0");
+    let host = &fleet.hosts[0];
+    let proxy = host.proxy.as_ref().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let (fake, fake_pin) = impostor(&fleet, other.path());
+
+    // An enrolled agent behind the impostor: every request fails, and
+    // its status says why.
+    proxy.impersonate(fake);
+    let deadline = std::time::Instant::now() + LONG;
+    while !agent_status(&fleet, "host-00").contains("untrusted") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the link never called the coordinator untrusted:\n{}\n{}",
+            agent_status(&fleet, "host-00"),
+            host.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = agent_status(&fleet, "host-00");
+    assert!(
+        status.contains("could not be verified")
+            && status.contains("not signed by the CA this client trusts"),
+        "{status}"
+    );
+    // No desired state reaches it: the coordinator loses it, a rollout of
+    // 2.0.0 does not touch it, and it serves 1.0.0 throughout.
+    wait_for("the coordinator to see the host offline", LONG, || {
+        let hosts: Vec<Value> = fleet.client().get("/v1/hosts").unwrap();
+        hosts[0]["state"] == "offline"
+    });
+    // (The rollout counts the unreachable host as failed: the
+    // coordinator's view; the host's own release stands.)
+    fleet.rollout(json!({"service": "web", "release": "web@2.0.0", "waves": ["100%"]}));
+    let before = fleet.engine_rounds();
+    wait_for("three rounds of the rollout loop", LONG, || {
+        fleet.engine_rounds() >= before + 3
+    });
+    assert_eq!(host.served().as_deref(), Some("1.0.0"));
+    assert_eq!(host.status()["state"], "idle", "{}", host.status());
+    assert!(!host.log().contains("2.0.0"), "{}", host.log());
+
+    // A new host enrolling through the impostor with the real pin is
+    // refused before it sends its token, and is told both fingerprints.
+    let token: Value = fleet
+        .client()
+        .post("/v1/tokens", &json!({"enroll": true}))
+        .unwrap();
+    let home = other.path().join("new-host");
+    std::fs::create_dir_all(&home).unwrap();
+    let config = home.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\ntrust = \"{}\"\n",
+            home.join("state").display(),
+            fleet.dir.path().join("trust.json").display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(turnout_bin())
+        .args([
+            "agent",
+            "enroll",
+            "--coordinator",
+            &format!("https://127.0.0.1:{}", proxy.port),
+            "--token",
+            token["token"].as_str().unwrap(),
+            "--host",
+            "web-new",
+            "--ca-pin",
+            &fleet.pin,
+        ])
+        .env("TURNOUT_AGENT_CONFIG", &config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(9), "{stderr}");
+    assert!(
+        stderr.contains(&fleet.pin) && stderr.contains(&fake_pin),
+        "names the expected and the seen CA: {stderr}"
+    );
+    assert!(!home.join("state/coordinator.json").exists());
+    let hosts: Vec<Value> = fleet.client().get("/v1/hosts").unwrap();
+    assert_eq!(hosts.len(), 1, "the token was never sent: {hosts:?}");
+}
