@@ -81,7 +81,7 @@ TOKEN=$(grep -o 'tnt_[A-Za-z0-9_-]*' "$W/serve.out")
 export TURNOUT_COORDINATOR="https://127.0.0.1:$CPORT" TURNOUT_TOKEN=$TOKEN TURNOUT_CA="$W/coordinator/tls/ca.pem"
 for v in 1.0.0 2.0.0 3.0.0 4.0.0 5.0.0 6.0.0; do "$BIN" bundle push "$W/web-$v.tnt" >/dev/null; done
 ENROLL_JSON=$("$BIN" token create --enroll --uses "$N" --json)
-ENROLL=$(printf '%s' "$ENROLL_JSON" | grep -o 'tnt_[A-Za-z0-9_-]*' | head -n 1)
+ENROLL=$(printf '%s' "$ENROLL_JSON" | grep -o 'tne_[A-Za-z0-9_-]*' | head -n 1)
 PIN=$(printf '%s' "$ENROLL_JSON" | grep -o 'sha256:[0-9a-f]\{64\}' | head -n 1)
 
 # The agent's unit as shipped, run from the `turnout` binary, with a short
