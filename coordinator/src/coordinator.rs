@@ -243,6 +243,9 @@ pub struct Coordinator {
     /// The pins of the CAs agents may trust this coordinator by (empty
     /// when it serves plain HTTP); join lines carry them.
     ca_pins: Mutex<Vec<turnout_rt::tls::Pin>>,
+    /// When a refused operator request was last logged, and how many
+    /// were not logged since.
+    auth_complaints: Mutex<(Option<std::time::Instant>, u64)>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -305,7 +308,27 @@ impl Coordinator {
             step_failures: Mutex::new(HashMap::new()),
             clock,
             ca_pins: Mutex::new(Vec::new()),
+            auth_complaints: Mutex::new((None, 0)),
         })
+    }
+
+    /// Logs a refused operator request, at most once every ten seconds,
+    /// saying how many were not logged in between (they are all counted in
+    /// `turnout_auth_failures`): a guessing client must not flood the log.
+    pub fn auth_complaint(&self, message: &str) {
+        let mut complaints = self.auth_complaints.lock().expect("not poisoned");
+        let (last, quiet) = &mut *complaints;
+        if last.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(10)) {
+            if *quiet > 0 {
+                tracing::warn!("{message} (and {quiet} more refused since the last such line)");
+            } else {
+                tracing::warn!("{message}");
+            }
+            *last = Some(std::time::Instant::now());
+            *quiet = 0;
+        } else {
+            *quiet += 1;
+        }
     }
 
     /// Sets the CA pins join lines carry.

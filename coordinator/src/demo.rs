@@ -132,7 +132,9 @@ fn demo(args: &Args, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<Exit> {
         trust,
         settings,
     )?);
-    let admin = coordinator.with_store(|s| s.create_token(Role::Admin, coordinator.now_ms()))?;
+    let admin = coordinator
+        .with_store(|s| s.create_token("demo", Role::Admin, None, coordinator.now_ms()))?
+        .map_err(|refusal| anyhow::anyhow!("{refusal}"))?;
     let tls_paths = crate::tls::Paths::in_state_dir(&dir.join("coordinator"));
     crate::tls::init(
         &tls_paths,

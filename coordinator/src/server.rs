@@ -112,7 +112,9 @@ pub fn router(coordinator: Shared) -> Router {
         .route("/v1/bundles/{sha256}", get(get_bundle))
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{id}", axum::routing::delete(forget_host))
-        .route("/v1/tokens", post(create_token))
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{name}", axum::routing::delete(revoke_token))
+        .route("/v1/hosts/{id}/labels", post(label_host))
         .route("/v1/auth", get(check_role))
         .route("/v1/rollouts", get(list_rollouts).post(start_rollout))
         .route("/v1/rollouts/plan", post(plan_rollout))
@@ -264,10 +266,18 @@ pub async fn serve(
             drop(stream);
             continue;
         };
+        // Every request carries the address it came from (for the log
+        // lines of refused credentials).
+        let service = {
+            let service = service.clone();
+            hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(Peer(peer));
+                hyper::service::Service::call(&service, request)
+            })
+        };
         let Some(acceptor) = tls.clone() else {
-            let connection = graceful.watch(
-                http.serve_connection(hyper_util::rt::TokioIo::new(stream), service.clone()),
-            );
+            let connection = graceful
+                .watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
             tokio::spawn(async move {
                 let _ = connection.await;
                 drop(slot);
@@ -277,12 +287,7 @@ pub async fn serve(
         // The handshake runs on the connection's own task, bounded by the
         // header timeout: a client that never finishes one holds only its
         // slot, for that long, and never the accept loop.
-        let (watcher, http, service, c) = (
-            graceful.watcher(),
-            http.clone(),
-            service.clone(),
-            coordinator.clone(),
-        );
+        let (watcher, http, c) = (graceful.watcher(), http.clone(), coordinator.clone());
         tokio::spawn(async move {
             let handshake =
                 tokio::time::timeout(settings.header_timeout, handshake(&acceptor, stream)).await;
@@ -380,17 +385,61 @@ fn complain(last: &mut Option<Instant>, message: &str) {
 
 // ---- authentication ----
 
-fn operator(c: &Coordinator, headers: &HeaderMap, need: Role) -> Result<Role, ApiError> {
+/// Who called: an operator token's name and role.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    /// The token's name.
+    pub(crate) name: String,
+    /// Its role.
+    pub(crate) role: Role,
+}
+
+/// The address a request came from (set per connection by [`serve`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer(pub(crate) std::net::SocketAddr);
+
+/// Counts a refused operator credential and logs it with where it came
+/// from, at most once every ten seconds (with how many were not logged).
+fn refuse_operator(
+    c: &Coordinator,
+    peer: Option<Peer>,
+    reason: &'static str,
+    error: ApiError,
+) -> ApiError {
+    c.metrics.auth_failure(reason);
+    let from = peer.map_or_else(|| "an unknown address".to_owned(), |p| p.0.ip().to_string());
+    c.auth_complaint(&format!(
+        "refused an operator request from {from}: {}",
+        error.message
+    ));
+    error
+}
+
+fn operator(
+    c: &Coordinator,
+    headers: &HeaderMap,
+    peer: Option<Peer>,
+    need: Role,
+) -> Result<Caller, ApiError> {
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let (Some(value), None) = (values.next(), values.next()) else {
-        c.metrics.auth_failure("operator_missing");
         return Err(if headers.contains_key(header::AUTHORIZATION) {
-            ApiError::bad_request(
-                "two Authorization headers: send one, `Authorization: Bearer tnt_…`",
+            refuse_operator(
+                c,
+                peer,
+                "operator_malformed",
+                ApiError::bad_request(
+                    "two Authorization headers: send one, `Authorization: Bearer tnt_…`",
+                ),
             )
         } else {
-            ApiError::unauthorized(
-                "no operator token: pass --token or set TURNOUT_TOKEN (`turnout serve --init` prints the first admin token)",
+            refuse_operator(
+                c,
+                peer,
+                "operator_missing",
+                ApiError::unauthorized(
+                    "no operator token: pass --token or set TURNOUT_TOKEN (`turnout serve --init` prints the first admin token)",
+                ),
             )
         });
     };
@@ -402,28 +451,69 @@ fn operator(c: &Coordinator, headers: &HeaderMap, need: Role) -> Result<Role, Ap
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim())
         .ok_or_else(|| {
-            c.metrics.auth_failure("operator_scheme");
-            ApiError::unauthorized(
-                "expected an operator token as `Authorization: Bearer tnt_…`; this route takes no other scheme",
+            refuse_operator(
+                c,
+                peer,
+                "operator_scheme",
+                ApiError::unauthorized(
+                    "expected an operator token as `Authorization: Bearer tnt_…`; this route takes no other scheme",
+                ),
             )
         })?;
-    let role = c.with_store(|s| s.token_role(token))?.ok_or_else(|| {
-        c.metrics.auth_failure("operator_unknown");
-        ApiError::unauthorized("the operator token is not known")
-    })?;
-    if role < need {
-        c.metrics.auth_failure("operator_role");
-        return Err(ApiError {
-            status: 403,
-            code: ErrorCode::Forbidden,
-            message: format!(
-                "this needs role {}; the token has role {}",
-                need.name(),
-                role.name()
-            ),
-        });
+    let now = c.now_ms();
+    let Some(found) = c.with_store(|s| s.use_token(token, now))? else {
+        return Err(refuse_operator(
+            c,
+            peer,
+            "operator_unknown",
+            ApiError::unauthorized("the operator token is not known"),
+        ));
+    };
+    if let Some(at) = found.revoked_ms {
+        return Err(refuse_operator(
+            c,
+            peer,
+            "operator_revoked",
+            ApiError::unauthorized(format!(
+                "the operator token {:?} was revoked at {}; ask an admin for a new one",
+                found.name,
+                crate::cmd::remote::when(at)
+            )),
+        ));
     }
-    Ok(role)
+    if let Some(at) = found.expires_ms.filter(|at| *at <= now) {
+        return Err(refuse_operator(
+            c,
+            peer,
+            "operator_expired",
+            ApiError::unauthorized(format!(
+                "the operator token {:?} expired at {}; ask an admin for a new one",
+                found.name,
+                crate::cmd::remote::when(at)
+            )),
+        ));
+    }
+    if found.role < need {
+        return Err(refuse_operator(
+            c,
+            peer,
+            "operator_role",
+            ApiError {
+                status: 403,
+                code: ErrorCode::Forbidden,
+                message: format!(
+                    "this needs role {}; the token {:?} has role {}",
+                    need.name(),
+                    found.name,
+                    found.role.name()
+                ),
+            },
+        ));
+    }
+    Ok(Caller {
+        name: found.name,
+        role: found.role,
+    })
 }
 
 /// What a route needs of an operator's token: a role at least.
@@ -450,8 +540,8 @@ impl NeedRole for Admin {
 }
 
 /// An operator's bearer token of at least role `R`, checked before the
-/// handler runs (and before any body is read); holds the token's role.
-pub(crate) struct Authorized<R>(pub(crate) Role, std::marker::PhantomData<R>);
+/// handler runs (and before any body is read); holds who called.
+pub(crate) struct Authorized<R>(pub(crate) Caller, std::marker::PhantomData<R>);
 
 impl<R: NeedRole> axum::extract::FromRequestParts<Shared> for Authorized<R> {
     type Rejection = ApiError;
@@ -460,12 +550,15 @@ impl<R: NeedRole> axum::extract::FromRequestParts<Shared> for Authorized<R> {
         parts: &mut axum::http::request::Parts,
         c: &Shared,
     ) -> Result<Self, ApiError> {
-        operator(c, &parts.headers, R::ROLE).map(|role| Authorized(role, std::marker::PhantomData))
+        let peer = parts.extensions.get::<Peer>().copied();
+        operator(c, &parts.headers, peer, R::ROLE)
+            .map(|caller| Authorized(caller, std::marker::PhantomData))
     }
 }
 
-fn actor(role: Role) -> String {
-    format!("operator:{}", role.name())
+/// How the event log names a caller: `alice (operator)`.
+fn actor(caller: &Caller) -> String {
+    format!("{} ({})", caller.name, caller.role.name())
 }
 
 /// What a host's request claims in its headers, checked before its body is
@@ -701,27 +794,43 @@ async fn enroll(State(c): State<Shared>, body: Bytes) -> Result<Response, ApiErr
             c.now_ms(),
         )
     })?;
-    if let Err(refusal) = result {
-        c.metrics.auth_failure("enroll");
-        if matches!(refusal, crate::store::EnrollRefusal::Taken(_)) {
-            c.log(
-                "coordinator",
-                None,
-                Some(request.host.as_str()),
-                "refused an enrollment with another key for this enrolled host",
-            )?;
-            return Err(ApiError::conflict(refusal.to_string()));
-        }
-        return Err(ApiError::unauthorized(refusal.to_string()));
-    }
+    let enrolled = match result {
+        Ok(enrolled) => enrolled,
+        Err(refusal) => return Err(refuse_enrollment(&c, &request.host, refusal)?),
+    };
     c.forget_key(request.host.as_str());
     c.log(
         &format!("host:{}", request.host),
         None,
         Some(request.host.as_str()),
-        "enrolled",
+        match enrolled {
+            crate::store::Enrolled::New => "enrolled",
+            crate::store::Enrolled::Replaced => {
+                "enrolled with a new key, replacing the old one (a token made for this host with --replace)"
+            }
+        },
     )?;
     Ok(json(&serde_json::json!({"host": request.host})))
+}
+
+/// The answer to a refused enrollment: a host id taken by another key is a
+/// conflict (and in the event log); a token that does not work, a 401.
+fn refuse_enrollment(
+    c: &Coordinator,
+    host: &HostId,
+    refusal: crate::store::EnrollRefusal,
+) -> Result<ApiError, ApiError> {
+    c.metrics.auth_failure("enroll");
+    if matches!(refusal, crate::store::EnrollRefusal::Taken(_)) {
+        c.log(
+            "coordinator",
+            None,
+            Some(host.as_str()),
+            "refused an enrollment with another key for this enrolled host",
+        )?;
+        return Ok(ApiError::conflict(refusal.to_string()));
+    }
+    Ok(ApiError::unauthorized(refusal.to_string()))
 }
 
 async fn hello(
@@ -928,7 +1037,7 @@ fn free_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
 /// a client that goes away (the handler is dropped), a full disk.
 async fn push_bundle(
     State(c): State<Shared>,
-    Authorized(role, ..): Authorized<Operator>,
+    Authorized(caller, ..): Authorized<Operator>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -1089,7 +1198,7 @@ async fn push_bundle(
     };
     c.with_store(|s| s.add_bundle(&record))?;
     c.log(
-        &actor(role),
+        &actor(&caller),
         None,
         None,
         &format!(
@@ -1121,7 +1230,7 @@ async fn get_bundle(
     if is_host {
         authenticate_host(&c, &method, &uri, &headers, b"")?;
     } else {
-        operator(&c, &headers, Role::Viewer)?;
+        operator(&c, &headers, None, Role::Viewer)?;
     }
     let digest: turnout_proto::Digest = sha256
         .parse()
@@ -1271,14 +1380,14 @@ async fn list_hosts(
 
 async fn forget_host(
     State(c): State<Shared>,
-    Authorized(role, ..): Authorized<Admin>,
+    Authorized(caller, ..): Authorized<Admin>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     c.forget_key(&id);
     if !c.with_store(|s| s.forget_host(&id))? {
         return Err(ApiError::not_found(format!("no host {id}")));
     }
-    c.log(&actor(role), None, Some(&id), "forgotten")?;
+    c.log(&actor(&caller), None, Some(&id), "forgotten")?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -1301,7 +1410,7 @@ async fn check_role(
             query.role
         ))
     })?;
-    operator(&c, &headers, need)?;
+    operator(&c, &headers, None, need)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -1313,70 +1422,190 @@ const MAX_ENROLL_TTL_SECS: u64 = 366 * 24 * 3600;
 struct TokenRequest {
     #[serde(default)]
     enroll: bool,
+    name: Option<String>,
     role: Option<String>,
     ttl_secs: Option<u64>,
     uses: Option<u32>,
+    host: Option<HostId>,
+    #[serde(default)]
+    replace: bool,
+}
+
+/// A token's name: what the event log says; letters, digits, `.`, `_`,
+/// `-` and `@`, 1 to 64 of them.
+fn check_token_name(name: &str) -> Result<(), ApiError> {
+    let fine = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b));
+    if fine {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "name {name:?}: expected 1 to 64 letters, digits, '.', '_', '-' or '@' (who holds the token, e.g. alice)"
+        )))
+    }
 }
 
 async fn create_token(
     State(c): State<Shared>,
-    Authorized(role, ..): Authorized<Admin>,
+    Authorized(caller, ..): Authorized<Admin>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let request: TokenRequest = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!("expected {{enroll, role, ttl_secs, uses}}: {e}"))
+        ApiError::bad_request(format!(
+            "expected {{name, role, ttl_secs}} or {{enroll: true, ttl_secs, uses, host, replace}}: {e}"
+        ))
     })?;
     let now = c.now_ms();
-    let token = if request.enroll {
-        let ttl_secs = request.ttl_secs.unwrap_or(3600);
-        if !(1..=MAX_ENROLL_TTL_SECS).contains(&ttl_secs) {
-            return Err(ApiError::bad_request(format!(
-                "ttl_secs {ttl_secs}: expected 1 to {MAX_ENROLL_TTL_SECS} seconds (a year); make a new token when one runs out"
-            )));
-        }
+    let ttl_secs = request.ttl_secs;
+    if let Some(ttl) = ttl_secs
+        && !(1..=MAX_ENROLL_TTL_SECS).contains(&ttl)
+    {
+        return Err(ApiError::bad_request(format!(
+            "ttl_secs {ttl}: expected 1 to {MAX_ENROLL_TTL_SECS} seconds (a year); make a new token when one runs out"
+        )));
+    }
+    let (token, what) = if request.enroll {
         let uses = request.uses.unwrap_or(1);
         if uses == 0 {
             return Err(ApiError::bad_request(
                 "uses 0: expected at least 1 (how many hosts may enroll with the token)",
             ));
         }
-        if request.role.is_some() {
+        if request.role.is_some() || request.name.is_some() {
             return Err(ApiError::bad_request(
-                "role is for operator tokens; an enrollment token has none",
+                "role and name are for operator tokens; an enrollment token has neither",
             ));
         }
-        c.with_store(|s| s.create_enroll_token(ttl_secs * 1000, uses, now))?
+        if request.replace && request.host.is_none() {
+            return Err(ApiError::bad_request(
+                "replace needs host: a token may re-key exactly one enrolled host",
+            ));
+        }
+        let token = c.with_store(|s| {
+            s.create_enroll_token(
+                ttl_secs.unwrap_or(3600) * 1000,
+                uses,
+                request.host.as_ref(),
+                request.replace,
+                now,
+            )
+        })?;
+        let what = match (&request.host, request.replace) {
+            (Some(host), true) => {
+                format!("enrollment token created for host {host}, which may replace its key")
+            }
+            (Some(host), false) => format!("enrollment token created for host {host}"),
+            (None, _) => format!("enrollment token created for {uses} host(s)"),
+        };
+        (token, what)
     } else {
-        if request.ttl_secs.is_some() || request.uses.is_some() {
+        if request.uses.is_some() || request.host.is_some() || request.replace {
             return Err(ApiError::bad_request(
-                "ttl_secs and uses are for enrollment tokens (enroll: true); operator tokens do not expire",
+                "uses, host and replace are for enrollment tokens (enroll: true)",
             ));
         }
+        let name = request.name.as_deref().ok_or_else(|| {
+            ApiError::bad_request(
+                "an operator token needs a name: who holds it (e.g. alice), for the event log",
+            )
+        })?;
+        check_token_name(name)?;
         let wanted = request.role.as_deref().unwrap_or("viewer");
         let new_role = Role::parse(wanted).ok_or_else(|| {
             ApiError::bad_request(format!(
                 "role {wanted:?}: expected viewer, operator or admin"
             ))
         })?;
-        c.with_store(|s| s.create_token(new_role, now))?
+        let token = c
+            .with_store(|s| s.create_token(name, new_role, ttl_secs.map(|t| t * 1000), now))?
+            .map_err(|refusal| ApiError::conflict(refusal.to_string()))?;
+        let what = format!(
+            "operator token {name} ({}) created{}",
+            new_role.name(),
+            ttl_secs.map_or(String::new(), |t| format!(
+                ", valid until {}",
+                crate::cmd::remote::when(now + t * 1000)
+            ))
+        );
+        (token, what)
     };
     c.log(
-        &actor(role),
+        &actor(&caller),
         None,
-        None,
-        if request.enroll {
-            "enrollment token created"
-        } else {
-            "operator token created"
-        },
+        request.host.as_ref().map(HostId::as_str),
+        &what,
     )?;
     let pins: Vec<String> = c.ca_pins().iter().map(ToString::to_string).collect();
     let answer = if request.enroll {
         serde_json::json!({"token": token, "ca_pins": pins})
     } else {
-        serde_json::json!({"token": token})
+        serde_json::json!({"token": token, "name": request.name})
     };
     Ok((StatusCode::CREATED, json(&answer)).into_response())
+}
+
+async fn list_tokens(State(c): State<Shared>, _: Authorized<Admin>) -> Result<Response, ApiError> {
+    Ok(json(&c.with_store(|s| s.tokens())?))
+}
+
+async fn revoke_token(
+    State(c): State<Shared>,
+    Authorized(caller, ..): Authorized<Admin>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    if !c.with_store(|s| s.revoke_token(&name, c.now_ms()))? {
+        return Err(ApiError::not_found(format!(
+            "no working operator token named {name:?} (`turnout token list` shows them)"
+        )));
+    }
+    c.log(
+        &actor(&caller),
+        None,
+        None,
+        &format!("operator token {name} revoked"),
+    )?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LabelRequest {
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+async fn label_host(
+    State(c): State<Shared>,
+    Authorized(caller, ..): Authorized<Operator>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: LabelRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!("expected {{set: {{k: v}}, remove: [k]}}: {e}"))
+    })?;
+    check_labels(&request.set)?;
+    let Some(labels) = c.with_store(|s| s.label_host(&id, &request.set, &request.remove))? else {
+        return Err(ApiError::not_found(format!("no host {id}")));
+    };
+    let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    c.log(
+        &actor(&caller),
+        None,
+        Some(&id),
+        &format!(
+            "labels set to {}",
+            if shown.is_empty() {
+                "none".into()
+            } else {
+                shown.join(",")
+            }
+        ),
+    )?;
+    Ok(json(&labels))
 }
 
 // ---- rollouts and events ----
@@ -1399,12 +1628,12 @@ async fn plan_rollout(
 
 async fn start_rollout(
     State(c): State<Shared>,
-    Authorized(role, ..): Authorized<Operator>,
+    Authorized(caller, ..): Authorized<Operator>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let request: StartRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("expected {{spec, id}}: {e}")))?;
-    let rollout = c.start(&request.spec, request.id, &actor(role))?;
+    let rollout = c.start(&request.spec, request.id, &actor(&caller))?;
     Ok((StatusCode::CREATED, json(&rollout)).into_response())
 }
 
@@ -1431,7 +1660,7 @@ struct CommandBody {
 
 async fn command_rollout(
     State(c): State<Shared>,
-    Authorized(role, ..): Authorized<Operator>,
+    Authorized(caller, ..): Authorized<Operator>,
     Path((id, command)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -1454,7 +1683,7 @@ async fn command_rollout(
             )));
         }
     };
-    Ok(json(&c.step(&id, input, &actor(role))?))
+    Ok(json(&c.step(&id, input, &actor(&caller))?))
 }
 
 #[derive(Deserialize)]

@@ -78,6 +78,22 @@ const MIGRATIONS: &[&str] = &[
     -- counts a host as back only once it acted on being sent back.
     ALTER TABLE hosts ADD COLUMN acked_index INTEGER NOT NULL DEFAULT 0;
 ",
+    "
+    -- Accountable operator tokens: a name (events say who), an optional
+    -- expiry, revocation, last use. Tokens made before names get one.
+    ALTER TABLE tokens ADD COLUMN name TEXT;
+    ALTER TABLE tokens ADD COLUMN revoked_ms INTEGER;
+    ALTER TABLE tokens ADD COLUMN last_used_ms INTEGER;
+    UPDATE tokens SET name = 'token-' || rowid WHERE kind = 'operator' AND name IS NULL;
+    CREATE UNIQUE INDEX tokens_by_name ON tokens (name) WHERE kind = 'operator';
+    -- An enrollment token for exactly one host id, which may re-key it.
+    ALTER TABLE tokens ADD COLUMN host TEXT;
+    ALTER TABLE tokens ADD COLUMN may_replace INTEGER NOT NULL DEFAULT 0;
+    -- Labels selectors match are the operator's; what a host says of
+    -- itself at each hello is kept apart.
+    ALTER TABLE hosts ADD COLUMN reported_labels TEXT NOT NULL DEFAULT '{}';
+    UPDATE hosts SET reported_labels = labels;
+",
 ];
 
 /// Why the store failed.
@@ -163,9 +179,51 @@ pub enum EnrollRefusal {
     /// The host id is enrolled already, with another key: an enrollment
     /// token (shared by many hosts) must not let one take over another.
     #[error(
-        "host {0} is enrolled already with another key; if it was reinstalled, an admin forgets it first (`turnout host forget {0}`), then it enrolls again"
+        "host {0} is enrolled already with another key; if it was reinstalled, an admin forgets it first (`turnout host forget {0}`) or makes a token for it (`turnout token create --enroll --host {0} --replace`), then it enrolls again"
     )]
     Taken(String),
+    /// The token was made for another host id.
+    #[error("the enrollment token is for host {token_host}, not {host}")]
+    OtherHost {
+        /// The host the token is for.
+        token_host: String,
+        /// The host that tried it.
+        host: String,
+    },
+}
+
+/// How an enrollment went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enrolled {
+    /// A new host (or the same key again).
+    New,
+    /// An enrolled host got a new key, with a token made to replace it.
+    Replaced,
+}
+
+/// An operator token as `token list` shows it (never the secret).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OperatorToken {
+    /// Its name: who holds it.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// When it was made.
+    pub created_ms: u64,
+    /// When it stops working, if ever.
+    pub expires_ms: Option<u64>,
+    /// When it was revoked, if it was.
+    pub revoked_ms: Option<u64>,
+    /// When it was last used, if ever.
+    pub last_used_ms: Option<u64>,
+}
+
+/// Why a new operator token could not be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefusal {
+    /// Another token has that name.
+    #[error("a token named {0:?} exists already; pick another name, or revoke it first")]
+    NameTaken(String),
 }
 
 /// A host as the registry knows it.
@@ -173,8 +231,12 @@ pub enum EnrollRefusal {
 pub struct HostRecord {
     /// Its id.
     pub id: HostId,
-    /// Its labels.
+    /// Its labels, the operator's: what selectors match.
     pub labels: BTreeMap<String, String>,
+    /// The labels the host reports of itself (its config), shown beside
+    /// them; a host cannot move itself into a selector.
+    #[serde(default)]
+    pub reported_labels: BTreeMap<String, String>,
     /// When it enrolled.
     pub enrolled_ms: u64,
     /// When it was last heard from.
@@ -315,16 +377,30 @@ impl Store {
         }
     }
 
-    /// Creates an operator token with `role`; returns the secret (shown once).
-    pub fn create_token(&self, role: Role, now: u64) -> Result<String> {
+    /// Creates an operator token `name` with `role`, valid for `ttl_ms`
+    /// (or until revoked); returns the secret (shown once).
+    pub fn create_token(
+        &self,
+        name: &str,
+        role: Role,
+        ttl_ms: Option<u64>,
+        now: u64,
+    ) -> Result<std::result::Result<String, TokenRefusal>> {
         let secret = new_secret("tnt");
-        self.conn
-            .execute(
-                "INSERT INTO tokens (digest, kind, role, created_ms) VALUES (?1, 'operator', ?2, ?3)",
-                params![digest(&secret), role.name(), now as i64],
-            )
-            .map_err(self.err())?;
-        Ok(secret)
+        let expires = ttl_ms.map(|ttl| now.saturating_add(ttl).min(i64::MAX as u64) as i64);
+        let inserted = self.conn.execute(
+            "INSERT INTO tokens (digest, kind, role, name, expires_ms, created_ms) VALUES (?1, 'operator', ?2, ?3, ?4, ?5)",
+            params![digest(&secret), role.name(), name, expires, now as i64],
+        );
+        match inserted {
+            Ok(_) => Ok(Ok(secret)),
+            Err(err)
+                if err.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) =>
+            {
+                Ok(Err(TokenRefusal::NameTaken(name.to_owned())))
+            }
+            Err(err) => Err(self.err()(err)),
+        }
     }
 
     /// Whether any operator token exists (the server's `--init` makes the first).
@@ -338,27 +414,93 @@ impl Store {
             .map_err(self.err())
     }
 
-    /// The role of an operator token.
-    pub fn token_role(&self, secret: &str) -> Result<Option<Role>> {
-        let role: Option<String> = self
+    fn operator_token(r: &rusqlite::Row<'_>) -> rusqlite::Result<OperatorToken> {
+        let ms = |v: Option<i64>| v.map(|v| v as u64);
+        Ok(OperatorToken {
+            name: r.get(0)?,
+            role: Role::parse(&r.get::<_, String>(1)?).unwrap_or(Role::Viewer),
+            created_ms: r.get::<_, i64>(2)? as u64,
+            expires_ms: ms(r.get(3)?),
+            revoked_ms: ms(r.get(4)?),
+            last_used_ms: ms(r.get(5)?),
+        })
+    }
+
+    /// The operator token with this secret, if there is one (expired or
+    /// revoked ones too: the caller says which); records its use at `now`.
+    pub fn use_token(&self, secret: &str, now: u64) -> Result<Option<OperatorToken>> {
+        let token = self
             .conn
             .query_row(
-                "SELECT role FROM tokens WHERE digest = ?1 AND kind = 'operator'",
+                "SELECT name, role, created_ms, expires_ms, revoked_ms, last_used_ms FROM tokens WHERE digest = ?1 AND kind = 'operator'",
                 [digest(secret)],
-                |r| r.get(0),
+                Store::operator_token,
             )
             .optional()
             .map_err(self.err())?;
-        Ok(role.as_deref().and_then(Role::parse))
+        if token.as_ref().is_some_and(|t| t.revoked_ms.is_none()) {
+            self.conn
+                .execute(
+                    "UPDATE tokens SET last_used_ms = ?2 WHERE digest = ?1",
+                    params![digest(secret), now as i64],
+                )
+                .map_err(self.err())?;
+        }
+        Ok(token)
     }
 
-    /// Creates an enrollment token valid for `ttl_ms` and `uses` enrollments.
-    pub fn create_enroll_token(&self, ttl_ms: u64, uses: u32, now: u64) -> Result<String> {
+    /// The role of a working operator token (tests and tools).
+    pub fn token_role(&self, secret: &str) -> Result<Option<Role>> {
+        Ok(self
+            .use_token(secret, 0)?
+            .filter(|t| t.revoked_ms.is_none())
+            .map(|t| t.role))
+    }
+
+    /// Every operator token, by name.
+    pub fn tokens(&self) -> Result<Vec<OperatorToken>> {
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT name, role, created_ms, expires_ms, revoked_ms, last_used_ms FROM tokens WHERE kind = 'operator' ORDER BY name",
+            )
+            .map_err(self.err())?;
+        let rows = statement
+            .query_map([], Store::operator_token)
+            .map_err(self.err())?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.corrupt("row of the tokens table", e))
+    }
+
+    /// Revokes the operator token `name` at `now`; false if there is none
+    /// (or it was revoked already).
+    pub fn revoke_token(&self, name: &str, now: u64) -> Result<bool> {
+        let changed = self
+            .conn
+            .execute(
+                "UPDATE tokens SET revoked_ms = ?2 WHERE kind = 'operator' AND name = ?1 AND revoked_ms IS NULL",
+                params![name, now as i64],
+            )
+            .map_err(self.err())?;
+        Ok(changed > 0)
+    }
+
+    /// Creates an enrollment token valid for `ttl_ms` and `uses`
+    /// enrollments; bound to one `host` id when given, which it may re-key
+    /// when `replace`.
+    pub fn create_enroll_token(
+        &self,
+        ttl_ms: u64,
+        uses: u32,
+        host: Option<&HostId>,
+        replace: bool,
+        now: u64,
+    ) -> Result<String> {
         let secret = new_secret("tne");
         self.conn
             .execute(
-                "INSERT INTO tokens (digest, kind, expires_ms, uses_left, created_ms) VALUES (?1, 'enroll', ?2, ?3, ?4)",
-                params![digest(&secret), now.saturating_add(ttl_ms).min(i64::MAX as u64) as i64, uses, now as i64],
+                "INSERT INTO tokens (digest, kind, expires_ms, uses_left, host, may_replace, created_ms) VALUES (?1, 'enroll', ?2, ?3, ?4, ?5, ?6)",
+                params![digest(&secret), now.saturating_add(ttl_ms).min(i64::MAX as u64) as i64, uses, host.map(HostId::as_str), replace, now as i64],
             )
             .map_err(self.err())?;
         Ok(secret)
@@ -372,30 +514,37 @@ impl Store {
         public_key: &str,
         labels: &BTreeMap<String, String>,
         now: u64,
-    ) -> Result<std::result::Result<(), EnrollRefusal>> {
+    ) -> Result<std::result::Result<Enrolled, EnrollRefusal>> {
         let path = self.path.clone();
         let sqlite = |source| StoreError::Sqlite {
             path: path.clone(),
             source,
         };
         let tx = self.conn.transaction().map_err(sqlite)?;
-        let row: Option<(i64, i64)> = tx
+        let row: Option<(i64, i64, Option<String>, bool)> = tx
             .query_row(
-                "SELECT expires_ms, uses_left FROM tokens WHERE digest = ?1 AND kind = 'enroll'",
+                "SELECT expires_ms, uses_left, host, may_replace FROM tokens WHERE digest = ?1 AND kind = 'enroll'",
                 [digest(token)],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()
             .map_err(sqlite)?;
-        let refusal = match row {
+        let refusal = match &row {
             None => Some(EnrollRefusal::Unknown),
-            Some((expires, _)) if (expires as u64) <= now => Some(EnrollRefusal::Expired),
-            Some((_, 0)) => Some(EnrollRefusal::UsedUp),
+            Some((expires, ..)) if (*expires as u64) <= now => Some(EnrollRefusal::Expired),
+            Some((_, 0, ..)) => Some(EnrollRefusal::UsedUp),
+            Some((_, _, Some(token_host), _)) if token_host != id.as_str() => {
+                Some(EnrollRefusal::OtherHost {
+                    token_host: token_host.clone(),
+                    host: id.to_string(),
+                })
+            }
             Some(_) => None,
         };
         if let Some(refusal) = refusal {
             return Ok(Err(refusal));
         }
+        let may_replace = row.is_some_and(|(.., replace)| replace);
         let enrolled: Option<String> = tx
             .query_row(
                 "SELECT public_key FROM hosts WHERE id = ?1",
@@ -404,7 +553,8 @@ impl Store {
             )
             .optional()
             .map_err(sqlite)?;
-        if enrolled.is_some_and(|key| key.trim() != public_key.trim()) {
+        let rekey = enrolled.is_some_and(|key| key.trim() != public_key.trim());
+        if rekey && !may_replace {
             return Ok(Err(EnrollRefusal::Taken(id.to_string())));
         }
         tx.execute(
@@ -413,13 +563,19 @@ impl Store {
         )
         .map_err(sqlite)?;
         tx.execute(
-            "INSERT INTO hosts (id, public_key, labels, enrolled_ms) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (id) DO UPDATE SET public_key = excluded.public_key, labels = excluded.labels, enrolled_ms = excluded.enrolled_ms",
+            // The labels a host proposes become the operator's labels when
+            // it first enrolls; enrolling again never changes them.
+            "INSERT INTO hosts (id, public_key, labels, reported_labels, enrolled_ms) VALUES (?1, ?2, ?3, ?3, ?4)
+             ON CONFLICT (id) DO UPDATE SET public_key = excluded.public_key, reported_labels = excluded.reported_labels, enrolled_ms = excluded.enrolled_ms",
             params![id.as_str(), public_key, serde_json::to_string(labels).expect("labels serialise"), now as i64],
         )
         .map_err(sqlite)?;
         tx.commit().map_err(sqlite)?;
-        Ok(Ok(()))
+        Ok(Ok(if rekey {
+            Enrolled::Replaced
+        } else {
+            Enrolled::New
+        }))
     }
 
     /// An enrolled host's public key (PEM).
@@ -454,7 +610,7 @@ impl Store {
     ) -> Result<()> {
         self.conn
             .execute(
-                "UPDATE hosts SET agent_version = ?2, labels = ?3, proto = ?4, capabilities = ?5, incompatible = ?6, last_seen_ms = ?7 WHERE id = ?1",
+                "UPDATE hosts SET agent_version = ?2, reported_labels = ?3, proto = ?4, capabilities = ?5, incompatible = ?6, last_seen_ms = ?7 WHERE id = ?1",
                 params![
                     id.as_str(),
                     agent_version,
@@ -499,11 +655,45 @@ impl Store {
         Ok(())
     }
 
+    /// Sets and removes operator labels of host `id`; the labels after, or
+    /// None if there is no such host.
+    pub fn label_host(
+        &self,
+        id: &str,
+        set: &BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<Option<BTreeMap<String, String>>> {
+        let labels: Option<String> = self
+            .conn
+            .query_row("SELECT labels FROM hosts WHERE id = ?1", [id], |r| r.get(0))
+            .optional()
+            .map_err(self.err())?;
+        let Some(labels) = labels else {
+            return Ok(None);
+        };
+        let mut labels: BTreeMap<String, String> =
+            serde_json::from_str(&labels).unwrap_or_default();
+        for key in remove {
+            labels.remove(key);
+        }
+        labels.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.conn
+            .execute(
+                "UPDATE hosts SET labels = ?2 WHERE id = ?1",
+                params![
+                    id,
+                    serde_json::to_string(&labels).expect("labels serialise")
+                ],
+            )
+            .map_err(self.err())?;
+        Ok(Some(labels))
+    }
+
     /// Every host, by id.
     pub fn hosts(&self) -> Result<Vec<HostRecord>> {
         let mut statement = self
             .conn
-            .prepare_cached("SELECT id, labels, enrolled_ms, last_seen_ms, agent_version, proto, capabilities, incompatible, report, desired_index, acked_index FROM hosts ORDER BY id")
+            .prepare_cached("SELECT id, labels, enrolled_ms, last_seen_ms, agent_version, proto, capabilities, incompatible, report, desired_index, acked_index, reported_labels FROM hosts ORDER BY id")
             .map_err(self.err())?;
         let rows = statement
             .query_map([], |r| {
@@ -527,6 +717,8 @@ impl Store {
                     report: json(8)?.and_then(|t| serde_json::from_str(&t).ok()),
                     desired_index: r.get::<_, i64>(9)? as u64,
                     acked_index: r.get::<_, i64>(10)? as u64,
+                    reported_labels: serde_json::from_str(&r.get::<_, String>(11)?)
+                        .unwrap_or_default(),
                 })
             })
             .map_err(self.err())?;
@@ -803,7 +995,10 @@ mod tests {
     fn tokens_are_stored_hashed_and_roles_come_back() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("c.db")).unwrap();
-        let token = store.create_token(Role::Operator, 1).unwrap();
+        let token = store
+            .create_token("alice", Role::Operator, None, 1)
+            .unwrap()
+            .unwrap();
         assert_eq!(store.token_role(&token).unwrap(), Some(Role::Operator));
         assert_eq!(store.token_role("tnt_nope").unwrap(), None);
         let stored: String = store
@@ -820,13 +1015,13 @@ mod tests {
     fn enrollment_tokens_expire_and_run_out() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("c.db")).unwrap();
-        let token = store.create_enroll_token(1000, 1, 0).unwrap();
+        let token = store.create_enroll_token(1000, 1, None, false, 0).unwrap();
         let host: HostId = "web-01".parse().unwrap();
         assert_eq!(
             store
                 .enroll(&token, &host, "KEY", &BTreeMap::new(), 10)
                 .unwrap(),
-            Ok(())
+            Ok(Enrolled::New)
         );
         assert_eq!(
             store
@@ -834,7 +1029,7 @@ mod tests {
                 .unwrap(),
             Err(EnrollRefusal::UsedUp)
         );
-        let late = store.create_enroll_token(1000, 5, 0).unwrap();
+        let late = store.create_enroll_token(1000, 5, None, false, 0).unwrap();
         assert_eq!(
             store
                 .enroll(&late, &host, "KEY", &BTreeMap::new(), 1000)
@@ -849,10 +1044,104 @@ mod tests {
         );
     }
 
+    #[test]
+    fn operator_tokens_have_unique_names_expire_are_revoked_and_record_their_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("c.db")).unwrap();
+        let alice = store
+            .create_token("alice", Role::Operator, Some(1000), 10)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            store.create_token("alice", Role::Viewer, None, 20).unwrap(),
+            Err(TokenRefusal::NameTaken("alice".into()))
+        );
+        let used = store.use_token(&alice, 500).unwrap().unwrap();
+        assert_eq!((used.name.as_str(), used.expires_ms), ("alice", Some(1010)));
+        let listed = store.tokens().unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].last_used_ms, Some(500), "{listed:?}");
+        assert!(store.revoke_token("alice", 600).unwrap());
+        assert!(!store.revoke_token("alice", 700).unwrap(), "once");
+        assert!(!store.revoke_token("bob", 700).unwrap());
+        let revoked = store.use_token(&alice, 800).unwrap().unwrap();
+        assert_eq!(revoked.revoked_ms, Some(600));
+        assert_eq!(revoked.last_used_ms, Some(500), "a refused use is no use");
+        assert_eq!(store.token_role(&alice).unwrap(), None);
+    }
+
+    #[test]
+    fn a_host_id_is_re_keyed_only_with_a_token_made_for_it_and_labels_stay_the_operators() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("c.db")).unwrap();
+        let web: HostId = "web-01".parse().unwrap();
+        let db: HostId = "db-01".parse().unwrap();
+        let proposed = BTreeMap::from([("role".to_owned(), "web".to_owned())]);
+        let any = store
+            .create_enroll_token(10_000, 5, None, false, 0)
+            .unwrap();
+        assert_eq!(
+            store.enroll(&any, &web, "KEY-1", &proposed, 1).unwrap(),
+            Ok(Enrolled::New)
+        );
+        // Another key under the same id: not with a shared token ...
+        assert_eq!(
+            store
+                .enroll(&any, &web, "KEY-2", &BTreeMap::new(), 2)
+                .unwrap(),
+            Err(EnrollRefusal::Taken("web-01".into()))
+        );
+        // ... nor with one for that host that may not replace ...
+        let for_web = store
+            .create_enroll_token(10_000, 1, Some(&web), false, 0)
+            .unwrap();
+        assert_eq!(
+            store
+                .enroll(&for_web, &web, "KEY-2", &BTreeMap::new(), 3)
+                .unwrap(),
+            Err(EnrollRefusal::Taken("web-01".into()))
+        );
+        // ... and a token for one host does not enroll another.
+        let replace_web = store
+            .create_enroll_token(10_000, 1, Some(&web), true, 0)
+            .unwrap();
+        assert_eq!(
+            store
+                .enroll(&replace_web, &db, "KEY-3", &BTreeMap::new(), 4)
+                .unwrap(),
+            Err(EnrollRefusal::OtherHost {
+                token_host: "web-01".into(),
+                host: "db-01".into()
+            })
+        );
+        let moved = BTreeMap::from([("role".to_owned(), "db".to_owned())]);
+        assert_eq!(
+            store
+                .enroll(&replace_web, &web, "KEY-2", &moved, 5)
+                .unwrap(),
+            Ok(Enrolled::Replaced)
+        );
+        // The operator's labels stayed; what the host proposed is kept apart.
+        let host = &store.hosts().unwrap()[0];
+        assert_eq!(host.labels, proposed);
+        assert_eq!(host.reported_labels, moved);
+        store
+            .record_hello(&web, "0.2.0", &moved, None, None, 6)
+            .unwrap();
+        assert_eq!(
+            store.hosts().unwrap()[0].labels,
+            proposed,
+            "a hello changes nothing"
+        );
+        let labels = store.label_host("web-01", &moved, &[]).unwrap().unwrap();
+        assert_eq!(labels, moved, "the operator moves it");
+        assert_eq!(store.label_host("nope", &moved, &[]).unwrap(), None);
+    }
+
     /// A store at `path` with host `web-01` enrolled.
     fn store_with_host(path: &Path) -> (Store, HostId) {
         let mut store = Store::open(path).unwrap();
-        let token = store.create_enroll_token(1000, 1, 0).unwrap();
+        let token = store.create_enroll_token(1000, 1, None, false, 0).unwrap();
         let host: HostId = "web-01".parse().unwrap();
         store
             .enroll(&token, &host, "KEY", &BTreeMap::new(), 0)

@@ -12,20 +12,44 @@ use crate::files::{self, human_bytes};
 /// `turnout token …`.
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Create an operator token, or an enrollment token for hosts.
+    /// Create an operator token (`--name alice --role operator`), or an
+    /// enrollment token for hosts (`--enroll`); the secret is shown once.
     Create {
         /// An enrollment token (for `turnout-agent enroll`) instead of an operator token.
         #[arg(long)]
         enroll: bool,
+        /// Who holds the operator token: the event log names it.
+        #[arg(long, required_unless_present = "enroll", conflicts_with = "enroll")]
+        name: Option<String>,
         /// The operator token's role: viewer, operator or admin.
         #[arg(long, default_value = "viewer", conflicts_with = "enroll")]
         role: String,
-        /// How long an enrollment token stays valid.
-        #[arg(long, default_value = "1h")]
-        ttl: humantime::Duration,
+        /// How long the token stays valid [enrollment tokens: 1h; operator
+        /// tokens: until revoked].
+        #[arg(long)]
+        ttl: Option<humantime::Duration>,
         /// How many hosts may enroll with it.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, requires = "enroll")]
         uses: u32,
+        /// Only this host id may enroll with it.
+        #[arg(long, requires = "enroll")]
+        host: Option<String>,
+        /// With --host: it may give that enrolled host a new key (a
+        /// reinstalled machine); logged.
+        #[arg(long, requires = "host")]
+        replace: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List operator tokens: name, role, created, expires, last used (never the secret).
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Revoke an operator token by name; it is refused from then on.
+    Revoke {
+        /// The token's name.
+        name: String,
         #[command(flatten)]
         remote: Remote,
     },
@@ -39,6 +63,17 @@ pub enum HostCommand {
         /// Only hosts with these labels, e.g. role=web,region=eu-1.
         #[arg(long)]
         selector: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Set or remove a host's labels, which selectors match (`k=v` sets,
+    /// `k-` removes); what the host reports of itself is shown beside them.
+    Label {
+        /// The host.
+        host: String,
+        /// `key=value` to set, `key-` to remove.
+        #[arg(required = true)]
+        labels: Vec<String>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -83,17 +118,29 @@ pub struct EventsArgs {
 
 /// Runs a token command.
 pub fn token(command: TokenCommand) -> anyhow::Result<Exit> {
-    let TokenCommand::Create {
-        enroll,
-        role,
-        ttl,
-        uses,
-        remote,
-    } = command;
+    let (enroll, name, role, ttl, uses, host, replace, remote) = match command {
+        TokenCommand::Create {
+            enroll,
+            name,
+            role,
+            ttl,
+            uses,
+            host,
+            replace,
+            remote,
+        } => (enroll, name, role, ttl, uses, host, replace, remote),
+        TokenCommand::List { remote } => return list_tokens(&remote),
+        TokenCommand::Revoke { name, remote } => {
+            remote.client()?.delete(&format!("/v1/tokens/{name}"))?;
+            println!("revoked the operator token {name}");
+            return Ok(Exit::Success);
+        }
+    };
+    let ttl_secs = ttl.map(|t| t.as_secs().max(1));
     let body = if enroll {
-        json!({"enroll": true, "ttl_secs": ttl.as_secs(), "uses": uses})
+        json!({"enroll": true, "ttl_secs": ttl_secs, "uses": uses, "host": host, "replace": replace})
     } else {
-        json!({"role": role})
+        json!({"name": name, "role": role, "ttl_secs": ttl_secs})
     };
     let mut answer: Value = remote.client()?.post("/v1/tokens", &body)?;
     let secret = answer["token"].as_str().unwrap_or_default().to_owned();
@@ -102,6 +149,9 @@ pub fn token(command: TokenCommand) -> anyhow::Result<Exit> {
             "turnout-agent enroll --coordinator {} --token {secret}",
             remote.url().unwrap_or_default()
         );
+        if let Some(host) = &host {
+            line.push_str(&format!(" --host {host}"));
+        }
         for pin in answer["ca_pins"].as_array().into_iter().flatten() {
             line.push_str(&format!(" --ca-pin {}", pin.as_str().unwrap_or_default()));
         }
@@ -116,6 +166,34 @@ pub fn token(command: TokenCommand) -> anyhow::Result<Exit> {
         if let Some(join) = join {
             eprintln!("join a host with:\n  {join}");
         }
+    }
+    Ok(Exit::Success)
+}
+
+fn list_tokens(remote: &Remote) -> anyhow::Result<Exit> {
+    let tokens: Vec<Value> = remote.client()?.get("/v1/tokens")?;
+    if remote.print_json(&tokens)? {
+        return Ok(Exit::Success);
+    }
+    println!(
+        "{:<20} {:<9} {:<20} {:<28} LAST USED",
+        "NAME", "ROLE", "CREATED", "EXPIRES"
+    );
+    let time = |v: &Value| v.as_u64().map(when);
+    for t in &tokens {
+        let expires = match (time(&t["revoked_ms"]), time(&t["expires_ms"])) {
+            (Some(at), _) => format!("revoked {at}"),
+            (None, Some(at)) => at,
+            (None, None) => "never".into(),
+        };
+        println!(
+            "{:<20} {:<9} {:<20} {:<28} {}",
+            clean(t["name"].as_str().unwrap_or_default()),
+            t["role"].as_str().unwrap_or_default(),
+            time(&t["created_ms"]).unwrap_or_default(),
+            expires,
+            time(&t["last_used_ms"]).unwrap_or_else(|| "never".into())
+        );
     }
     Ok(Exit::Success)
 }
@@ -162,6 +240,65 @@ pub fn host(command: HostCommand) -> anyhow::Result<Exit> {
                 if let Some(why) = h["incompatible"].as_str() {
                     println!("  refused: {}", clean(why));
                 }
+                if !h["reported_labels"].is_null() && h["reported_labels"] != h["labels"] {
+                    let reported: Vec<String> = h["reported_labels"]
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .map(|(k, v)| {
+                            format!("{}={}", clean(k), clean(v.as_str().unwrap_or_default()))
+                        })
+                        .collect();
+                    println!(
+                        "  reports labels {} (selectors match the labels above; `turnout host label` sets them)",
+                        reported.join(",")
+                    );
+                }
+            }
+            Ok(Exit::Success)
+        }
+        HostCommand::Label {
+            host,
+            labels,
+            remote,
+        } => {
+            let mut set = serde_json::Map::new();
+            let mut remove = Vec::new();
+            for label in &labels {
+                match label.split_once('=') {
+                    Some((key, value)) => {
+                        set.insert(key.to_owned(), Value::from(value));
+                    }
+                    None => match label.strip_suffix('-') {
+                        Some(key) if !key.is_empty() => remove.push(key.to_owned()),
+                        _ => {
+                            eprintln!(
+                                "turnout: {label:?}: expected key=value to set a label, or key- to remove one"
+                            );
+                            return Ok(Exit::Usage);
+                        }
+                    },
+                }
+            }
+            let labels: Value = remote.client()?.post(
+                &format!("/v1/hosts/{host}/labels"),
+                &json!({"set": set, "remove": remove}),
+            )?;
+            if !remote.print_json(&labels)? {
+                let shown: Vec<String> = labels
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                    .collect();
+                println!(
+                    "{host}: {}",
+                    if shown.is_empty() {
+                        "no labels".into()
+                    } else {
+                        shown.join(",")
+                    }
+                );
             }
             Ok(Exit::Success)
         }

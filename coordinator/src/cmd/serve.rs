@@ -191,8 +191,9 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
                 "an operator token exists already; create more with `turnout token create`"
             );
         } else {
-            let token =
-                coordinator.with_store(|s| s.create_token(Role::Admin, coordinator.now_ms()))?;
+            let token = coordinator
+                .with_store(|s| s.create_token("admin", Role::Admin, None, coordinator.now_ms()))?
+                .map_err(|refusal| anyhow::anyhow!("{refusal}"))?;
             match &args.token_file {
                 Some(path) => {
                     files::write_atomic(path, format!("{token}\n").as_bytes(), 0o600, true)?;

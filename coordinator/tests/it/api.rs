@@ -181,11 +181,11 @@ fn roles_gate_the_operator_api() {
     let server = Server::start(settings());
     let admin = server.client(Some(&server.admin));
     let viewer: Value = admin
-        .post("/v1/tokens", &json!({"role": "viewer"}))
+        .post("/v1/tokens", &json!({"name": "vera", "role": "viewer"}))
         .unwrap();
     let viewer = server.client(viewer["token"].as_str());
     let operator: Value = admin
-        .post("/v1/tokens", &json!({"role": "operator"}))
+        .post("/v1/tokens", &json!({"name": "otto", "role": "operator"}))
         .unwrap();
     let operator = server.client(operator["token"].as_str());
 
@@ -195,11 +195,11 @@ fn roles_gate_the_operator_api() {
         .unwrap_err();
     assert!(
         err.to_string()
-            .contains("this needs role operator; the token has role viewer (HTTP 403)"),
+            .contains("this needs role operator; the token \"vera\" has role viewer (HTTP 403)"),
         "{err}"
     );
     let err = operator
-        .post::<Value>("/v1/tokens", &json!({"role": "admin"}))
+        .post::<Value>("/v1/tokens", &json!({"name": "ada", "role": "admin"}))
         .unwrap_err();
     assert!(err.to_string().contains("needs role admin"), "{err}");
     let err = server

@@ -36,9 +36,21 @@ impl Server {
 
     /// A coordinator whose state lives in `dir`.
     pub(crate) fn start_in(settings: Settings, dir: tempfile::TempDir) -> Server {
-        let coordinator = Arc::new(Coordinator::open(dir.path(), trust(), settings).unwrap());
+        Server::start_with(settings, dir, turnout_rt::SystemClock::shared())
+    }
+
+    /// A coordinator on `clock` (a manual one, to let time pass at once).
+    pub(crate) fn start_with(
+        settings: Settings,
+        dir: tempfile::TempDir,
+        clock: Arc<dyn turnout_rt::Clock>,
+    ) -> Server {
+        let now = clock.now_ms();
+        let coordinator =
+            Arc::new(Coordinator::open_with_clock(dir.path(), trust(), settings, clock).unwrap());
         let admin = coordinator
-            .with_store(|s| s.create_token(Role::Admin, now_ms()))
+            .with_store(|s| s.create_token("root", Role::Admin, None, now))
+            .unwrap()
             .unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();

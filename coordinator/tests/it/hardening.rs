@@ -344,11 +344,24 @@ fn token_requests_are_strict_and_cannot_overflow() {
         (json!({"enroll": true, "uses": 0}), "uses 0"),
         (
             json!({"enroll": true, "role": "admin"}),
-            "enrollment token has none",
+            "an enrollment token has neither",
         ),
         (
-            json!({"role": "viewer", "ttl_secs": 5}),
+            json!({"name": "v", "role": "viewer", "uses": 5}),
             "are for enrollment tokens",
+        ),
+        (json!({"role": "viewer"}), "an operator token needs a name"),
+        (
+            json!({"name": "bob smith", "role": "viewer"}),
+            "expected 1 to 64 letters",
+        ),
+        (
+            json!({"name": "v", "role": "viewer", "ttl_secs": u64::MAX}),
+            "expected 1 to",
+        ),
+        (
+            json!({"enroll": true, "replace": true}),
+            "replace needs host",
         ),
     ] {
         let err = admin.post::<Value>("/v1/tokens", &body).unwrap_err();
@@ -418,9 +431,12 @@ fn serve_refuses_an_empty_database_beside_a_bundle_store() {
 fn events_prints_the_whole_log_and_a_closed_pipe_ends_it_quietly() {
     let server = Server::start(Settings::default());
     let admin = server.client(Some(&server.admin));
-    for _ in 0..1_050 {
+    for i in 0..1_050 {
         let _: Value = admin
-            .post("/v1/tokens", &json!({"role": "viewer"}))
+            .post(
+                "/v1/tokens",
+                &json!({"name": format!("viewer-{i}"), "role": "viewer"}),
+            )
             .unwrap();
     }
     let events = || {
@@ -501,7 +517,7 @@ fn a_damaged_row_is_an_error_naming_it_and_the_rest_keeps_working() {
     let hosts: Vec<Value> = admin.get("/v1/hosts").unwrap();
     assert_eq!(hosts.len(), 1, "the rest of the API still answers");
     let made: Value = admin
-        .post("/v1/tokens", &json!({"role": "viewer"}))
+        .post("/v1/tokens", &json!({"name": "viewer-3", "role": "viewer"}))
         .unwrap();
     assert!(made["token"].is_string(), "and still writes");
 }
@@ -669,7 +685,7 @@ fn a_push_with_too_weak_a_token_is_refused_as_such() {
     let server = Server::start(Settings::default());
     let viewer: Value = server
         .client(Some(&server.admin))
-        .post("/v1/tokens", &json!({"role": "viewer"}))
+        .post("/v1/tokens", &json!({"name": "viewer-4", "role": "viewer"}))
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("big.tnt");

@@ -6,4 +6,5 @@ mod fake;
 mod hardening;
 mod sigkill;
 mod tls;
+mod tokens;
 mod upgrade;
