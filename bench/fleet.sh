@@ -44,7 +44,7 @@ run() { # $1: the run's directory
     release_keys "$work"
     local port
     port=$(free_port)
-    local cmd="$bin/turnout serve --listen 127.0.0.1:$port --state-dir $work/coordinator --trust $work/trust.json --report-interval 10s --plaintext"
+    local cmd="$bin/turnout serve --listen 127.0.0.1:$port --state-dir $work/coordinator --trust $work/trust.json --report-interval 10s --plaintext --metrics-public"
     # The simulator speaks plain HTTP (TLS for it is the trusted-channel issue's next step).
     $cmd --init --profile "$work/profile.toml" > "$work/serve.out" 2> "$work/serve.log" &
     serve=$!

@@ -53,6 +53,9 @@ pub struct Settings {
     pub body_timeout: Duration,
     /// How long shutdown waits for requests in flight before it stops anyway.
     pub shutdown_grace: Duration,
+    /// Whether `/metrics` on the API listener answers without a token
+    /// (it names hosts and rollouts; by default it needs a viewer token).
+    pub metrics_public: bool,
 }
 
 impl Default for Settings {
@@ -67,6 +70,7 @@ impl Default for Settings {
             header_timeout: Duration::from_secs(20),
             body_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            metrics_public: false,
         }
     }
 }

@@ -16,7 +16,7 @@
 //! | `GET  /v1/rollouts[/{id}]`          | viewer        | list, one                          |
 //! | `POST /v1/rollouts/{id}/{command}`  | operator      | pause, resume, promote, abort, rollback |
 //! | `GET  /v1/events?after&rollout&wait`| viewer        | the event log (long poll to follow) |
-//! | `GET  /metrics`                     | anyone        | Prometheus text                    |
+//! | `GET  /metrics`                     | viewer (or anyone with `--metrics-public`; `--metrics-listen` serves it apart) | Prometheus text |
 //!
 //! Hosts sign every request (`turnout_proto::request_auth`); the server
 //! refuses unknown hosts, bad signatures, stale timestamps and replays, and
@@ -1717,12 +1717,36 @@ async fn events(
     Ok(json(&found))
 }
 
-async fn metrics(State(c): State<Shared>) -> Response {
+/// `/metrics` on the API listener: a viewer token unless `metrics_public`.
+async fn metrics(
+    State(c): State<Shared>,
+    headers: HeaderMap,
+    peer: Option<axum::Extension<Peer>>,
+) -> Result<Response, ApiError> {
+    if !c.settings().metrics_public {
+        operator(&c, &headers, peer.map(|p| p.0), Role::Viewer)?;
+    }
+    Ok(metrics_page(&c))
+}
+
+fn metrics_page(c: &Coordinator) -> Response {
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         c.metrics.render(),
     )
         .into_response()
+}
+
+/// The separate metrics listener (`--metrics-listen`): `/metrics` only, no
+/// token, plain HTTP, for a scraper on a management network.
+pub fn metrics_router(coordinator: Shared) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(|State(c): State<Shared>| async move { metrics_page(&c) }),
+        )
+        .fallback(no_route)
+        .with_state(coordinator)
 }
 
 #[cfg(test)]

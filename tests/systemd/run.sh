@@ -76,7 +76,7 @@ done
 CPORT=$(free_port)
 "$BIN" serve --listen "127.0.0.1:$CPORT" --state-dir "$W/coordinator" --trust "$W/trust.json" --report-interval 1s --init --profile "$W/profile.toml" > "$W/serve.out" 2> "$W/serve.log" &
 COORD=$!
-wait_until 20 "the coordinator" 'curl -sf --cacert "$W/coordinator/tls/ca.pem" "https://127.0.0.1:$CPORT/metrics"'
+wait_until 20 "the coordinator" 'curl -s --cacert "$W/coordinator/tls/ca.pem" -o /dev/null "https://127.0.0.1:$CPORT/v1/hosts"'
 TOKEN=$(grep -o 'tnt_[A-Za-z0-9_-]*' "$W/serve.out")
 export TURNOUT_COORDINATOR="https://127.0.0.1:$CPORT" TURNOUT_TOKEN=$TOKEN TURNOUT_CA="$W/coordinator/tls/ca.pem"
 for v in 1.0.0 2.0.0 3.0.0 4.0.0 5.0.0 6.0.0; do "$BIN" bundle push "$W/web-$v.tnt" >/dev/null; done

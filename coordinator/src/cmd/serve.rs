@@ -19,7 +19,8 @@ use crate::tls;
 pub struct Args {
     /// A config file (TOML) with any of: listen, state_dir, trust,
     /// report_interval, offline_after, max_connections, san (a list),
-    /// tls_cert, tls_key, plaintext. Flags override it.
+    /// tls_cert, tls_key, plaintext, metrics_listen, metrics_public. Flags
+    /// override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// The address to listen on.
@@ -63,6 +64,14 @@ pub struct Args {
     /// The private key of --tls-cert (PEM).
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Also serve `/metrics`, and nothing else, on this address: plain
+    /// HTTP, no token, for a scraper on a management network.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Let `/metrics` on the API listener answer without a token (it names
+    /// hosts and rollouts; by default it needs a viewer token).
+    #[arg(long)]
+    pub metrics_public: bool,
     /// Serve plain HTTP, for a proxy in front that terminates TLS. Tokens
     /// and desired states then cross the network in clear between the
     /// proxy and this coordinator.
@@ -87,6 +96,9 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     #[serde(default)]
     plaintext: bool,
+    metrics_listen: Option<SocketAddr>,
+    #[serde(default)]
+    metrics_public: bool,
     state_dir: Option<PathBuf>,
     trust: Option<PathBuf>,
     report_interval: Option<String>,
@@ -135,6 +147,8 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
     if let Some(n) = args.max_connections.or(file.max_connections) {
         settings.max_connections = n.max(1);
     }
+    settings.metrics_public = args.metrics_public || file.metrics_public;
+    let metrics_listen = args.metrics_listen.or(file.metrics_listen);
     let trust = files::trust_file(&trust_path)?.trust;
     std::fs::create_dir_all(&state_dir)?;
     if !args.init {
@@ -246,6 +260,19 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
             listener.local_addr()?,
             state_dir.display()
         );
+        if let Some(address) = metrics_listen {
+            let listener = tokio::net::TcpListener::bind(address).await?;
+            tracing::info!(
+                "metrics on http://{}/metrics (no token)",
+                listener.local_addr()?
+            );
+            let router = crate::server::metrics_router(coordinator.clone());
+            tokio::spawn(async move {
+                if let Err(err) = axum::serve(listener, router).await {
+                    tracing::error!("the metrics listener stopped: {err}");
+                }
+            });
+        }
         let acceptor = served.clone().map(tls::acceptor);
         let reload = served.map(|served| tokio::spawn(served.watch()));
         let served = crate::server::serve(coordinator, listener, acceptor, shutdown()).await;

@@ -126,7 +126,14 @@ fn bad_signatures_stale_timestamps_replays_and_unknown_hosts_are_refused_and_cou
     ] {
         assert_eq!(metrics.auth_failures(reason), 1, "{reason}");
     }
-    let text = agent.raw("GET", "/metrics", None, b"").text();
+    let text = agent
+        .raw(
+            "GET",
+            "/metrics",
+            Some(format!("Bearer {}", server.admin)),
+            b"",
+        )
+        .text();
     assert!(
         text.contains("turnout_auth_failures_total{reason=\"host_replay\"} 1"),
         "{text}"
@@ -238,7 +245,12 @@ fn a_malformed_or_oversized_report_is_refused_counted_and_changes_nothing() {
     assert_eq!(before[0]["report"], after[0]["report"]);
     assert!(
         agent
-            .raw("GET", "/metrics", None, b"")
+            .raw(
+                "GET",
+                "/metrics",
+                Some(format!("Bearer {}", server.admin)),
+                b""
+            )
             .text()
             .contains("turnout_bad_reports_total 2")
     );

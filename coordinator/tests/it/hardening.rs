@@ -178,7 +178,8 @@ fn reqwest_metrics(server: &Server) -> String {
     let mut stream = connect(server);
     write!(
         stream,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        server.admin
     )
     .unwrap();
     let mut text = String::new();

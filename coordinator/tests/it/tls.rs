@@ -304,3 +304,50 @@ fn plaintext_is_loud_and_stalled_handshakes_do_not_block_the_server() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     drop(stalled);
 }
+
+#[test]
+fn metrics_need_a_viewer_token_unless_served_apart_or_made_public() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_port = free_port();
+    let server = serve(
+        dir.path(),
+        &[
+            "--init",
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics_port}"),
+        ],
+    );
+    let token = profile_token(dir.path());
+    let ca = dir.path().join("state/tls/ca.pem");
+    let cas = turnout_rt::tls::certificates_from_pem(&std::fs::read(&ca).unwrap()).unwrap();
+    let url = format!("https://127.0.0.1:{}", server.port);
+    let anonymous = turnout::client::Client::with_ca(&url, None, &cas);
+    let err = anonymous.get_text("/metrics").unwrap_err();
+    assert!(err.to_string().contains("no operator token"), "{err}");
+    let viewer = turnout::client::Client::with_ca(&url, Some(token), &cas);
+    assert!(
+        viewer
+            .get_text("/metrics")
+            .unwrap()
+            .contains("turnout_http_requests")
+    );
+    // The separate listener: plain, no token, /metrics and nothing else.
+    let apart = turnout::client::Client::new(&format!("http://127.0.0.1:{metrics_port}"), None);
+    assert!(
+        apart
+            .get_text("/metrics")
+            .unwrap()
+            .contains("turnout_auth_failures")
+    );
+    assert!(apart.get_text("/v1/hosts").is_err(), "only /metrics there");
+    drop(server);
+    // --metrics-public: the API listener's /metrics answers anyone.
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &["--plaintext", "--metrics-public"]);
+    let open = turnout::client::Client::new(&format!("http://127.0.0.1:{}", server.port), None);
+    assert!(
+        open.get_text("/metrics")
+            .unwrap()
+            .contains("turnout_engine_rounds")
+    );
+}

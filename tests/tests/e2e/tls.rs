@@ -130,3 +130,36 @@ fn a_man_in_the_middle_is_refused_at_enrollment_and_after_and_services_keep_runn
     let hosts: Vec<Value> = fleet.client().get("/v1/hosts").unwrap();
     assert_eq!(hosts.len(), 1, "the token was never sent: {hosts:?}");
 }
+
+#[test]
+fn two_thousand_stalled_handshakes_do_not_stop_a_rollout_or_reports() {
+    // Room for 2,000 connections in this process and the coordinator it starts.
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let fleet = Fleet::start(Options {
+        hosts: 3,
+        ..Options::default()
+    });
+    let address = fleet.url.trim_start_matches("https://").to_owned();
+    // Half send nothing, half the first bytes of a TLS record and no more.
+    let stalled: Vec<std::net::TcpStream> = (0..2000)
+        .map(|i| {
+            let mut stream = std::net::TcpStream::connect(&address).unwrap();
+            if i % 2 == 1 {
+                use std::io::Write as _;
+                stream
+                    .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+                    .unwrap();
+            }
+            stream
+        })
+        .collect();
+    fleet.install_everywhere("1.0.0");
+    fleet.install_everywhere("2.0.0");
+    for host in &fleet.hosts {
+        assert_eq!(host.served().as_deref(), Some("2.0.0"), "{}", host.id);
+    }
+    fleet.wait_reported();
+    drop(stalled);
+}
