@@ -39,7 +39,10 @@ pub enum Command {
     Inspect(cmd::inspect::Args),
     /// Run the coordinator server.
     Serve(cmd::serve::Args),
-    /// Create operator and enrollment tokens.
+    /// The coordinator's own CA: rotate it, show it.
+    #[command(subcommand)]
+    Ca(cmd::ca::Command),
+    /// Create, list and revoke operator and enrollment tokens.
     #[command(subcommand)]
     Token(cmd::fleet::TokenCommand),
     /// The fleet registry.
@@ -95,6 +98,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Verify(args) => cmd::verify::run(&args),
         Command::Inspect(args) => cmd::inspect::run(&args),
         Command::Serve(args) => cmd::serve::run(&args),
+        Command::Ca(command) => cmd::ca::run(command),
         Command::Token(command) => cmd::fleet::token(command),
         Command::Host(command) => cmd::fleet::host(command),
         Command::Bundle(command) => cmd::fleet::bundle(command),

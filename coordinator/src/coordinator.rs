@@ -247,6 +247,8 @@ pub struct Coordinator {
     /// The pins of the CAs agents may trust this coordinator by (empty
     /// when it serves plain HTTP); join lines carry them.
     ca_pins: Mutex<Vec<turnout_rt::tls::Pin>>,
+    /// Those CAs' certificates (PEM), for agents to keep as `ca.pem`.
+    ca_pem: Mutex<Option<String>>,
     /// When a refused operator request was last logged, and how many
     /// were not logged since.
     auth_complaints: Mutex<(Option<std::time::Instant>, u64)>,
@@ -312,6 +314,7 @@ impl Coordinator {
             step_failures: Mutex::new(HashMap::new()),
             clock,
             ca_pins: Mutex::new(Vec::new()),
+            ca_pem: Mutex::new(None),
             auth_complaints: Mutex::new((None, 0)),
         })
     }
@@ -338,6 +341,19 @@ impl Coordinator {
     /// Sets the CA pins join lines carry.
     pub fn set_ca_pins(&self, pins: Vec<turnout_rt::tls::Pin>) {
         *self.ca_pins.lock().expect("not poisoned") = pins;
+    }
+
+    /// Sets the CA certificates agents are told to trust (`GET
+    /// /v1/agent/ca`), and their pins.
+    pub fn set_ca(&self, pins: Vec<turnout_rt::tls::Pin>, pem: Option<String>) {
+        self.set_ca_pins(pins);
+        *self.ca_pem.lock().expect("not poisoned") = pem;
+    }
+
+    /// The CA certificates (PEM) agents are told to trust, if this
+    /// coordinator serves TLS.
+    pub fn ca_pem(&self) -> Option<String> {
+        self.ca_pem.lock().expect("not poisoned").clone()
     }
 
     /// The CA pins join lines carry (none for a plain-HTTP coordinator).

@@ -108,6 +108,7 @@ pub fn router(coordinator: Shared) -> Router {
         .route("/v1/agent/hello", post(hello))
         .route("/v1/agent/desired", get(desired))
         .route("/v1/agent/report", post(report))
+        .route("/v1/agent/ca", get(agent_ca))
         .route("/v1/bundles", get(list_bundles).post(push_bundle))
         .route("/v1/bundles/{sha256}", get(get_bundle))
         .route("/v1/hosts", get(list_hosts))
@@ -901,6 +902,14 @@ async fn hello(
                 .into_response())
         }
     }
+}
+
+/// The CA certificates a host should trust (its `ca.pem`): during a CA
+/// rotation both the old and the new, afterwards the new one only. Asked
+/// over a connection the host already verified, so it can take the answer.
+async fn agent_ca(State(c): State<Shared>, _: SignedHost) -> Result<Response, ApiError> {
+    let pins: Vec<String> = c.ca_pins().iter().map(ToString::to_string).collect();
+    Ok(json(&serde_json::json!({"pins": pins, "pem": c.ca_pem()})))
 }
 
 /// A long poll's `wait=` (a duration like `30s`), capped at `max`; none is zero.

@@ -12,6 +12,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use sha2::Digest as _;
 use turnout_rt::tls::Pin;
 
 /// How long a server certificate made by `--init` is valid.
@@ -32,6 +33,36 @@ pub struct Paths {
     pub cert: PathBuf,
     /// The server's private key.
     pub key: PathBuf,
+}
+
+/// A CA rotation under way (`STATE_DIR/tls/rotation.json`): agents trust
+/// both CAs until `until_ms`, then the old one is dropped.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Rotation {
+    /// The pin of the CA being retired.
+    pub old: String,
+    /// The pin of the new CA.
+    pub new: String,
+    /// When the old CA is dropped (ms since the epoch).
+    pub until_ms: u64,
+}
+
+impl Paths {
+    fn dir(&self) -> PathBuf {
+        self.ca.parent().map(Path::to_owned).unwrap_or_default()
+    }
+
+    fn rotation(&self) -> PathBuf {
+        self.dir().join("rotation.json")
+    }
+
+    fn names(&self) -> PathBuf {
+        self.dir().join("names.json")
+    }
+
+    fn cross(&self) -> PathBuf {
+        self.dir().join("cross.pem")
+    }
 }
 
 impl Paths {
@@ -135,34 +166,210 @@ pub fn init(
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
     }
     if !paths.ca_key.exists() {
-        let key = rcgen::KeyPair::generate().map_err(|e| TlsSetupError::Make(e.to_string()))?;
-        let mut params = rcgen::CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params.distinguished_name.push(
-            rcgen::DnType::CommonName,
-            format!("Turnout coordinator CA {}", at(now).date()),
-        );
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        params.not_before = at(now - Duration::from_secs(3600));
-        params.not_after = at(now + CA_LIFETIME);
-        let cert = params
-            .self_signed(&key)
-            .map_err(|e| TlsSetupError::Make(e.to_string()))?;
+        let (key, _, cert) = new_ca(now)?;
         write(&paths.ca_key, key.serialize_pem().as_bytes(), 0o600)?;
-        write(&paths.ca, cert.pem().as_bytes(), 0o644)?;
+        write(&paths.ca, cert.as_bytes(), 0o644)?;
         done.new_ca = true;
     }
+    write(
+        &paths.names(),
+        &serde_json::to_vec(names).expect("names serialise"),
+        0o644,
+    )?;
     let needed = done.new_ca || !covers(paths, names, now);
     if needed {
         issue(paths, names, now)?;
         done.new_cert = true;
     }
     Ok(done)
+}
+
+/// A new CA: its key and its self-signed certificate, both PEM. Its name
+/// carries its key's pin, so two CAs of one coordinator never share a name.
+fn new_ca(
+    now: SystemTime,
+) -> Result<(rcgen::KeyPair, rcgen::CertificateParams, String), TlsSetupError> {
+    use rcgen::PublicKeyData as _;
+    let key = rcgen::KeyPair::generate().map_err(|e| TlsSetupError::Make(e.to_string()))?;
+    let pin = turnout_rt::hex::encode(sha2::Sha256::digest(key.subject_public_key_info()));
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("Turnout coordinator CA {} {}", at(now).date(), &pin[..12]),
+    );
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = at(now - Duration::from_secs(3600));
+    params.not_after = at(now + CA_LIFETIME);
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| TlsSetupError::Make(e.to_string()))?;
+    Ok((key, params, cert.pem()))
+}
+
+/// Starts a CA rotation: a new CA beside the old one in `ca.pem` (agents
+/// fetch it and trust both), its key replacing the old key; the server's
+/// certificate is reissued under it at the next start, and the old CA is
+/// dropped after `grace`. Returns the rotation.
+pub fn rotate(paths: &Paths, grace: Duration, now: SystemTime) -> Result<Rotation, TlsSetupError> {
+    if let Some(rotation) = rotation(paths)? {
+        return Err(TlsSetupError::Invalid {
+            path: paths.rotation(),
+            detail: format!(
+                "a rotation from {} to {} is under way until {}; rotate again after it ends",
+                rotation.old,
+                rotation.new,
+                crate::cmd::remote::when(rotation.until_ms)
+            ),
+        });
+    }
+    let old = read_certs(&paths.ca)?;
+    let old_pin = Pin::of_certificate(old.last().expect("at least one")).map_err(|e| {
+        TlsSetupError::Invalid {
+            path: paths.ca.clone(),
+            detail: e.to_string(),
+        }
+    })?;
+    let old_key = rcgen::KeyPair::from_pem(&String::from_utf8_lossy(&read(
+        &paths.ca_key,
+        NOT_INITIALISED,
+    )?))
+    .map_err(|e| TlsSetupError::Invalid {
+        path: paths.ca_key.clone(),
+        detail: format!("expected the CA's private key (PEM): {e}"),
+    })?;
+    let old_issuer = rcgen::Issuer::from_ca_cert_der(old.last().expect("at least one"), old_key)
+        .map_err(|e| TlsSetupError::Make(e.to_string()))?;
+    let (key, params, cert) = new_ca(now)?;
+    // The new CA signed by the old one: served after the server's
+    // certificate during the rotation, it lets a host that still trusts
+    // only the old CA verify a certificate from the new one.
+    let cross = params
+        .signed_by(&key, &old_issuer)
+        .map_err(|e| TlsSetupError::Make(e.to_string()))?;
+    let new = turnout_rt::tls::certificates_from_pem(cert.as_bytes()).expect("made just now");
+    let new_pin = Pin::of_certificate(&new[0]).expect("made just now");
+    let rotation = Rotation {
+        old: old_pin.to_string(),
+        new: new_pin.to_string(),
+        until_ms: ms(now + grace),
+    };
+    // Trust first, then the key: a crash in between leaves both CAs trusted
+    // and the old key, which the next rotate replaces.
+    write(
+        &paths.ca,
+        turnout_rt::tls::certificates_to_pem(&[old.as_slice(), new.as_slice()].concat()).as_bytes(),
+        0o644,
+    )?;
+    write(&paths.cross(), cross.pem().as_bytes(), 0o644)?;
+    write(
+        &paths.rotation(),
+        &serde_json::to_vec_pretty(&rotation).expect("serialises"),
+        0o644,
+    )?;
+    write(&paths.ca_key, key.serialize_pem().as_bytes(), 0o600)?;
+    issue(paths, &names(paths), now)?;
+    Ok(rotation)
+}
+
+/// The names `--init` was given for the server certificate.
+fn names(paths: &Paths) -> Vec<String> {
+    std::fs::read(paths.names())
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| vec!["localhost".into(), "127.0.0.1".into()])
+}
+
+fn ms(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// The rotation under way, if any.
+pub fn rotation(paths: &Paths) -> Result<Option<Rotation>, TlsSetupError> {
+    match std::fs::read(paths.rotation()) {
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(TlsSetupError::Read {
+            path: paths.rotation(),
+            source,
+            hint: "",
+        }),
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| TlsSetupError::Invalid {
+                path: paths.rotation(),
+                detail: e.to_string(),
+            }),
+    }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+    turnout_rt::tls::certificates_from_pem(&read(path, NOT_INITIALISED)?).map_err(|e| {
+        TlsSetupError::Invalid {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        }
+    })
+}
+
+/// What the coordinator's own CA needs at a start (or a periodic check):
+/// a rotation past its grace drops the old CA; a server certificate not
+/// from the newest CA, near its end, or missing is issued again for the
+/// names `--init` was given. Returns whether the certificate files changed.
+pub fn maintain(paths: &Paths, now: SystemTime) -> Result<bool, TlsSetupError> {
+    if !paths.ca_key.exists() {
+        return Ok(false);
+    }
+    if let Some(rotation) = rotation(paths)?
+        && rotation.until_ms <= ms(now)
+    {
+        let kept: Vec<CertificateDer<'static>> = read_certs(&paths.ca)?
+            .into_iter()
+            .filter(|c| Pin::of_certificate(c).is_ok_and(|p| p.to_string() != rotation.old))
+            .collect();
+        if !kept.is_empty() {
+            write(
+                &paths.ca,
+                turnout_rt::tls::certificates_to_pem(&kept).as_bytes(),
+                0o644,
+            )?;
+        }
+        let _ = std::fs::remove_file(paths.rotation());
+        let _ = std::fs::remove_file(paths.cross());
+        tracing::info!(old = %rotation.old, "the CA rotation ended: the old CA is no longer trusted");
+        issue(paths, &names(paths), now)?;
+        return Ok(true);
+    }
+    let names = names(paths);
+    if covers(paths, &names, now) && issued_by_newest(paths) {
+        return Ok(false);
+    }
+    issue(paths, &names, now)?;
+    tracing::info!(names = %names.join(","), "issued the coordinator's TLS certificate under its newest CA");
+    Ok(true)
+}
+
+/// Whether the server certificate was issued by the last CA in `ca.pem`.
+fn issued_by_newest(paths: &Paths) -> bool {
+    let (Ok(chain), Ok(cas)) = (read_certs(&paths.cert), read_certs(&paths.ca)) else {
+        return false;
+    };
+    let (Some(leaf), Some(newest)) = (chain.first(), cas.last()) else {
+        return false;
+    };
+    match (
+        x509_parser::parse_x509_certificate(leaf),
+        x509_parser::parse_x509_certificate(newest),
+    ) {
+        (Ok((_, leaf)), Ok((_, ca))) => leaf.issuer().as_raw() == ca.subject().as_raw(),
+        _ => false,
+    }
 }
 
 /// Whether the server certificate exists, names all of `names` and has
@@ -228,11 +435,17 @@ fn issue(paths: &Paths, names: &[String], now: SystemTime) -> Result<(), TlsSetu
     let cert = params
         .signed_by(&key, &issuer)
         .map_err(|e| TlsSetupError::Make(e.to_string()))?;
-    let chain = format!(
-        "{}{}",
-        cert.pem(),
-        turnout_rt::tls::certificates_to_pem(&[ca_cert])
-    );
+    // During a rotation the new CA goes out cross-signed by the old one.
+    // The old CA follows it, so a join line that pins the old CA still
+    // finds it in the chain.
+    let after = match std::fs::read_to_string(paths.cross()) {
+        Ok(cross) => format!(
+            "{cross}{}",
+            turnout_rt::tls::certificates_to_pem(&ca_certs[..ca_certs.len() - 1])
+        ),
+        Err(_) => turnout_rt::tls::certificates_to_pem(&[ca_cert]),
+    };
+    let chain = format!("{}{after}", cert.pem());
     write(&paths.key, key.serialize_pem().as_bytes(), 0o600)?;
     write(&paths.cert, chain.as_bytes(), 0o644)?;
     Ok(())

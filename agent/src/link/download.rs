@@ -47,7 +47,7 @@ impl Link {
         );
         let url = format!("{}{path}", self.identity.coordinator);
         let part_for_blocking = part.clone();
-        let client = self.client.clone();
+        let client = self.client();
         let fetched = tokio::task::spawn_blocking(move || -> Result<(), LinkError> {
             let mut request = client.get(&url).header("Authorization", header);
             if have > 0 {

@@ -93,6 +93,10 @@ pub struct LinkStatus {
     pub detail: Option<String>,
 }
 
+/// Every this many poll rounds (at least one report interval each), the
+/// link asks which CAs to trust: within 5 minutes at a 10 s interval.
+const CA_CHECK_ROUNDS: u64 = 30;
+
 /// The running link.
 pub struct Link {
     agent: Arc<Agent>,
@@ -103,8 +107,11 @@ pub struct Link {
     refusals: Mutex<BTreeMap<String, String>>,
     /// The last report's `seq`.
     last_seq: Mutex<u64>,
-    /// One HTTP client (a pool) for everything the link asks.
-    client: ureq::Agent,
+    /// One HTTP client (a pool) for everything the link asks; replaced
+    /// when the coordinator's CA bundle changes (a CA rotation).
+    client: Mutex<ureq::Agent>,
+    /// The pins of the CAs the client trusts now.
+    trusted: Mutex<Vec<turnout_rt::tls::Pin>>,
 }
 
 /// How far one service got toward its desired release.
@@ -154,7 +161,14 @@ impl Link {
     /// A link for `agent` as `identity`; `status` is shared with `turnout-agent status`.
     pub fn new(agent: Arc<Agent>, identity: Identity, status: Arc<Mutex<LinkStatus>>) -> Link {
         let cache = agent.config().state_dir.join("cache");
-        let client = client(&identity.ca);
+        let client = Mutex::new(client(&identity.ca));
+        let trusted = Mutex::new(
+            identity
+                .ca
+                .iter()
+                .filter_map(|c| turnout_rt::tls::Pin::of_certificate(c).ok())
+                .collect(),
+        );
         Link {
             agent,
             identity,
@@ -163,7 +177,79 @@ impl Link {
             refusals: Mutex::new(BTreeMap::new()),
             last_seq: Mutex::new(0),
             client,
+            trusted,
         }
+    }
+
+    /// The HTTP client (a clone shares the pool).
+    fn client(&self) -> ureq::Agent {
+        self.client.lock().expect("not poisoned").clone()
+    }
+
+    /// Asks the coordinator which CAs to trust (over a connection already
+    /// verified against the ones trusted now) and, when they changed, keeps
+    /// them as `ca.pem` and trusts them from the next request: how a CA
+    /// rotation reaches hosts without enrolling again. Failures only log.
+    async fn refresh_ca(&self) {
+        if !self.identity.coordinator.starts_with("https://") {
+            return;
+        }
+        let (status, body) = match self.call("GET", "/v1/agent/ca".into(), Vec::new()).await {
+            Ok(answer) => answer,
+            Err(err) => {
+                tracing::debug!("asking for the coordinator's CAs: {err}");
+                return;
+            }
+        };
+        #[derive(Deserialize)]
+        struct Answer {
+            pem: Option<String>,
+        }
+        let Some(pem) = (status == 200)
+            .then(|| serde_json::from_slice::<Answer>(&body).ok())
+            .flatten()
+            .and_then(|a| a.pem)
+        else {
+            return;
+        };
+        let certs = match turnout_rt::tls::certificates_from_pem(pem.as_bytes()) {
+            Ok(certs) => certs,
+            Err(err) => {
+                tracing::warn!(
+                    "the coordinator's CA certificates do not read: {err}; keeping ca.pem"
+                );
+                return;
+            }
+        };
+        let mut pins: Vec<turnout_rt::tls::Pin> = certs
+            .iter()
+            .filter_map(|c| turnout_rt::tls::Pin::of_certificate(c).ok())
+            .collect();
+        pins.sort_by_key(ToString::to_string);
+        let mut trusted = self.trusted.lock().expect("not poisoned").clone();
+        trusted.sort_by_key(ToString::to_string);
+        if pins == trusted {
+            return;
+        }
+        let path = self.agent.config().state_dir.join("ca.pem");
+        if let Err(err) = turnout_rt::files::write_atomic(
+            &path,
+            turnout_rt::tls::certificates_to_pem(&certs).as_bytes(),
+            0o644,
+        ) {
+            tracing::warn!(
+                "writing {}: {err}; trusting the CAs as they were",
+                path.display()
+            );
+            return;
+        }
+        *self.client.lock().expect("not poisoned") = client(&certs);
+        let shown: Vec<String> = pins.iter().map(ToString::to_string).collect();
+        tracing::info!(
+            "the coordinator's CAs changed (a CA rotation): now trusting {}",
+            shown.join(", ")
+        );
+        *self.trusted.lock().expect("not poisoned") = pins;
     }
 
     fn set(&self, state: &str, detail: Option<String>) {
@@ -181,6 +267,7 @@ impl Link {
                 Ok(welcome) => {
                     failures = 0;
                     self.set("connected", None);
+                    self.refresh_ca().await;
                     self.session(&welcome).await
                 }
                 Err(err) => Err(err),
@@ -260,7 +347,12 @@ impl Link {
         // coordinator this host is done with everything up to it.
         let mut index = 0;
         self.report(index).await?;
+        let mut rounds = 0u64;
         loop {
+            rounds += 1;
+            if rounds.is_multiple_of(CA_CHECK_ROUNDS) {
+                self.refresh_ca().await;
+            }
             let path = if long_poll {
                 format!(
                     "/v1/agent/desired?index={index}&wait={}ms",

@@ -97,7 +97,7 @@ impl Link {
             signing_time(),
             &body,
         );
-        let (base, client) = (self.identity.coordinator.clone(), self.client.clone());
+        let (base, client) = (self.identity.coordinator.clone(), self.client());
         tokio::task::spawn_blocking(move || {
             http(&client, &base, method, &path, Some(header), &body)
         })

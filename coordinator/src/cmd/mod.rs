@@ -1,5 +1,6 @@
 //! One module per `turnout` subcommand: its arguments and its `run`.
 
+pub mod ca;
 pub mod fleet;
 pub mod inspect;
 pub mod keygen;

@@ -184,20 +184,13 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
         .as_ref()
         .map(|(cert, key, _)| tls::Reloading::open(cert, key))
         .transpose()?;
-    let pins = match &tls_files {
-        None => Vec::new(),
-        Some((cert, key, own)) => tls::pins(&if *own {
-            tls::Paths::in_state_dir(&state_dir)
-        } else {
-            tls::Paths {
-                ca: state_dir.join("tls/none"),
-                ca_key: state_dir.join("tls/none"),
-                cert: cert.clone(),
-                key: key.clone(),
-            }
-        })?,
-    };
-    coordinator.set_ca_pins(pins.clone());
+    let own_ca = matches!(tls_files, Some((_, _, true)));
+    let own_paths = tls::Paths::in_state_dir(&state_dir);
+    if own_ca {
+        tls::maintain(&own_paths, SystemTime::now())?;
+    }
+    let (pins, ca_pem) = ca_for_agents(&tls_files, &state_dir)?;
+    coordinator.set_ca(pins.clone(), ca_pem);
     let scheme = if served.is_some() { "https" } else { "http" };
     if args.init {
         if coordinator.with_store(|s| s.has_tokens())? {
@@ -275,13 +268,73 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
         }
         let acceptor = served.clone().map(tls::acceptor);
         let reload = served.map(|served| tokio::spawn(served.watch()));
+        // The coordinator's own CA: a rotation's new CA reaches agents, its
+        // end drops the old one, a certificate near its end is renewed.
+        let upkeep = own_ca.then(|| {
+            let (c, paths, files, dir) = (
+                coordinator.clone(),
+                own_paths.clone(),
+                tls_files.clone(),
+                state_dir.clone(),
+            );
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    if let Err(err) = tls::maintain(&paths, SystemTime::now()) {
+                        tracing::warn!("keeping the TLS certificates as they are: {err}");
+                    }
+                    match ca_for_agents(&files, &dir) {
+                        Ok((pins, pem)) => c.set_ca(pins, pem),
+                        Err(err) => tracing::warn!("reading the CA certificates: {err:#}"),
+                    }
+                }
+            })
+        });
         let served = crate::server::serve(coordinator, listener, acceptor, shutdown()).await;
         if let Some(reload) = reload {
             reload.abort();
         }
+        if let Some(upkeep) = upkeep {
+            upkeep.abort();
+        }
         served
     })?;
     Ok(Exit::Success)
+}
+
+/// The pins join lines carry and the CA certificates agents keep: the
+/// coordinator's own CAs (`ca.pem`), or the CAs in an operator's chain.
+fn ca_for_agents(
+    files: &Option<(PathBuf, PathBuf, bool)>,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<(Vec<turnout_rt::tls::Pin>, Option<String>)> {
+    let Some((cert, key, own)) = files else {
+        return Ok((Vec::new(), None));
+    };
+    let paths = if *own {
+        tls::Paths::in_state_dir(state_dir)
+    } else {
+        tls::Paths {
+            ca: state_dir.join("tls/none"),
+            ca_key: state_dir.join("tls/none"),
+            cert: cert.clone(),
+            key: key.clone(),
+        }
+    };
+    let pins = tls::pins(&paths)?;
+    let pem = if *own {
+        std::fs::read_to_string(&paths.ca)?
+    } else {
+        let chain = turnout_rt::tls::certificates_from_pem(&std::fs::read(cert)?)?;
+        let cas = if chain.len() > 1 {
+            &chain[1..]
+        } else {
+            &chain[..]
+        };
+        turnout_rt::tls::certificates_to_pem(cas)
+    };
+    Ok((pins, Some(pem)))
 }
 
 /// The names the coordinator's certificate carries: loopback, this

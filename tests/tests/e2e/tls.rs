@@ -163,3 +163,100 @@ fn two_thousand_stalled_handshakes_do_not_stop_a_rollout_or_reports() {
     fleet.wait_reported();
     drop(stalled);
 }
+
+fn cas_of(path: &Path) -> Vec<String> {
+    let pem = std::fs::read(path).unwrap();
+    turnout_rt::tls::certificates_from_pem(&pem)
+        .unwrap()
+        .iter()
+        .map(|c| turnout_rt::tls::Pin::of_certificate(c).unwrap().to_string())
+        .collect()
+}
+
+/// Whether the coordinator's chain verifies by `pin` now.
+fn served_by(fleet: &Fleet, pin: &str) -> bool {
+    turnout_rt::tls::discover(&fleet.url, &[pin.parse().unwrap()], Duration::from_secs(5)).is_ok()
+}
+
+#[test]
+fn a_ca_rotation_reaches_every_host_without_enrolling_again() {
+    let mut fleet = Fleet::start(Options {
+        hosts: 2,
+        ..Options::default()
+    });
+    fleet.install_everywhere("1.0.0");
+    let state = fleet.dir.path().join("coordinator");
+    let out = std::process::Command::new(turnout_bin())
+        .args(["ca", "rotate", "--grace", "40s", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rotation = turnout::tls::rotation(&turnout::tls::Paths::in_state_dir(&state))
+        .unwrap()
+        .unwrap();
+    assert_eq!(rotation.old, fleet.pin);
+    // The running coordinator serves the new CA's certificate (cross-signed
+    // by the old one, so hosts that have not heard yet still verify it) ...
+    wait_for(
+        "the coordinator to serve the new CA's certificate",
+        LONG,
+        || served_by(&fleet, &rotation.new),
+    );
+    assert!(
+        served_by(&fleet, &rotation.old),
+        "a join line with the old pin still works"
+    );
+    let old_ca =
+        turnout_rt::tls::certificates_from_pem(&std::fs::read(state.join("tls/ca.pem")).unwrap())
+            .unwrap()[..1]
+            .to_vec();
+    let trusting_old_only = |fleet: &Fleet| {
+        turnout::client::Client::with_ca(&fleet.url, Some(fleet.admin.clone()), &old_ca)
+            .get::<Value>("/v1/hosts")
+    };
+    trusting_old_only(&fleet)
+        .expect("a client that trusts only the old CA verifies the new certificate");
+    // ... hosts learn both CAs, and keep working throughout.
+    for host in ["host-00", "host-01"] {
+        let ca = fleet.dir.path().join(host).join("state/ca.pem");
+        wait_for(&format!("{host} to trust both CAs"), LONG, || {
+            cas_of(&ca).len() == 2
+        });
+    }
+    fleet.install_everywhere("2.0.0");
+    // A restart with the new certificate: every host comes back.
+    fleet.kill_coordinator();
+    fleet.start_coordinator(false);
+    fleet.wait_reported();
+    // After the grace period the old CA is gone: from the coordinator's
+    // chain, its ca.pem and every host's.
+    let coordinator_ca = state.join("tls/ca.pem");
+    wait_for("the old CA to be dropped", Duration::from_secs(90), || {
+        cas_of(&coordinator_ca) == [rotation.new.clone()]
+    });
+    wait_for("the chain to carry only the new CA", LONG, || {
+        !served_by(&fleet, &rotation.old)
+    });
+    let refused = trusting_old_only(&fleet).unwrap_err();
+    assert!(
+        refused.to_string().contains("could not be verified"),
+        "{refused}"
+    );
+    for host in ["host-00", "host-01"] {
+        let ca = fleet.dir.path().join(host).join("state/ca.pem");
+        wait_for(&format!("{host} to drop the old CA"), LONG, || {
+            cas_of(&ca) == [rotation.new.clone()]
+        });
+    }
+    fleet.install_everywhere("1.0.0");
+    let log = fleet.hosts[0].log();
+    assert!(
+        !log.contains("untrusted") && !log.contains("could not be verified"),
+        "{log}"
+    );
+}
