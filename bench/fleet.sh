@@ -14,9 +14,11 @@
 #   HOSTS=500 DURATION=20s RUNS=3 bash bench/fleet.sh
 #   SMOKE=1 SCENARIO=waves bash bench/fleet.sh      # CI: small N, debug build, checks the result
 #   SCRAPE=46 bash bench/fleet.sh                   # with a /metrics scrape 46 times a second
+#   PLAINTEXT=1 bash bench/fleet.sh                 # plain HTTP (--plaintext) instead of TLS, to compare
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCENARIO=${SCENARIO:-steady}
+PLAINTEXT=${PLAINTEXT:-}
 SCRAPE=${SCRAPE:-0}
 SMOKE=${SMOKE:-}
 RUNS=${RUNS:-1}
@@ -44,14 +46,19 @@ run() { # $1: the run's directory
     release_keys "$work"
     local port
     port=$(free_port)
-    local cmd="$bin/turnout serve --listen 127.0.0.1:$port --state-dir $work/coordinator --trust $work/trust.json --report-interval 10s --plaintext --metrics-public"
-    # The simulator speaks plain HTTP (TLS for it is the trusted-channel issue's next step).
+    # TLS, as agents connect; PLAINTEXT=1 measures plain HTTP for comparison.
+    local mode="--san 127.0.0.1"
+    [ -z "$PLAINTEXT" ] || mode="--plaintext"
+    local cmd="$bin/turnout serve --listen 127.0.0.1:$port --state-dir $work/coordinator --trust $work/trust.json --report-interval 10s --metrics-public $mode"
     $cmd --init --profile "$work/profile.toml" > "$work/serve.out" 2> "$work/serve.log" &
     serve=$!
     for _ in $(seq 100); do grep -q tnt_ "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
     local token
     token=$(grep -o 'tnt_[A-Za-z0-9_-]*' "$work/serve.out")
-    export TURNOUT_COORDINATOR="http://127.0.0.1:$port" TURNOUT_TOKEN="$token"
+    local scheme=https
+    [ -z "$PLAINTEXT" ] || scheme=http
+    export TURNOUT_COORDINATOR="$scheme://127.0.0.1:$port" TURNOUT_TOKEN="$token" TURNOUT_CA="$work/coordinator/tls/ca.pem"
+    [ -z "$PLAINTEXT" ] || unset TURNOUT_CA
     printf '#!/bin/sh\nexec sleep infinity\n' > "$work/payload/run" && chmod +x "$work/payload/run"
     for version in 1.0.0 2.0.0; do
         "$bin/turnout" pack "$work/payload" --name web --version $version --entry run --key "$work/k.key.pem" --out "$work/web-$version.tnt" >/dev/null
@@ -68,9 +75,10 @@ run() { # $1: the run's directory
     local scraper=
     if [ "$SCRAPE" -gt 0 ]; then
         # A bounded scrape loop: SCRAPE requests a second while the coordinator runs.
-        python3 - "$port" "$SCRAPE" "$serve" <<'PY' &
-import os, sys, time, urllib.request
-port, rate, pid = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+        python3 - "$TURNOUT_COORDINATOR" "$SCRAPE" "$serve" "$work/coordinator/tls/ca.pem" <<'PY' &
+import os, ssl, sys, time, urllib.request
+base, rate, pid, ca = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+context = ssl.create_default_context(cafile=ca) if base.startswith("https") else None
 deadline = time.time() + 3600
 while time.time() < deadline:
     try:
@@ -79,14 +87,14 @@ while time.time() < deadline:
         break
     started = time.time()
     try:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        urllib.request.urlopen(f"{base}/metrics", timeout=5, context=context).read()
     except Exception:
         pass
     time.sleep(max(0.0, 1 / rate - (time.time() - started)))
 PY
         scraper=$!
     fi
-    "$bin/turnout-sim" --coordinator "$TURNOUT_COORDINATOR" --token "$token" --scenario "$SCENARIO" --hosts "$HOSTS" \
+    "$bin/turnout-sim" --coordinator "$TURNOUT_COORDINATOR" ${TURNOUT_CA:+--ca "$TURNOUT_CA"} --token "$token" --scenario "$SCENARIO" --hosts "$HOSTS" \
         --coordinator-pid "$serve" --json "$work/summary.json" "${extra[@]}" > "$work/summary.out"
     [ -z "$scraper" ] || kill "$scraper" 2>/dev/null || true
     kill $serve 2>/dev/null || true

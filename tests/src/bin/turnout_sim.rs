@@ -20,7 +20,7 @@
 //! - `decision`: a rollout whose canary fails its health checks; time from
 //!   its first failing check to the coordinator's decision to roll back.
 //!
-//!   turnout-sim --coordinator http://127.0.0.1:7400 --token TNT --hosts 1000 --duration 60s
+//!   turnout-sim --coordinator https://127.0.0.1:7400 --ca STATE_DIR/tls/ca.pem --token TNT --hosts 1000 --duration 60s
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -63,9 +63,12 @@ enum Scenario {
     about = "A fleet of simulated hosts against a real coordinator"
 )]
 struct Args {
-    /// The coordinator (http://127.0.0.1:PORT).
+    /// The coordinator (https://127.0.0.1:PORT, or http:// for --plaintext).
     #[arg(long)]
     coordinator: String,
+    /// The coordinator's CA certificates (its STATE_DIR/tls/ca.pem), for https.
+    #[arg(long)]
+    ca: Option<std::path::PathBuf>,
     /// An admin token (to make the enrollment token and steer rollouts).
     #[arg(long, env = "TURNOUT_TOKEN")]
     token: String,
@@ -233,7 +236,13 @@ fn host_key(args: &Args, index: u32) -> (HostId, SecretKey) {
 }
 
 /// One simulated host, until the process ends.
-async fn run_host(args: Arc<Args>, server: SocketAddr, index: u32, shared: Arc<Shared>) {
+async fn run_host(
+    args: Arc<Args>,
+    server: SocketAddr,
+    tls: Option<Arc<tokio_rustls::TlsConnector>>,
+    index: u32,
+    shared: Arc<Shared>,
+) {
     let (host, key) = host_key(&args, index);
     let mut sim = Sim {
         host,
@@ -254,7 +263,7 @@ async fn run_host(args: Arc<Args>, server: SocketAddr, index: u32, shared: Arc<S
     let mut failures = 0u32;
     loop {
         if conn.is_none() {
-            match Conn::connect(source, server).await {
+            match Conn::connect(source, server, tls.as_deref()).await {
                 Ok(c) => conn = Some(c),
                 Err(_) => {
                     shared.errors.fetch_add(1, Ordering::Relaxed);
@@ -834,10 +843,23 @@ async fn main() -> anyhow::Result<()> {
     // Ten thousand connections need more descriptors than the default soft limit.
     let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)?;
-    let server: SocketAddr = args.coordinator.trim_start_matches("http://").parse()?;
-    let admin = Admin(Arc::new(turnout::client::Client::new(
+    let server: SocketAddr = args
+        .coordinator
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .parse()?;
+    let cas = match &args.ca {
+        Some(path) => turnout_rt::tls::certificates_from_pem(&std::fs::read(path)?)?,
+        None => Vec::new(),
+    };
+    let tls = args
+        .coordinator
+        .starts_with("https://")
+        .then(|| Arc::new(turnout_tests::http::tls_connector(&cas)));
+    let admin = Admin(Arc::new(turnout::client::Client::with_ca(
         &args.coordinator,
         Some(args.token.clone()),
+        &cas,
     )));
     let token = admin
         .post(
@@ -850,12 +872,13 @@ async fn main() -> anyhow::Result<()> {
     let mut enrollments = tokio::task::JoinSet::new();
     let permits = Arc::new(tokio::sync::Semaphore::new(64));
     for index in 0..args.hosts {
-        let (args, token, permits) = (args.clone(), token.clone(), permits.clone());
+        let (args, token, permits, tls) =
+            (args.clone(), token.clone(), permits.clone(), tls.clone());
         enrollments.spawn(async move {
             let _permit = permits.acquire().await.expect("open");
             let (host, key) = host_key(&args, index);
             let body = json!({"token": token, "host": host.as_str(), "public_key": key.public().to_pem(), "labels": {"role": "web"}});
-            let mut conn = Conn::connect(source(&args, index), server).await?;
+            let mut conn = Conn::connect(source(&args, index), server, tls.as_deref()).await?;
             let (status, answer) = conn
                 .request("POST", "/v1/enroll", None, body.to_string().as_bytes())
                 .await?;
@@ -880,7 +903,13 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut hosts = tokio::task::JoinSet::new();
     for index in 0..args.hosts {
-        hosts.spawn(run_host(args.clone(), server, index, shared.clone()));
+        hosts.spawn(run_host(
+            args.clone(),
+            server,
+            tls.clone(),
+            index,
+            shared.clone(),
+        ));
     }
     let all = args.hosts as usize;
     if !wait_for(Duration::from_secs(600), all, || {
