@@ -351,3 +351,59 @@ fn metrics_need_a_viewer_token_unless_served_apart_or_made_public() {
             .contains("turnout_engine_rounds")
     );
 }
+
+#[test]
+fn a_name_the_certificate_does_not_carry_is_refused_and_said_so() {
+    let dir = tempfile::tempdir().unwrap();
+    // The operator's own certificate, for 127.0.0.1 only.
+    let own = dir.path().join("own");
+    let paths = turnout::tls::Paths::in_state_dir(&own);
+    turnout::tls::init(&paths, &["127.0.0.1".to_owned()], SystemTime::now()).unwrap();
+    let server = serve(
+        dir.path(),
+        &[
+            "--init",
+            "--tls-cert",
+            paths.cert.to_str().unwrap(),
+            "--tls-key",
+            paths.key.to_str().unwrap(),
+        ],
+    );
+    let token = profile_token(dir.path());
+    let ca = paths.ca.to_str().unwrap().to_owned();
+    let by_address = format!("https://127.0.0.1:{}", server.port);
+    let ok = turnout(
+        dir.path(),
+        &[
+            "host",
+            "list",
+            "--coordinator",
+            &by_address,
+            "--token",
+            &token,
+            "--ca",
+            &ca,
+        ],
+    );
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
+    let by_name = format!("https://localhost:{}", server.port);
+    let refused = turnout(
+        dir.path(),
+        &[
+            "host",
+            "list",
+            "--coordinator",
+            &by_name,
+            "--token",
+            &token,
+            "--ca",
+            &ca,
+        ],
+    );
+    assert_eq!(refused.status.code(), Some(9), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("does not name the host in the URL"),
+        "{}",
+        text(&refused)
+    );
+}
