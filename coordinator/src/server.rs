@@ -759,9 +759,15 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
                 "label {key:?}: expected a key of 1 to 63 letters, digits, '.', '_', '-' or '/'"
             )));
         }
-        if value.chars().any(char::is_control) {
+        // A selector is `k=v,k2=v2`: a value with ',' or '=' could never be
+        // selected.
+        if value.len() > 255
+            || value
+                .chars()
+                .any(|c| c.is_control() || c == ',' || c == '=')
+        {
             return Err(ApiError::bad_request(format!(
-                "label {key}: its value holds control characters"
+                "label {key}: expected a value of at most 255 characters without ',', '=' or control characters"
             )));
         }
     }
@@ -1564,7 +1570,23 @@ async fn revoke_token(
     Authorized(caller, ..): Authorized<Admin>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    if !c.with_store(|s| s.revoke_token(&name, c.now_ms()))? {
+    let now = c.now_ms();
+    let working_admins: Vec<String> = c
+        .with_store(|s| s.tokens())?
+        .into_iter()
+        .filter(|t| {
+            t.role == Role::Admin
+                && t.revoked_ms.is_none()
+                && t.expires_ms.is_none_or(|at| at > now)
+        })
+        .map(|t| t.name)
+        .collect();
+    if working_admins == [name.clone()] {
+        return Err(ApiError::conflict(format!(
+            "{name:?} is the last working admin token: revoking it would lock every admin out; create another admin token first (`turnout token create --name NAME --role admin`)"
+        )));
+    }
+    if !c.with_store(|s| s.revoke_token(&name, now))? {
         return Err(ApiError::not_found(format!(
             "no working operator token named {name:?} (`turnout token list` shows them)"
         )));

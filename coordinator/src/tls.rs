@@ -171,6 +171,15 @@ pub fn init(
         write(&paths.ca, cert.as_bytes(), 0o644)?;
         done.new_ca = true;
     }
+    // --san adds names: those of earlier starts stay (hosts may reach the
+    // coordinator by any of them).
+    let mut all = stored_names(paths);
+    for name in names {
+        if !all.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            all.push(name.clone());
+        }
+    }
+    let names = &all;
     write(
         &paths.names(),
         &serde_json::to_vec(names).expect("names serialise"),
@@ -198,7 +207,9 @@ fn new_ca(
         rcgen::DnType::CommonName,
         format!("Turnout coordinator CA {} {}", at(now).date(), &pin[..12]),
     );
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    // One intermediate allowed: a rotation serves the next CA cross-signed
+    // by this one, which path-length-checking clients (OpenSSL) must accept.
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(1));
     params.key_usages = vec![
         rcgen::KeyUsagePurpose::KeyCertSign,
         rcgen::KeyUsagePurpose::CrlSign,
@@ -275,6 +286,14 @@ pub fn rotate(paths: &Paths, grace: Duration, now: SystemTime) -> Result<Rotatio
     write(&paths.ca_key, key.serialize_pem().as_bytes(), 0o600)?;
     issue(paths, &names(paths), now)?;
     Ok(rotation)
+}
+
+/// The names earlier `--init`s were given (none the first time).
+fn stored_names(paths: &Paths) -> Vec<String> {
+    std::fs::read(paths.names())
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
 }
 
 /// The names `--init` was given for the server certificate.
@@ -616,6 +635,13 @@ mod tests {
         let pins_before = pins(&paths).unwrap();
         let again = init(&paths, &["coord.test".into()], now).unwrap();
         assert!(!again.new_ca && !again.new_cert, "nothing to do: {again:?}");
+        // --san adds: a later init with other names keeps the earlier ones.
+        init(&paths, &["other.test".into()], now).unwrap();
+        assert!(covers(
+            &paths,
+            &["127.0.0.1".into(), "coord.test".into(), "other.test".into()],
+            now
+        ));
         let wider = init(&paths, &["coord.test".into(), "10.1.2.3".into()], now).unwrap();
         assert!(!wider.new_ca && wider.new_cert);
         assert_eq!(

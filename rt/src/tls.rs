@@ -183,8 +183,8 @@ pub fn ureq_trusting(cas: &[CertificateDer<'_>]) -> ureq::tls::TlsConfig {
 /// what to do; text it does not recognise is returned as it is.
 pub fn explain(detail: &str) -> String {
     let hint = if detail.contains("UnknownIssuer") || detail.contains("BadSignature") {
-        "the certificate is not signed by the CA this client trusts (ca.pem); if the coordinator's CA was replaced \
-         without `turnout ca rotate`, enroll again with the new join line, otherwise something is intercepting TLS"
+        "the certificate is not signed by a CA this client trusts: if the coordinator's CA changed, use its current \
+         one (STATE_DIR/tls/ca.pem, or a new join line for a host), otherwise something is intercepting TLS"
     } else if detail.contains("NotValidForName") {
         "the certificate does not name the host in the URL; use a name or address the server certificate carries \
          (`turnout serve --init --san NAME`)"

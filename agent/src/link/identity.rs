@@ -114,6 +114,14 @@ impl Identity {
         let coordinator = coordinator.trim_end_matches('/').to_owned();
         // Trust first: nothing is written, no key made, for a coordinator
         // that cannot be verified.
+        if !coordinator.starts_with("https://")
+            && (!trust.pins.is_empty() || trust.ca_pem.is_some())
+        {
+            return Err(LinkError::Untrusted {
+                url: coordinator,
+                detail: "a CA pin or --ca was given for a plain http:// URL, which TLS never checks: use the coordinator's https:// URL".into(),
+            });
+        }
         let ca = if !coordinator.starts_with("https://") {
             tracing::warn!(
                 "enrolling over plain HTTP ({coordinator}): the token and every desired state cross the network \

@@ -7,6 +7,10 @@ use std::time::SystemTime;
 use clap::Subcommand;
 
 use crate::cmd::remote::when;
+use crate::profile::Profile;
+
+/// The shortest grace `ca rotate` takes: hosts check every 5 minutes.
+const MIN_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
 use crate::exit::Exit;
 use crate::tls;
 
@@ -25,6 +29,14 @@ pub enum Command {
         /// minutes, so a day is plenty for hosts that are up.
         #[arg(long, default_value = "7d")]
         grace: humantime::Duration,
+        /// Allow a grace under an hour (tests): hosts check for new CAs only
+        /// every 30 rounds, and any still trusting only the old CA when it
+        /// is dropped must enroll again.
+        #[arg(long, hide = true)]
+        allow_short_grace: bool,
+        /// The operator profile whose CA to update [default: the standard one].
+        #[arg(long, env = "TURNOUT_PROFILE")]
+        profile: Option<PathBuf>,
     },
     /// Show the CAs agents trust and a rotation under way.
     Status {
@@ -37,9 +49,43 @@ pub enum Command {
 /// Runs a CA command.
 pub fn run(command: Command) -> anyhow::Result<Exit> {
     match command {
-        Command::Rotate { state_dir, grace } => {
+        Command::Rotate {
+            state_dir,
+            grace,
+            allow_short_grace,
+            profile,
+        } => {
+            let grace: std::time::Duration = grace.into();
+            if grace < MIN_GRACE && !allow_short_grace {
+                eprintln!(
+                    "turnout: --grace {}: expected at least {}: hosts ask for new CAs every 30 rounds (5 minutes at a 10 s report interval), and one that has not asked when the old CA is dropped must enroll again",
+                    humantime::format_duration(grace),
+                    humantime::format_duration(MIN_GRACE)
+                );
+                return Ok(Exit::Usage);
+            }
             let paths = tls::Paths::in_state_dir(&state_dir);
-            let rotation = tls::rotate(&paths, grace.into(), SystemTime::now())?;
+            let rotation = tls::rotate(&paths, grace, SystemTime::now())?;
+            // The operator profile on this machine trusts both from now on,
+            // and the new one after the grace.
+            if let Some(mut found) = Profile::load(profile.as_deref()).ok().flatten()
+                && found.ca.is_some()
+            {
+                found.ca = Some(std::fs::read_to_string(&paths.ca)?);
+                let path = profile.clone().or_else(crate::profile::default_path);
+                if let Some(path) = path {
+                    crate::files::write_atomic(
+                        &path,
+                        toml::to_string_pretty(&found)?.as_bytes(),
+                        0o600,
+                        false,
+                    )?;
+                    println!(
+                        "updated the operator profile {} to trust both CAs",
+                        path.display()
+                    );
+                }
+            }
             println!("new CA {} beside {}", rotation.new, rotation.old);
             println!(
                 "agents trust both from their next check (within 5 minutes); the server certificate is now from the new CA \

@@ -136,7 +136,7 @@ pub fn token(command: TokenCommand) -> anyhow::Result<Exit> {
             return Ok(Exit::Success);
         }
     };
-    let ttl_secs = ttl.map(|t| t.as_secs().max(1));
+    let ttl_secs = ttl.map(|t| t.as_secs());
     let body = if enroll {
         json!({"enroll": true, "ttl_secs": ttl_secs, "uses": uses, "host": host, "replace": replace})
     } else {

@@ -193,13 +193,26 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
     coordinator.set_ca(pins.clone(), ca_pem);
     let scheme = if served.is_some() { "https" } else { "http" };
     if args.init {
-        if coordinator.with_store(|s| s.has_tokens())? {
+        let now = coordinator.now_ms();
+        let tokens = coordinator.with_store(|s| s.tokens())?;
+        let working_admin = tokens.iter().any(|t| {
+            t.role == Role::Admin
+                && t.revoked_ms.is_none()
+                && t.expires_ms.is_none_or(|at| at > now)
+        });
+        if working_admin {
             tracing::info!(
-                "an operator token exists already; create more with `turnout token create`"
+                "a working admin token exists already; create more with `turnout token create`"
             );
         } else {
+            // The first admin token, or a new one when every admin token
+            // expired or was revoked (the way back in).
+            let name = std::iter::once("admin".to_owned())
+                .chain((2..).map(|n| format!("admin-{n}")))
+                .find(|n| !tokens.iter().any(|t| &t.name == n))
+                .expect("a free name");
             let token = coordinator
-                .with_store(|s| s.create_token("admin", Role::Admin, None, coordinator.now_ms()))?
+                .with_store(|s| s.create_token(&name, Role::Admin, None, now))?
                 .map_err(|refusal| anyhow::anyhow!("{refusal}"))?;
             match &args.token_file {
                 Some(path) => {

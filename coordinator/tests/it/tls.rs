@@ -135,6 +135,40 @@ fn init_makes_a_ca_and_a_profile_and_the_cli_needs_no_flags_after_it() {
     let log = std::fs::read_to_string(&server.stderr).unwrap();
     assert!(log.contains(&pin), "{log}");
 
+    // A rotation with too short a grace is refused; a real one updates the
+    // profile on this machine, so the CLI keeps working after the grace.
+    let state = dir.path().join("state");
+    let short = turnout(
+        dir.path(),
+        &[
+            "ca",
+            "rotate",
+            "--grace",
+            "90s",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(short.status.code(), Some(2), "{}", text(&short));
+    assert!(
+        text(&short).contains("expected at least 1h"),
+        "{}",
+        text(&short)
+    );
+    let rotated = turnout(
+        dir.path(),
+        &["ca", "rotate", "--state-dir", state.to_str().unwrap()],
+    );
+    assert_eq!(rotated.status.code(), Some(0), "{}", text(&rotated));
+    let profile = std::fs::read_to_string(dir.path().join(".config/turnout/profile.toml")).unwrap();
+    assert_eq!(profile.matches("BEGIN CERTIFICATE").count(), 2, "{profile}");
+    // The running coordinator's join lines carry both pins within its
+    // next upkeep round (5 s).
+    wait_for("join lines with both pins", Duration::from_secs(20), || {
+        let out = turnout(dir.path(), &["token", "create", "--enroll", "--json"]);
+        let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        answer["ca_pins"].as_array().is_some_and(|p| p.len() == 2)
+    });
     // The same with a pin instead of the profile's CA.
     let elsewhere = tempfile::tempdir().unwrap();
     let url = format!("https://127.0.0.1:{}", server.port);
@@ -223,7 +257,7 @@ fn init_makes_a_ca_and_a_profile_and_the_cli_needs_no_flags_after_it() {
     );
     assert_eq!(untrusted.status.code(), Some(9), "{}", text(&untrusted));
     assert!(
-        text(&untrusted).contains("not signed by the CA"),
+        text(&untrusted).contains("not signed by a CA this client trusts"),
         "{}",
         text(&untrusted)
     );

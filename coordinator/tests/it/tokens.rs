@@ -133,6 +133,15 @@ fn a_named_token_is_made_used_listed_revoked_and_expires_and_the_log_names_it() 
         "{}",
         said(&expired)
     );
+    // The last working admin token cannot be revoked: nobody could make
+    // another.
+    let last = turnout(&server, &admin, &["token", "revoke", "root"]);
+    assert_eq!(last.status.code(), Some(6), "{}", said(&last));
+    assert!(
+        said(&last).contains("the last working admin token"),
+        "{}",
+        said(&last)
+    );
     // Bob's, without a TTL, still works; each refusal was counted.
     assert_eq!(
         turnout(&server, &bob, &["host", "list"]).status.code(),
@@ -214,6 +223,10 @@ fn a_host_id_cannot_be_taken_over_and_a_hello_cannot_move_a_host_into_a_selector
         "{}",
         said(&list)
     );
+    // A value a selector could never match is refused.
+    let bad = turnout(&server, &admin, &["host", "label", "web-01", "k=v,x=y"]);
+    assert_eq!(bad.status.code(), Some(3), "{}", said(&bad));
+    assert!(said(&bad).contains("without ','"), "{}", said(&bad));
     // The operator moves it, and says so in the log.
     let out = turnout(
         &server,
