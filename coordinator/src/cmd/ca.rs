@@ -72,7 +72,7 @@ pub fn run(command: Command) -> anyhow::Result<Exit> {
                 && found.ca.is_some()
             {
                 found.ca = Some(std::fs::read_to_string(&paths.ca)?);
-                let path = profile.clone().or_else(crate::profile::default_path);
+                let path = profile.or_else(crate::profile::default_path);
                 if let Some(path) = path {
                     crate::files::write_atomic(
                         &path,
