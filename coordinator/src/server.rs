@@ -23,7 +23,7 @@
 //! counts each refusal. Operators send `Authorization: Bearer TOKEN`; a token
 //! of too low a role gets 403 naming the role needed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -236,6 +236,7 @@ pub async fn serve(
         .header_read_timeout(settings.header_timeout)
         .keep_alive(true);
     let mut last_complaint: Option<Instant> = None;
+    let handshaking = Arc::new(std::sync::Mutex::new(HashMap::new()));
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -288,10 +289,29 @@ pub async fn serve(
         // The handshake runs on the connection's own task, bounded by the
         // header timeout: a client that never finishes one holds only its
         // slot, for that long, and never the accept loop.
+        // One source may hold only so many connections in their handshake:
+        // a client that opens thousands and finishes none must not take
+        // every connection slot from agents and operators.
+        let Some(in_handshake) = Handshaking::enter(&handshaking, peer.ip()) else {
+            coordinator.metrics.tls_failure("too_many_handshakes");
+            complain(
+                &mut last_complaint,
+                &format!(
+                    "refusing a connection from {}: {MAX_HANDSHAKES_PER_SOURCE} of its connections are in their TLS handshake already",
+                    peer.ip()
+                ),
+            );
+            drop(stream);
+            continue;
+        };
         let (watcher, http, c) = (graceful.watcher(), http.clone(), coordinator.clone());
         tokio::spawn(async move {
-            let handshake =
-                tokio::time::timeout(settings.header_timeout, handshake(&acceptor, stream)).await;
+            let handshake = tokio::time::timeout(
+                settings.header_timeout.min(HANDSHAKE_TIMEOUT),
+                handshake(&acceptor, stream),
+            )
+            .await;
+            drop(in_handshake);
             let stream = match handshake {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(reason)) => {
@@ -326,6 +346,50 @@ pub async fn serve(
     freeze.abort();
     let _ = engine.await;
     Ok(())
+}
+
+/// The most connections one source address may have in their TLS
+/// handshake at once (10,000 agents behind one NAT reconnect spread out by
+/// their jittered backoff, far below this).
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 256;
+
+/// The longest a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections in their handshake, by source address; a place is held
+/// until the guard drops.
+type HandshakeCounts = Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>>;
+
+struct Handshaking {
+    counts: HandshakeCounts,
+    source: std::net::IpAddr,
+}
+
+impl Handshaking {
+    fn enter(counts: &HandshakeCounts, source: std::net::IpAddr) -> Option<Handshaking> {
+        let mut map = counts.lock().expect("not poisoned");
+        let count = map.entry(source).or_insert(0);
+        if *count >= MAX_HANDSHAKES_PER_SOURCE {
+            return None;
+        }
+        *count += 1;
+        Some(Handshaking {
+            counts: Arc::clone(counts),
+            source,
+        })
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().expect("not poisoned");
+        if let Some(count) = map.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&self.source);
+            }
+        }
+    }
 }
 
 /// A TLS handshake on a new connection. A client that speaks plain HTTP

@@ -441,3 +441,50 @@ fn a_name_the_certificate_does_not_carry_is_refused_and_said_so() {
         text(&refused)
     );
 }
+
+#[test]
+fn one_source_cannot_hold_every_connection_in_its_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), &["--init"]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let target: std::net::SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
+    let cap = turnout::server::MAX_HANDSHAKES_PER_SOURCE;
+    // From 127.0.0.2: more stalled connections than one source may hold.
+    let stalled: Vec<tokio::net::TcpStream> = runtime.block_on(async {
+        let mut open = Vec::new();
+        for _ in 0..cap + 50 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            open.push(socket.connect(target).await.unwrap());
+        }
+        open
+    });
+    // An operator on another address is served meanwhile ...
+    let out = turnout(dir.path(), &["host", "list"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // ... and the stalled source's connections past the cap were closed at once.
+    let token = profile_token(dir.path());
+    let cas = turnout_rt::tls::certificates_from_pem(
+        &std::fs::read(dir.path().join("state/tls/ca.pem")).unwrap(),
+    )
+    .unwrap();
+    let client = turnout::client::Client::with_ca(
+        &format!("https://127.0.0.1:{}", server.port),
+        Some(token),
+        &cas,
+    );
+    wait_for(
+        "the refusals to be counted",
+        Duration::from_secs(10),
+        || {
+            client
+                .get_text("/metrics")
+                .unwrap()
+                .contains("turnout_tls_failures_total{reason=\"too_many_handshakes\"} 50")
+        },
+    );
+    drop(stalled);
+}

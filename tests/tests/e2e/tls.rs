@@ -141,20 +141,32 @@ fn two_thousand_stalled_handshakes_do_not_stop_a_rollout_or_reports() {
         hosts: 3,
         ..Options::default()
     });
-    let address = fleet.url.trim_start_matches("https://").to_owned();
-    // Half send nothing, half the first bytes of a TLS record and no more.
-    let stalled: Vec<std::net::TcpStream> = (0..2000)
-        .map(|i| {
-            let mut stream = std::net::TcpStream::connect(&address).unwrap();
+    let address: std::net::SocketAddr = fleet.url.trim_start_matches("https://").parse().unwrap();
+    // From eight other addresses (one source may hold at most 256 in their
+    // handshake: these stay under it, so all 2,000 are held open); half
+    // send nothing, half the first bytes of a TLS record and no more.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stalled: Vec<tokio::net::TcpStream> = runtime.block_on(async {
+        let mut open = Vec::new();
+        for i in 0..2000u32 {
+            use tokio::io::AsyncWriteExt as _;
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            let source = std::net::Ipv4Addr::new(127, 0, 0, 2 + (i % 8) as u8);
+            socket.bind((source, 0).into()).unwrap();
+            let mut stream = socket.connect(address).await.unwrap();
             if i % 2 == 1 {
-                use std::io::Write as _;
                 stream
                     .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+                    .await
                     .unwrap();
             }
-            stream
-        })
-        .collect();
+            open.push(stream);
+        }
+        open
+    });
     fleet.install_everywhere("1.0.0");
     fleet.install_everywhere("2.0.0");
     for host in &fleet.hosts {
