@@ -338,15 +338,10 @@ impl Coordinator {
         }
     }
 
-    /// Sets the CA pins join lines carry.
-    pub fn set_ca_pins(&self, pins: Vec<turnout_rt::tls::Pin>) {
-        *self.ca_pins.lock().expect("not poisoned") = pins;
-    }
-
     /// Sets the CA certificates agents are told to trust (`GET
     /// /v1/agent/ca`), and their pins.
     pub fn set_ca(&self, pins: Vec<turnout_rt::tls::Pin>, pem: Option<String>) {
-        self.set_ca_pins(pins);
+        *self.ca_pins.lock().expect("not poisoned") = pins;
         *self.ca_pem.lock().expect("not poisoned") = pem;
     }
 

@@ -403,17 +403,6 @@ impl Store {
         }
     }
 
-    /// Whether any operator token exists (the server's `--init` makes the first).
-    pub fn has_tokens(&self) -> Result<bool> {
-        self.conn
-            .query_row(
-                "SELECT EXISTS (SELECT 1 FROM tokens WHERE kind = 'operator')",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(self.err())
-    }
-
     fn operator_token(r: &rusqlite::Row<'_>) -> rusqlite::Result<OperatorToken> {
         let ms = |v: Option<i64>| v.map(|v| v as u64);
         Ok(OperatorToken {
@@ -427,17 +416,22 @@ impl Store {
     }
 
     /// The operator token with this secret, if there is one (expired or
-    /// revoked ones too: the caller says which); records its use at `now`.
-    pub fn use_token(&self, secret: &str, now: u64) -> Result<Option<OperatorToken>> {
-        let token = self
-            .conn
+    /// revoked ones too: the caller says which).
+    pub fn find_token(&self, secret: &str) -> Result<Option<OperatorToken>> {
+        self.conn
             .query_row(
                 "SELECT name, role, created_ms, expires_ms, revoked_ms, last_used_ms FROM tokens WHERE digest = ?1 AND kind = 'operator'",
                 [digest(secret)],
                 Store::operator_token,
             )
             .optional()
-            .map_err(self.err())?;
+            .map_err(self.err())
+    }
+
+    /// [`find_token`](Self::find_token), recording the use of a token that
+    /// was not revoked at `now`.
+    pub fn use_token(&self, secret: &str, now: u64) -> Result<Option<OperatorToken>> {
+        let token = self.find_token(secret)?;
         if token.as_ref().is_some_and(|t| t.revoked_ms.is_none()) {
             self.conn
                 .execute(
@@ -449,10 +443,10 @@ impl Store {
         Ok(token)
     }
 
-    /// The role of a working operator token (tests and tools).
+    /// The role of a token that was not revoked; records nothing.
     pub fn token_role(&self, secret: &str) -> Result<Option<Role>> {
         Ok(self
-            .use_token(secret, 0)?
+            .find_token(secret)?
             .filter(|t| t.revoked_ms.is_none())
             .map(|t| t.role))
     }
@@ -1061,6 +1055,12 @@ mod tests {
         let listed = store.tokens().unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].last_used_ms, Some(500), "{listed:?}");
+        assert_eq!(store.token_role(&alice).unwrap(), Some(Role::Operator));
+        assert_eq!(
+            store.tokens().unwrap()[0].last_used_ms,
+            Some(500),
+            "asking a role is no use"
+        );
         assert!(store.revoke_token("alice", 600).unwrap());
         assert!(!store.revoke_token("alice", 700).unwrap(), "once");
         assert!(!store.revoke_token("bob", 700).unwrap());

@@ -470,33 +470,16 @@ fn issue(paths: &Paths, names: &[String], now: SystemTime) -> Result<(), TlsSetu
     Ok(())
 }
 
-/// The pins a join line carries: those of the CA certificates in `ca`
-/// when the coordinator has its own CA, else of every certificate after the
-/// server's own in its chain (or of the server certificate itself, when
-/// the chain is one self-signed certificate).
+/// The pins of the coordinator's own CAs (`ca.pem`), which join lines carry.
 pub fn pins(paths: &Paths) -> Result<Vec<Pin>, TlsSetupError> {
-    let invalid = |path: &Path| {
-        let path = path.to_owned();
-        move |e: turnout_rt::tls::TlsError| TlsSetupError::Invalid {
-            path,
-            detail: e.to_string(),
-        }
-    };
-    let certs = if paths.ca.exists() {
-        turnout_rt::tls::certificates_from_pem(&read(&paths.ca, NOT_INITIALISED)?)
-            .map_err(invalid(&paths.ca))?
-    } else {
-        let chain = turnout_rt::tls::certificates_from_pem(&read(&paths.cert, NOT_INITIALISED)?)
-            .map_err(invalid(&paths.cert))?;
-        if chain.len() > 1 {
-            chain[1..].to_vec()
-        } else {
-            chain
-        }
-    };
-    certs
+    read_certs(&paths.ca)?
         .iter()
-        .map(|c| Pin::of_certificate(c).map_err(invalid(&paths.ca)))
+        .map(|c| {
+            Pin::of_certificate(c).map_err(|e| TlsSetupError::Invalid {
+                path: paths.ca.clone(),
+                detail: e.to_string(),
+            })
+        })
         .collect()
 }
 

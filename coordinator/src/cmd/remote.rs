@@ -42,25 +42,27 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// The coordinator's URL, from the flags, the profile or the default.
-    pub fn url(&self) -> anyhow::Result<String> {
-        if let Some(url) = &self.coordinator {
-            return Ok(url.clone());
-        }
-        Ok(Profile::load(self.profile.as_deref())?
-            .map(|p| p.coordinator)
-            .unwrap_or_else(|| "https://127.0.0.1:7400".to_owned()))
-    }
-
-    /// A client for the coordinator, checking it against the CA from the
-    /// flags or the profile (or the CA a pin finds).
-    pub fn client(&self) -> anyhow::Result<Client> {
+    /// The coordinator's URL (from the flags, the profile or the default)
+    /// and the profile, if there is one.
+    fn resolve(&self) -> anyhow::Result<(String, Option<Profile>)> {
         let profile = Profile::load(self.profile.as_deref())?;
         let url = match (&self.coordinator, &profile) {
             (Some(url), _) => url.clone(),
             (None, Some(profile)) => profile.coordinator.clone(),
             (None, None) => "https://127.0.0.1:7400".to_owned(),
         };
+        Ok((url, profile))
+    }
+
+    /// The coordinator's URL, from the flags, the profile or the default.
+    pub fn url(&self) -> anyhow::Result<String> {
+        Ok(self.resolve()?.0)
+    }
+
+    /// A client for the coordinator, checking it against the CA from the
+    /// flags or the profile (or the CA a pin finds).
+    pub fn client(&self) -> anyhow::Result<Client> {
+        let (url, profile) = self.resolve()?;
         // The profile's CA and token go with the profile's coordinator only.
         let profile =
             profile.filter(|p| p.coordinator.trim_end_matches('/') == url.trim_end_matches('/'));

@@ -322,32 +322,27 @@ fn ca_for_agents(
     files: &Option<(PathBuf, PathBuf, bool)>,
     state_dir: &std::path::Path,
 ) -> anyhow::Result<(Vec<turnout_rt::tls::Pin>, Option<String>)> {
-    let Some((cert, key, own)) = files else {
+    let Some((cert, _, own)) = files else {
         return Ok((Vec::new(), None));
     };
-    let paths = if *own {
-        tls::Paths::in_state_dir(state_dir)
+    let cas = if *own {
+        turnout_rt::tls::certificates_from_pem(&std::fs::read(
+            tls::Paths::in_state_dir(state_dir).ca,
+        )?)?
     } else {
-        tls::Paths {
-            ca: state_dir.join("tls/none"),
-            ca_key: state_dir.join("tls/none"),
-            cert: cert.clone(),
-            key: key.clone(),
+        // An operator's chain: the certificates after the server's own (or
+        // the server's, when it is the whole chain).
+        let mut chain = turnout_rt::tls::certificates_from_pem(&std::fs::read(cert)?)?;
+        if chain.len() > 1 {
+            chain.remove(0);
         }
+        chain
     };
-    let pins = tls::pins(&paths)?;
-    let pem = if *own {
-        std::fs::read_to_string(&paths.ca)?
-    } else {
-        let chain = turnout_rt::tls::certificates_from_pem(&std::fs::read(cert)?)?;
-        let cas = if chain.len() > 1 {
-            &chain[1..]
-        } else {
-            &chain[..]
-        };
-        turnout_rt::tls::certificates_to_pem(cas)
-    };
-    Ok((pins, Some(pem)))
+    let pins = cas
+        .iter()
+        .map(turnout_rt::tls::Pin::of_certificate)
+        .collect::<Result<_, _>>()?;
+    Ok((pins, Some(turnout_rt::tls::certificates_to_pem(&cas))))
 }
 
 /// The names the coordinator's certificate carries: loopback, this
