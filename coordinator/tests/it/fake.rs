@@ -384,3 +384,20 @@ impl FakeAgent {
         agent
     }
 }
+
+/// A trust file of [`release_key`] in `dir`, made by `turnout trust init`
+/// as an operator would; returns its path.
+pub(crate) fn trust_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let key = dir.join("k.pub.pem");
+    std::fs::write(&key, release_key().public().to_pem()).unwrap();
+    let trust = dir.join("trust.json");
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
+        .args(["trust", "init", "--key"])
+        .arg(&key)
+        .arg("--out")
+        .arg(&trust)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    trust
+}

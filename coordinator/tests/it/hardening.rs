@@ -392,18 +392,7 @@ fn serve_refuses_an_empty_database_beside_a_bundle_store() {
     std::fs::create_dir_all(state.join("bundles")).unwrap();
     std::fs::write(state.join("bundles/0011.tnt"), b"a stored bundle").unwrap();
     std::fs::write(state.join("coordinator.db"), b"").unwrap();
-    let key = release_key();
-    let trust_key = dir.path().join("k.pub.pem");
-    std::fs::write(&trust_key, key.public().to_pem()).unwrap();
-    let trust = dir.path().join("trust.json");
-    let made = std::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
-        .args(["trust", "init", "--key"])
-        .arg(&trust_key)
-        .arg("--out")
-        .arg(&trust)
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{made:?}");
+    let trust = crate::fake::trust_file(dir.path());
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
         .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
         .arg(&state)

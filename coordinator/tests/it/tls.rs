@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use turnout_testkit::{free_port, wait_for};
 
-use crate::fake::release_key;
+use crate::fake::trust_file;
 
 /// A coordinator child process; killed on drop.
 struct Serve {
@@ -22,21 +22,6 @@ impl Drop for Serve {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn trust_file(dir: &Path) -> PathBuf {
-    let key = dir.join("k.pub.pem");
-    std::fs::write(&key, release_key().public().to_pem()).unwrap();
-    let trust = dir.join("trust.json");
-    let made = Command::new(env!("CARGO_BIN_EXE_turnout"))
-        .args(["trust", "init", "--key"])
-        .arg(&key)
-        .arg("--out")
-        .arg(&trust)
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{made:?}");
-    trust
 }
 
 /// `turnout serve` on a free port with `extra` arguments, HOME in `dir`.

@@ -63,18 +63,7 @@ fn a_coordinator_serves_a_store_written_before_issue_13() {
 
 /// Runs `turnout serve` on `state` until it exits (it should refuse to start).
 fn serve_refusing(dir: &Path, state: &Path) -> std::process::Output {
-    let key = crate::fake::release_key();
-    let trust_key = dir.join("k.pub.pem");
-    std::fs::write(&trust_key, key.public().to_pem()).unwrap();
-    let trust = dir.join("trust.json");
-    let made = std::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
-        .args(["trust", "init", "--key"])
-        .arg(&trust_key)
-        .arg("--out")
-        .arg(&trust)
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{made:?}");
+    let trust = crate::fake::trust_file(dir);
     std::process::Command::new(env!("CARGO_BIN_EXE_turnout"))
         .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
         .arg(state)
