@@ -93,22 +93,7 @@ pub async fn run(
         agent.config().services.len(),
         socket.display()
     );
-    let link = match crate::link::Identity::load(&agent.config().state_dir) {
-        Ok(Some(identity)) => {
-            tracing::info!(
-                "host {} following the coordinator at {}",
-                identity.host,
-                identity.coordinator
-            );
-            let link = crate::link::Link::new(Arc::clone(&agent), identity, agent.link());
-            Some(tokio::spawn(link.run()))
-        }
-        Ok(None) => None,
-        Err(err) => {
-            tracing::warn!("cannot load the host identity ({err}); running standalone");
-            None
-        }
-    };
+    let link = tokio::spawn(crate::link::follow(Arc::clone(&agent)));
     let monitors: Vec<_> = agent
         .service_names()
         .into_iter()
@@ -125,9 +110,7 @@ pub async fn run(
     watchdog.abort();
     freeze.abort();
     monitors.iter().for_each(tokio::task::JoinHandle::abort);
-    if let Some(link) = link {
-        link.abort();
-    }
+    link.abort();
     tracing::info!("stopping");
     agent.stop_exec_services().await;
     let _ = std::fs::remove_file(&socket);

@@ -53,6 +53,15 @@ pub enum ClientError {
         /// The URL.
         url: String,
     },
+    /// A CA file and CA pins were both given: which one decides is not clear.
+    #[error(
+        "both a CA file ({ca}, from --ca or TURNOUT_CA) and CA pins (--ca-pin or TURNOUT_CA_PIN) were given: \
+         give one of them (unset the variable you did not mean)"
+    )]
+    CaAndPins {
+        /// The CA file.
+        ca: String,
+    },
     /// The answer was not what the API promises.
     #[error("unexpected answer from the coordinator: {0}")]
     Decode(String),
@@ -80,6 +89,9 @@ impl Client {
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(120)))
+            // TCP and TLS handshake: an address that accepts and says
+            // nothing is reported in 10 s, not after the whole 120 s.
+            .timeout_connect(Some(Duration::from_secs(10)))
             .tls_config(turnout_rt::tls::ureq_trusting(cas))
             .build();
         Client {
@@ -127,7 +139,14 @@ impl Client {
             },
             None => ClientError::Connect {
                 url: url.to_owned(),
-                detail: e.to_string(),
+                detail: match e {
+                    ureq::Error::Timeout(ureq::Timeout::Connect) => {
+                        "no connection and TLS handshake \
+                        within 10 s: is this the coordinator's address and port, and is it running?"
+                            .to_owned()
+                    }
+                    e => e.to_string(),
+                },
             },
         })?;
         let status = response.status().as_u16();

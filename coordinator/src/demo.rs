@@ -143,7 +143,7 @@ fn demo(args: &Args, cleanup: &Arc<Mutex<Cleanup>>) -> anyhow::Result<Exit> {
     )?;
     let pins = crate::tls::pins(&tls_paths)?;
     coordinator.set_ca(pins.clone(), Some(std::fs::read_to_string(&tls_paths.ca)?));
-    let served = crate::tls::Reloading::open(&tls_paths.cert, &tls_paths.key)?;
+    let served = crate::tls::Reloading::open(&tls_paths.cert, &tls_paths.key, SystemTime::now())?;
     let cas = turnout_rt::tls::certificates_from_pem(&std::fs::read(&tls_paths.ca)?)?;
     let (url_tx, url_rx) = std::sync::mpsc::channel();
     let serving = Arc::clone(&coordinator);

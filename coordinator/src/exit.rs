@@ -90,7 +90,10 @@ pub fn classify(err: &anyhow::Error) -> Exit {
         }
         match cause.downcast_ref::<crate::client::ClientError>() {
             Some(crate::client::ClientError::Untrusted { .. }) => return Exit::Untrusted,
-            Some(crate::client::ClientError::NoCa { .. }) => return Exit::Usage,
+            Some(
+                crate::client::ClientError::NoCa { .. }
+                | crate::client::ClientError::CaAndPins { .. },
+            ) => return Exit::Usage,
             _ => {}
         }
         if let Some(err) = cause.downcast_ref::<turnout_rt::tls::TlsError>() {

@@ -876,6 +876,7 @@ async fn enroll(State(c): State<Shared>, body: Bytes) -> Result<Response, ApiErr
         Some(request.host.as_str()),
         match enrolled {
             crate::store::Enrolled::New => "enrolled",
+            crate::store::Enrolled::Again => "enrolled again with its own key (no token use spent)",
             crate::store::Enrolled::Replaced => {
                 "enrolled with a new key, replacing the old one (a token made for this host with --replace)"
             }

@@ -195,8 +195,11 @@ pub enum EnrollRefusal {
 /// How an enrollment went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enrolled {
-    /// A new host (or the same key again).
+    /// A new host.
     New,
+    /// An enrolled host with its own key again (after its coordinator's CA
+    /// changed, or a retried enroll): nothing changes, no use is spent.
+    Again,
     /// An enrolled host got a new key, with a token made to replace it.
     Replaced,
 }
@@ -547,9 +550,17 @@ impl Store {
             )
             .optional()
             .map_err(sqlite)?;
-        let rekey = enrolled.is_some_and(|key| key.trim() != public_key.trim());
+        let again = enrolled
+            .as_ref()
+            .is_some_and(|key| key.trim() == public_key.trim());
+        let rekey = enrolled.is_some() && !again;
         if rekey && !may_replace {
             return Ok(Err(EnrollRefusal::Taken(id.to_string())));
+        }
+        if again {
+            // Proves the token and the key, takes nothing: a fleet-wide
+            // token's uses are for new hosts.
+            return Ok(Ok(Enrolled::Again));
         }
         tx.execute(
             "UPDATE tokens SET uses_left = uses_left - 1 WHERE digest = ?1",
@@ -1084,6 +1095,25 @@ mod tests {
             store.enroll(&any, &web, "KEY-1", &proposed, 1).unwrap(),
             Ok(Enrolled::New)
         );
+        // The same host with its own key again: no use spent, nothing changed.
+        let uses = |store: &Store| {
+            store
+                .conn
+                .query_row(
+                    "SELECT uses_left FROM tokens WHERE digest = ?1",
+                    [digest(&any)],
+                    |r| r.get::<_, i64>(0),
+                )
+                .unwrap()
+        };
+        assert_eq!(uses(&store), 4);
+        for _ in 0..5 {
+            assert_eq!(
+                store.enroll(&any, &web, "KEY-1", &proposed, 1).unwrap(),
+                Ok(Enrolled::Again)
+            );
+        }
+        assert_eq!(uses(&store), 4);
         // Another key under the same id: not with a shared token ...
         assert_eq!(
             store

@@ -483,8 +483,71 @@ pub fn pins(paths: &Paths) -> Result<Vec<Pin>, TlsSetupError> {
         .collect()
 }
 
+/// An operator's certificate this close to its end is warned about.
+const WARN_BEFORE: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// Refuses a chain clients would refuse: a server certificate that is not
+/// valid at `now`, or one alone whose CA is not in the file (agents keep
+/// and pin the CAs that follow the server's certificate). Warns when it
+/// ends within [`WARN_BEFORE`].
+fn check_chain(
+    path: &Path,
+    chain: &[CertificateDer<'static>],
+    now: SystemTime,
+) -> Result<(), TlsSetupError> {
+    let invalid = |detail: String| TlsSetupError::Invalid {
+        path: path.to_owned(),
+        detail,
+    };
+    let leaf = chain
+        .first()
+        .expect("certificates_from_pem returns one or more");
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| invalid(format!("the first certificate cannot be read: {e}")))?;
+    let validity = parsed.validity();
+    let now_at = at(now);
+    let stamp = |t: &x509_parser::time::ASN1Time| {
+        humantime::format_rfc3339_seconds(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64),
+        )
+        .to_string()
+    };
+    let now_text = humantime::format_rfc3339_seconds(now).to_string();
+    if validity.not_before.timestamp() > now_at.unix_timestamp() {
+        return Err(invalid(format!(
+            "the server certificate is valid only from {} (until {}), and this machine's clock says {now_text}: \
+             check the clock, or give a certificate valid now",
+            stamp(&validity.not_before),
+            stamp(&validity.not_after)
+        )));
+    }
+    if validity.not_after.timestamp() < now_at.unix_timestamp() {
+        return Err(invalid(format!(
+            "the server certificate expired at {}, and this machine's clock says {now_text}: every agent and \
+             operator would refuse it; renew it and give the new one (or check the clock)",
+            stamp(&validity.not_after)
+        )));
+    }
+    if chain.len() == 1 && parsed.issuer() != parsed.subject() {
+        return Err(invalid(format!(
+            "the file holds only the server certificate, issued by \"{}\": agents and operators keep and pin \
+             the CA certificates that follow it, so append the certificate of the CA that issued it (PEM) \
+             after the server's",
+            parsed.issuer()
+        )));
+    }
+    if validity.not_after.timestamp() < at(now + WARN_BEFORE).unix_timestamp() {
+        tracing::warn!(
+            cert = %path.display(),
+            "the server certificate expires at {}: renew it soon (a changed file is served without a restart)",
+            stamp(&validity.not_after)
+        );
+    }
+    Ok(())
+}
+
 /// Reads a certificate chain and its key into what rustls serves.
-fn load(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsSetupError> {
+fn load(cert: &Path, key: &Path, now: SystemTime) -> Result<Arc<CertifiedKey>, TlsSetupError> {
     let chain =
         turnout_rt::tls::certificates_from_pem(&read(cert, NOT_INITIALISED)?).map_err(|e| {
             TlsSetupError::Invalid {
@@ -492,6 +555,7 @@ fn load(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsSetupError> {
                 detail: e.to_string(),
             }
         })?;
+    check_chain(cert, &chain, now)?;
     let key_der = PrivateKeyDer::from_pem_slice(&read(key, NOT_INITIALISED)?).map_err(|e| {
         TlsSetupError::Invalid {
             path: key.to_owned(),
@@ -528,9 +592,10 @@ pub struct Reloading {
 }
 
 impl Reloading {
-    /// Loads `cert` and `key`; fails if they cannot be served.
-    pub fn open(cert: &Path, key: &Path) -> Result<Arc<Reloading>, TlsSetupError> {
-        let loaded = load(cert, key)?;
+    /// Loads `cert` and `key`; fails if they cannot be served (or would be
+    /// refused by every client at `now`).
+    pub fn open(cert: &Path, key: &Path, now: SystemTime) -> Result<Arc<Reloading>, TlsSetupError> {
+        let loaded = load(cert, key, now)?;
         Ok(Arc::new(Reloading {
             cert: cert.to_owned(),
             key: key.to_owned(),
@@ -541,7 +606,7 @@ impl Reloading {
     /// Reads the files again if they changed (or `force`); a pair that
     /// cannot be served is logged and the one in use is kept. Returns
     /// whether a new certificate is now served.
-    pub fn reload(&self, force: bool) -> bool {
+    pub fn reload(&self, force: bool, now: SystemTime) -> bool {
         let stamps = (stamp(&self.cert), stamp(&self.key));
         {
             let current = self.current.read().expect("not poisoned");
@@ -549,7 +614,7 @@ impl Reloading {
                 return false;
             }
         }
-        match load(&self.cert, &self.key) {
+        match load(&self.cert, &self.key, now) {
             Ok(loaded) => {
                 *self.current.write().expect("not poisoned") = (loaded, stamps.0, stamps.1);
                 tracing::info!(cert = %self.cert.display(), "serving the certificate read again from its file");
@@ -566,6 +631,18 @@ impl Reloading {
         }
     }
 
+    /// The CA certificates of the chain served now: those after the
+    /// server's own, or the server's when it is alone (self-signed).
+    pub fn cas(&self) -> Vec<CertificateDer<'static>> {
+        let current = self.current.read().expect("not poisoned");
+        let chain = &current.0.cert;
+        if chain.len() > 1 {
+            chain[1..].to_vec()
+        } else {
+            chain.clone()
+        }
+    }
+
     /// Reloads on SIGHUP and when the files change (checked every 10 s), until the task is dropped.
     pub async fn watch(self: Arc<Self>) {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -575,8 +652,8 @@ impl Reloading {
         let mut tick = tokio::time::interval(Duration::from_secs(10));
         loop {
             tokio::select! {
-                _ = hup.recv() => { self.reload(true); }
-                _ = tick.tick() => { self.reload(false); }
+                _ = hup.recv() => { self.reload(true, SystemTime::now()); }
+                _ = tick.tick() => { self.reload(false, SystemTime::now()); }
             }
         }
     }
@@ -639,7 +716,7 @@ mod tests {
                 .unwrap()
                 .new_cert
         );
-        Reloading::open(&paths.cert, &paths.key).unwrap();
+        Reloading::open(&paths.cert, &paths.key, later).unwrap();
     }
 
     #[test]
@@ -647,16 +724,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let paths = Paths::in_state_dir(dir.path());
         init(&paths, &["127.0.0.1".into()], SystemTime::now()).unwrap();
-        let served = Reloading::open(&paths.cert, &paths.key).unwrap();
+        let served = Reloading::open(&paths.cert, &paths.key, SystemTime::now()).unwrap();
         let before = served.current.read().unwrap().0.clone();
         std::fs::copy(&paths.ca_key, &paths.key).unwrap();
-        let err = Reloading::open(&paths.cert, &paths.key).unwrap_err();
+        let err = Reloading::open(&paths.cert, &paths.key, SystemTime::now()).unwrap_err();
         assert!(
             err.to_string()
                 .contains("does not belong to the certificate"),
             "{err}"
         );
-        assert!(!served.reload(true));
+        assert!(!served.reload(true, SystemTime::now()));
         assert!(Arc::ptr_eq(&served.current.read().unwrap().0, &before));
     }
 
@@ -664,11 +741,52 @@ mod tests {
     fn a_missing_certificate_says_how_to_make_one() {
         let dir = tempfile::tempdir().unwrap();
         let paths = Paths::in_state_dir(dir.path());
-        let err = Reloading::open(&paths.cert, &paths.key).unwrap_err();
+        let err = Reloading::open(&paths.cert, &paths.key, SystemTime::now()).unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("turnout serve --init") && text.contains("--plaintext"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_certificate_clients_would_refuse_is_not_served_and_the_served_one_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::in_state_dir(dir.path());
+        let now = SystemTime::now();
+        init(&paths, &["127.0.0.1".into()], now).unwrap();
+        let served = Reloading::open(&paths.cert, &paths.key, now).unwrap();
+        let before = served.current.read().unwrap().0.clone();
+
+        // After its end (the clock moved on): refused, with both times.
+        let after_end = now + SERVER_LIFETIME + Duration::from_secs(24 * 3600);
+        let err = Reloading::open(&paths.cert, &paths.key, after_end).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("expired at") && text.contains("renew it"),
+            "{text}"
+        );
+        assert!(!served.reload(true, after_end));
+        // Before its start (a clock far behind): refused, says check the clock.
+        let before_start = now - Duration::from_secs(30 * 24 * 3600);
+        let err = Reloading::open(&paths.cert, &paths.key, before_start).unwrap_err();
+        assert!(err.to_string().contains("valid only from"), "{err}");
+        assert!(err.to_string().contains("check the clock"), "{err}");
+
+        // The server's certificate without its CA: refused, says what to append.
+        let chain =
+            turnout_rt::tls::certificates_from_pem(&std::fs::read(&paths.cert).unwrap()).unwrap();
+        std::fs::write(
+            &paths.cert,
+            turnout_rt::tls::certificates_to_pem(&chain[..1]),
+        )
+        .unwrap();
+        let err = Reloading::open(&paths.cert, &paths.key, now).unwrap_err();
+        assert!(
+            err.to_string().contains("append the certificate of the CA"),
+            "{err}"
+        );
+        assert!(!served.reload(true, now));
+        assert!(Arc::ptr_eq(&served.current.read().unwrap().0, &before));
     }
 }

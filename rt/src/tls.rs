@@ -400,8 +400,13 @@ pub fn discover(
         .map_err(|e| connect_error(e.to_string()))?
         .next()
         .ok_or_else(|| connect_error("the name has no address".into()))?;
-    let mut tcp =
-        TcpStream::connect_timeout(&address, timeout).map_err(|e| connect_error(e.to_string()))?;
+    let mut tcp = TcpStream::connect_timeout(&address, timeout).map_err(|e| {
+        connect_error(if e.kind() == std::io::ErrorKind::TimedOut {
+            format!("no connection within {timeout:?}")
+        } else {
+            e.to_string()
+        })
+    })?;
     tcp.set_read_timeout(Some(timeout))
         .and_then(|()| tcp.set_write_timeout(Some(timeout)))
         .map_err(|e| connect_error(e.to_string()))?;
@@ -450,6 +455,16 @@ pub fn discover(
         });
     }
     let detail = match handshake {
+        Err(err)
+            if matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            format!(
+                "no TLS answer within {timeout:?}: is this the coordinator's address and port, and is it running?"
+            )
+        }
         Err(err) => err.to_string(),
         Ok(()) => "the handshake ended without a certificate".into(),
     };
@@ -517,5 +532,20 @@ mod tests {
             certificates_from_pem(b"hello"),
             Err(TlsError::NoCertificates)
         ));
+    }
+
+    #[test]
+    fn a_server_that_never_answers_the_handshake_is_named_as_such() {
+        // Accepts the connection (the kernel does, from the backlog) and
+        // says nothing: discovery gives up after its timeout and says why,
+        // not "os error 11".
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://{}", listener.local_addr().unwrap());
+        let pin = Pin([1; 32]);
+        let err = discover(&url, &[pin], Duration::from_millis(300)).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("no TLS answer within 300ms"), "{text}");
+        assert!(!text.contains("os error"), "{text}");
+        drop(listener);
     }
 }

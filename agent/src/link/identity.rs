@@ -20,6 +20,9 @@ pub struct Identity {
     pub coordinator: String,
     /// The CA certificates its certificate must chain to (`ca.pem`; none for http).
     pub ca: Vec<CertificateDer<'static>>,
+    /// The enrollment's files as they were read: a link notices another
+    /// enrollment by this changing (see [`Identity::files`]).
+    pub files: [u8; 32],
 }
 
 /// How an enrolling host learns to trust an https coordinator.
@@ -70,8 +73,25 @@ struct Enrolled {
 }
 
 impl Identity {
+    /// A digest of the enrollment's files in `state_dir` (coordinator.json,
+    /// identity.pem, ca.pem; a missing one counts as empty): it changes
+    /// when the host enrolls again, so a running agent follows the new
+    /// enrollment without a restart.
+    pub fn files(state_dir: &Path) -> [u8; 32] {
+        use sha2::Digest as _;
+        let mut digest = sha2::Sha256::new();
+        for name in ["coordinator.json", "identity.pem", CA_FILE] {
+            let bytes = std::fs::read(state_dir.join(name)).unwrap_or_default();
+            digest.update((bytes.len() as u64).to_le_bytes());
+            digest.update(&bytes);
+        }
+        digest.finalize().into()
+    }
+
     /// The identity in `state_dir`, if the host enrolled.
     pub fn load(state_dir: &Path) -> Result<Option<Identity>, LinkError> {
+        // Before the files are read: a change while they are is seen later.
+        let files = Identity::files(state_dir);
         let io = |what: &str| {
             let what = what.to_owned();
             move |source| LinkError::Io { what, source }
@@ -95,6 +115,7 @@ impl Identity {
             key,
             coordinator: enrolled.coordinator,
             ca,
+            files,
         }))
     }
 
@@ -215,6 +236,7 @@ impl Identity {
             key,
             coordinator,
             ca,
+            files: Identity::files(state_dir),
         })
     }
 }

@@ -112,6 +112,52 @@ pub struct Link {
     client: Mutex<ureq::Agent>,
     /// The pins of the CAs the client trusts now.
     trusted: Mutex<Vec<turnout_rt::tls::Pin>>,
+    /// [`Identity::files`] as this link knows them: when the files differ,
+    /// the host enrolled again and the link ends (see [`follow`]).
+    files: Mutex<[u8; 32]>,
+}
+
+/// How often a link, or an agent not enrolled, looks for a new enrollment.
+const ENROLLMENT_CHECK: Duration = Duration::from_secs(5);
+
+/// Runs the link of the enrollment in `STATE_DIR`, until the task is
+/// dropped: when the host enrolls (again) while the agent runs, the link
+/// ends at its next safe point (between rounds, or in its backoff) and one
+/// for the new enrollment starts. No restart is needed, and an install in
+/// progress is never cut.
+pub async fn follow(agent: Arc<Agent>) {
+    let state_dir = agent.config().state_dir.clone();
+    let mut complained = None;
+    loop {
+        match Identity::load(&state_dir) {
+            Ok(Some(identity)) => {
+                complained = None;
+                tracing::info!(
+                    "host {} following the coordinator at {}",
+                    identity.host,
+                    identity.coordinator
+                );
+                Link::new(Arc::clone(&agent), identity, agent.link())
+                    .run()
+                    .await;
+                tracing::info!("the host enrolled again: following the new enrollment");
+                continue;
+            }
+            Ok(None) => {}
+            Err(err) => {
+                let text = err.to_string();
+                if complained.as_ref() != Some(&text) {
+                    tracing::warn!("cannot load the host identity ({text}); running standalone");
+                    complained = Some(text);
+                }
+            }
+        }
+        // Standalone until the files change.
+        let files = Identity::files(&state_dir);
+        while Identity::files(&state_dir) == files {
+            tokio::time::sleep(ENROLLMENT_CHECK).await;
+        }
+    }
 }
 
 /// How far one service got toward its desired release.
@@ -169,6 +215,7 @@ impl Link {
                 .filter_map(|c| turnout_rt::tls::Pin::of_certificate(c).ok())
                 .collect(),
         );
+        let files = Mutex::new(identity.files);
         Link {
             agent,
             identity,
@@ -178,6 +225,28 @@ impl Link {
             last_seq: Mutex::new(0),
             client,
             trusted,
+            files,
+        }
+    }
+
+    /// Whether the host enrolled again since this link started.
+    fn reenrolled(&self) -> bool {
+        Identity::files(&self.agent.config().state_dir) != *self.files.lock().expect("not poisoned")
+    }
+
+    /// Sleeps for `pause`, or less when the host enrolls again; returns
+    /// whether it did.
+    async fn pause_unless_reenrolled(&self, pause: Duration) -> bool {
+        let end = tokio::time::Instant::now() + pause;
+        loop {
+            if self.reenrolled() {
+                return true;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= end {
+                return false;
+            }
+            tokio::time::sleep((end - now).min(ENROLLMENT_CHECK)).await;
         }
     }
 
@@ -231,6 +300,10 @@ impl Link {
         if pins == trusted {
             return;
         }
+        if self.reenrolled() {
+            // The new enrollment's ca.pem stands; this link is ending.
+            return;
+        }
         let path = self.agent.config().state_dir.join("ca.pem");
         if let Err(err) = turnout_rt::files::write_atomic(
             &path,
@@ -243,6 +316,8 @@ impl Link {
             );
             return;
         }
+        // The link's own write is no new enrollment.
+        *self.files.lock().expect("not poisoned") = Identity::files(&self.agent.config().state_dir);
         *self.client.lock().expect("not poisoned") = client(&certs);
         let shown: Vec<String> = pins.iter().map(ToString::to_string).collect();
         tracing::info!(
@@ -259,10 +334,14 @@ impl Link {
         status.detail = detail;
     }
 
-    /// Runs until the task is dropped: handshake, then converge and report.
+    /// Runs until the task is dropped or the host enrolls again:
+    /// handshake, then converge and report.
     pub async fn run(self) {
         let mut failures = 0u32;
         loop {
+            if self.reenrolled() {
+                return;
+            }
             let result = match self.hello().await {
                 Ok(welcome) => {
                     failures = 0;
@@ -272,7 +351,10 @@ impl Link {
                 }
                 Err(err) => Err(err),
             };
-            let err = result.expect_err("a session only ends with an error");
+            // A session ends without an error only when the host enrolled again.
+            let Err(err) = result else {
+                return;
+            };
             match &err {
                 LinkError::Incompatible(refusal) => {
                     self.set("refused", Some(refusal.to_string()));
@@ -292,7 +374,9 @@ impl Link {
                 }
             }
             failures = failures.saturating_add(1);
-            tokio::time::sleep(backoff(failures)).await;
+            if self.pause_unless_reenrolled(backoff(failures)).await {
+                return;
+            }
         }
     }
 
@@ -339,6 +423,8 @@ impl Link {
         }
     }
 
+    /// Converges and reports until an error, or until the host enrolls
+    /// again (`Ok`).
     async fn session(&self, welcome: &Welcome) -> Result<(), LinkError> {
         let interval = Duration::from_millis(welcome.report_interval_ms.max(100));
         let long_poll = welcome.capabilities.contains(&Capability::LongPoll);
@@ -349,6 +435,9 @@ impl Link {
         self.report(index).await?;
         let mut rounds = 0u64;
         loop {
+            if self.reenrolled() {
+                return Ok(());
+            }
             rounds += 1;
             if rounds.is_multiple_of(CA_CHECK_ROUNDS) {
                 self.refresh_ca().await;

@@ -21,6 +21,9 @@ pub(super) fn client(cas: &[CertificateDer<'_>]) -> ureq::Agent {
         .input_buffer_size(32 * 1024)
         .output_buffer_size(16 * 1024)
         .timeout_global(Some(Duration::from_secs(90)))
+        // TCP and TLS handshake: a coordinator that accepts and says
+        // nothing costs one retry, not the whole 90 s.
+        .timeout_connect(Some(Duration::from_secs(10)))
         .build()
         .into()
 }

@@ -46,6 +46,24 @@ pub enum Command {
     },
 }
 
+/// Refuses a state directory without a CA of the coordinator's own, and
+/// says what to do instead.
+fn own_ca(state_dir: &std::path::Path) -> Option<tls::Paths> {
+    let paths = tls::Paths::in_state_dir(state_dir);
+    if paths.ca.exists() {
+        return Some(paths);
+    }
+    eprintln!(
+        "turnout: {} has no CA of the coordinator's own: expected the state directory of a coordinator set up \
+         with `turnout serve --init` (check --state-dir). A coordinator that serves your certificate \
+         (--tls-cert) uses your CA: to rotate it, first serve a chain that carries both CAs (server certificate, \
+         old CA, new CA; agents learn the CAs that follow the server's certificate within minutes), then one \
+         with a server certificate from the new CA; see docs/operations.md",
+        paths.ca.display()
+    );
+    None
+}
+
 /// Runs a CA command.
 pub fn run(command: Command) -> anyhow::Result<Exit> {
     match command {
@@ -64,7 +82,9 @@ pub fn run(command: Command) -> anyhow::Result<Exit> {
                 );
                 return Ok(Exit::Usage);
             }
-            let paths = tls::Paths::in_state_dir(&state_dir);
+            let Some(paths) = own_ca(&state_dir) else {
+                return Ok(Exit::Input);
+            };
             let rotation = tls::rotate(&paths, grace, SystemTime::now())?;
             // The operator profile on this machine trusts both from now on,
             // and the new one after the grace.
@@ -99,7 +119,9 @@ pub fn run(command: Command) -> anyhow::Result<Exit> {
             Ok(Exit::Success)
         }
         Command::Status { state_dir } => {
-            let paths = tls::Paths::in_state_dir(&state_dir);
+            let Some(paths) = own_ca(&state_dir) else {
+                return Ok(Exit::Input);
+            };
             for pin in tls::pins(&paths)? {
                 println!("trusted CA {pin}");
             }

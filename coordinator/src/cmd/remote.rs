@@ -63,9 +63,21 @@ impl Remote {
     /// flags or the profile (or the CA a pin finds).
     pub fn client(&self) -> anyhow::Result<Client> {
         let (url, profile) = self.resolve()?;
+        if let Some(ca) = &self.ca
+            && !self.ca_pins.is_empty()
+        {
+            return Err(crate::client::ClientError::CaAndPins {
+                ca: ca.display().to_string(),
+            }
+            .into());
+        }
         // The profile's CA and token go with the profile's coordinator only.
-        let profile =
-            profile.filter(|p| p.coordinator.trim_end_matches('/') == url.trim_end_matches('/'));
+        let (profile, other) = match profile {
+            Some(p) if p.coordinator.trim_end_matches('/') == url.trim_end_matches('/') => {
+                (Some(p), None)
+            }
+            other => (None, other),
+        };
         let token = self
             .token
             .clone()
@@ -90,6 +102,13 @@ impl Remote {
             .filter(|p| !p.is_empty())
         {
             discover(&url, &pins)?
+        } else if let Some(other) = other {
+            return Err(anyhow::Error::new(crate::client::ClientError::NoCa { url: url.clone() })
+                .context(format!(
+                    "the operator profile is for {}, not {url}: its CA and token are used only with its own \
+                     coordinator",
+                    other.coordinator
+                )));
         } else {
             Vec::new()
         };

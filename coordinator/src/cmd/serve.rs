@@ -180,17 +180,18 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
         }
         _ => anyhow::bail!("give both tls_cert and tls_key, or neither"),
     };
-    let served = tls_files
-        .as_ref()
-        .map(|(cert, key, _)| tls::Reloading::open(cert, key))
-        .transpose()?;
     let own_ca = matches!(tls_files, Some((_, _, true)));
     let own_paths = tls::Paths::in_state_dir(&state_dir);
     if own_ca {
+        // Renews a certificate near or past its end before it is served.
         tls::maintain(&own_paths, SystemTime::now())?;
     }
-    let (pins, ca_pem) = ca_for_agents(&tls_files, &state_dir)?;
-    coordinator.set_ca(pins.clone(), ca_pem);
+    let served = tls_files
+        .as_ref()
+        .map(|(cert, key, _)| tls::Reloading::open(cert, key, SystemTime::now()))
+        .transpose()?;
+    let (pins, ca_pem) = ca_for_agents(own_ca.then_some(&own_paths), served.as_deref())?;
+    coordinator.set_ca(pins.clone(), ca_pem.clone());
     let scheme = if served.is_some() { "https" } else { "http" };
     if args.init {
         let now = coordinator.now_ms();
@@ -225,16 +226,11 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
                 None => println!("admin token (shown once, keep it safe): {token}"),
             }
             let url = format!("{scheme}://{}", local_address(listen));
-            let ca = match &tls_files {
-                Some((_, _, true)) => Some(std::fs::read_to_string(
-                    tls::Paths::in_state_dir(&state_dir).ca,
-                )?),
-                _ => None,
-            };
+            // The CAs agents keep: the own CA's, or those in the operator's chain.
             let profile = Profile {
                 coordinator: url,
                 token: Some(token),
-                ca,
+                ca: ca_pem,
                 ca_pins: Vec::new(),
             };
             match profile.write_new(args.profile.as_deref()) {
@@ -280,24 +276,21 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
             });
         }
         let acceptor = served.clone().map(tls::acceptor);
-        let reload = served.map(|served| tokio::spawn(served.watch()));
-        // The coordinator's own CA: a rotation's new CA reaches agents, its
-        // end drops the old one, a certificate near its end is renewed.
-        let upkeep = own_ca.then(|| {
-            let (c, paths, files, dir) = (
-                coordinator.clone(),
-                own_paths.clone(),
-                tls_files.clone(),
-                state_dir.clone(),
-            );
+        let reload = served.clone().map(|served| tokio::spawn(served.watch()));
+        // The CAs agents are told to trust follow the files: for the own
+        // CA, a rotation's new CA, its end dropping the old one, and a
+        // certificate near its end renewed; for an operator's chain, the
+        // CAs in the file as it is now.
+        let upkeep = served.map(|served| {
+            let (c, paths) = (coordinator.clone(), own_paths.clone());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
                 loop {
                     tick.tick().await;
-                    if let Err(err) = tls::maintain(&paths, SystemTime::now()) {
+                    if own_ca && let Err(err) = tls::maintain(&paths, SystemTime::now()) {
                         tracing::warn!("keeping the TLS certificates as they are: {err}");
                     }
-                    match ca_for_agents(&files, &dir) {
+                    match ca_for_agents(own_ca.then_some(&paths), Some(&served)) {
                         Ok((pins, pem)) => c.set_ca(pins, pem),
                         Err(err) => tracing::warn!("reading the CA certificates: {err:#}"),
                     }
@@ -317,26 +310,19 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
 }
 
 /// The pins join lines carry and the CA certificates agents keep: the
-/// coordinator's own CAs (`ca.pem`), or the CAs in an operator's chain.
+/// coordinator's own CAs (`ca.pem`, both during a rotation), or the CAs in
+/// the operator's chain being served (never those of a file that was
+/// refused, so agents are not told to trust what is not served).
 fn ca_for_agents(
-    files: &Option<(PathBuf, PathBuf, bool)>,
-    state_dir: &std::path::Path,
+    own: Option<&tls::Paths>,
+    served: Option<&tls::Reloading>,
 ) -> anyhow::Result<(Vec<turnout_rt::tls::Pin>, Option<String>)> {
-    let Some((cert, _, own)) = files else {
-        return Ok((Vec::new(), None));
-    };
-    let cas = if *own {
-        turnout_rt::tls::certificates_from_pem(&std::fs::read(
-            tls::Paths::in_state_dir(state_dir).ca,
-        )?)?
-    } else {
-        // An operator's chain: the certificates after the server's own (or
-        // the server's, when it is the whole chain).
-        let mut chain = turnout_rt::tls::certificates_from_pem(&std::fs::read(cert)?)?;
-        if chain.len() > 1 {
-            chain.remove(0);
+    let cas = match (own, served) {
+        (_, None) => return Ok((Vec::new(), None)),
+        (Some(paths), Some(_)) => {
+            turnout_rt::tls::certificates_from_pem(&std::fs::read(&paths.ca)?)?
         }
-        chain
+        (None, Some(served)) => served.cas(),
     };
     let pins = cas
         .iter()

@@ -248,6 +248,38 @@ fn init_makes_a_ca_and_a_profile_and_the_cli_needs_no_flags_after_it() {
     );
 }
 
+/// A bare TLS server (not a coordinator) presenting `cert` with `key`
+/// to every connection, on a free port: what a client sees from a server
+/// whose certificate `turnout serve` itself would refuse to serve.
+fn present(cert: &Path, key: &Path) -> u16 {
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject;
+    let chain = turnout_rt::tls::certificates_from_pem(&std::fs::read(cert).unwrap()).unwrap();
+    let key = PrivateKeyDer::from_pem_slice(&std::fs::read(key).unwrap()).unwrap();
+    let config = std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(turnout_rt::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut tls = rustls::ServerConnection::new(config.clone()).unwrap();
+            while tls.is_handshaking() {
+                if tls.complete_io(&mut stream).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    port
+}
+
 #[test]
 fn an_expired_certificate_is_refused_by_name_and_a_missing_one_stops_serve_with_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
@@ -256,18 +288,33 @@ fn an_expired_certificate_is_refused_by_name_and_a_missing_one_stops_serve_with_
     let paths = turnout::tls::Paths::in_state_dir(&old);
     let long_ago = SystemTime::now() - Duration::from_secs(3 * 365 * 24 * 3600);
     turnout::tls::init(&paths, &["127.0.0.1".to_owned()], long_ago).unwrap();
-    let server = serve(
-        dir.path(),
-        &[
-            "--init",
-            "--tls-cert",
-            paths.cert.to_str().unwrap(),
-            "--tls-key",
-            paths.key.to_str().unwrap(),
-        ],
+    // `turnout serve` refuses to serve it: exit 3, when it ended, what to do,
+    // and nothing made (no database, no token, no profile).
+    let out = Command::new(env!("CARGO_BIN_EXE_turnout"))
+        .args(["serve", "--init", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--trust")
+        .arg(trust_file(dir.path()))
+        .arg("--tls-cert")
+        .arg(&paths.cert)
+        .arg("--tls-key")
+        .arg(&paths.key)
+        .env("HOME", dir.path())
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("TURNOUT_PROFILE")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        text(&out).contains("expired at") && text(&out).contains("renew it"),
+        "{}",
+        text(&out)
     );
-    let token = profile_token(dir.path());
-    let url = format!("https://127.0.0.1:{}", server.port);
+    assert!(!dir.path().join(".config/turnout/profile.toml").exists());
+
+    // A server that presents it anyway: the CLI refuses it by name, exit 9.
+    let port = present(&paths.cert, &paths.key);
+    let url = format!("https://127.0.0.1:{port}");
     let out = turnout(
         dir.path(),
         &[
@@ -276,14 +323,13 @@ fn an_expired_certificate_is_refused_by_name_and_a_missing_one_stops_serve_with_
             "--coordinator",
             &url,
             "--token",
-            &token,
+            "t",
             "--ca",
             paths.ca.to_str().unwrap(),
         ],
     );
     assert_eq!(out.status.code(), Some(9), "{}", text(&out));
     assert!(text(&out).contains("has expired"), "{}", text(&out));
-    drop(server);
 
     // No certificate, no --init, no --plaintext: refused with the three ways out.
     let fresh = tempfile::tempdir().unwrap();
@@ -301,6 +347,57 @@ fn an_expired_certificate_is_refused_by_name_and_a_missing_one_stops_serve_with_
             && said.contains("--tls-cert")
             && said.contains("--plaintext"),
         "{said}"
+    );
+}
+
+#[test]
+fn an_operators_own_chain_goes_into_the_profile_and_ambiguous_trust_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // The operator's CA and a certificate it issued (leaf, then CA).
+    let own = turnout::tls::Paths::in_state_dir(&dir.path().join("pki"));
+    turnout::tls::init(&own, &["127.0.0.1".to_owned()], SystemTime::now()).unwrap();
+    let server = serve(
+        dir.path(),
+        &[
+            "--init",
+            "--tls-cert",
+            own.cert.to_str().unwrap(),
+            "--tls-key",
+            own.key.to_str().unwrap(),
+        ],
+    );
+    // The profile carries the chain's CA: the first command needs no flags.
+    let out = turnout(dir.path(), &["host", "list"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let profile = std::fs::read_to_string(dir.path().join(".config/turnout/profile.toml")).unwrap();
+    let ca = std::fs::read_to_string(&own.ca).unwrap();
+    assert!(profile.contains(ca.trim()), "{profile}");
+
+    // A CA file and a pin at once (here both from the environment): which
+    // decides is not clear, so neither is used; exit 2, says which to drop.
+    let pin = turnout::tls::pins(&own).unwrap()[0].to_string();
+    let url = format!("https://127.0.0.1:{}", server.port);
+    let both = Command::new(env!("CARGO_BIN_EXE_turnout"))
+        .args(["host", "list", "--coordinator", &url])
+        .env("HOME", dir.path())
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("TURNOUT_PROFILE")
+        .env("TURNOUT_CA", &own.ca)
+        .env("TURNOUT_CA_PIN", &pin)
+        .output()
+        .unwrap();
+    assert_eq!(both.status.code(), Some(2), "{}", text(&both));
+    assert!(text(&both).contains("give one of them"), "{}", text(&both));
+
+    // Another URL for the same server: the profile is not used for it, and
+    // the message says so instead of only asking for a CA.
+    let other = format!("https://localhost:{}", server.port);
+    let out = turnout(dir.path(), &["host", "list", "--coordinator", &other]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("the operator profile is for {url}, not {other}")),
+        "{}",
+        text(&out)
     );
 }
 

@@ -279,3 +279,66 @@ fn a_ca_rotation_reaches_every_host_without_enrolling_again() {
         "{log}"
     );
 }
+
+#[test]
+fn a_host_enrolled_again_follows_the_new_enrollment_without_a_restart() {
+    let mut fleet = Fleet::start(Options {
+        hosts: 1,
+        ..Options::default()
+    });
+    fleet.install_everywhere("1.0.0");
+    // The coordinator is rebuilt from nothing: a new CA, a new database.
+    fleet.kill_coordinator();
+    std::fs::remove_dir_all(fleet.dir.path().join("coordinator")).unwrap();
+    fleet.admin = fleet.start_coordinator(true).unwrap();
+    let pin = turnout_rt::tls::Pin::of_certificate(&fleet.ca()[0])
+        .unwrap()
+        .to_string();
+    assert_ne!(pin, fleet.pin);
+    // The running agent does not trust the new coordinator.
+    wait_for(
+        "the agent to call the new coordinator untrusted",
+        LONG,
+        || agent_status(&fleet, "host-00").contains("untrusted"),
+    );
+    // Enrolled again with the new join line while the agent runs: the same
+    // agent process follows the new enrollment, with no restart.
+    let token: Value = fleet
+        .client()
+        .post("/v1/tokens", &json!({"enroll": true}))
+        .unwrap();
+    let out = std::process::Command::new(turnout_bin())
+        .args([
+            "agent",
+            "enroll",
+            "--coordinator",
+            &fleet.url,
+            "--token",
+            token["token"].as_str().unwrap(),
+            "--host",
+            "host-00",
+            "--ca-pin",
+            &pin,
+        ])
+        .env(
+            "TURNOUT_AGENT_CONFIG",
+            fleet.dir.path().join("host-00/agent.toml"),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fleet.pin = pin;
+    fleet.wait_reported();
+    let host = &fleet.hosts[0];
+    assert!(
+        host.log().contains("the host enrolled again"),
+        "{}",
+        host.log()
+    );
+    assert!(agent_status(&fleet, "host-00").contains("connected"));
+    assert_eq!(host.served().as_deref(), Some("1.0.0"));
+}
