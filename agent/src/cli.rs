@@ -263,11 +263,18 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
             };
             if !json && let Some(Response::Link(link)) = ask(&config, &Request::Link)? {
                 println!(
-                    "coordinator: {} {}{}",
+                    "coordinator: {} {}{}{}",
                     link.coordinator.as_deref().unwrap_or("-"),
                     link.state,
-                    link.detail.map(|d| format!(": {d}")).unwrap_or_default()
+                    link.proto.map(|v| format!(" (protocol v{v})")).unwrap_or_default(),
+                    link.detail
+                        .as_ref()
+                        .map(|d| format!(": {d}"))
+                        .unwrap_or_default()
                 );
+                if let Some(line) = desired_line(&link, crate::service::now_ms()) {
+                    println!("{line}");
+                }
             }
             print_status(&statuses, json)?;
             Ok(Exit::Success)
@@ -490,3 +497,27 @@ fn verify(bundle: &Path, trust: &Path, unpack_to: Option<&Path>) -> anyhow::Resu
 }
 
 pub use turnout_rt::cli::quiet_on_closed_stdout;
+
+/// What `status` says of the signed desired state (protocol v2): fresh
+/// until when, or stale since when, and the last refusal.
+fn desired_line(link: &crate::link::LinkStatus, now_ms: u64) -> Option<String> {
+    let mut line = match link.desired_expires_ms {
+        Some(expires) if now_ms >= expires => format!(
+            "desired state stale since {}: no valid desired state from the coordinator; services keep running on \
+             their committed releases and nothing new starts",
+            turnout_proto::desired::utc(expires)
+        ),
+        Some(expires) => format!(
+            "desired state: signed, valid until {}",
+            turnout_proto::desired::utc(expires)
+        ),
+        None => String::new(),
+    };
+    if let Some(refused) = link.desired_refused.as_ref().filter(|_| link.state != "refusing") {
+        if !line.is_empty() {
+            line.push('\n');
+        }
+        line.push_str(&format!("desired state refused: {refused}"));
+    }
+    (!line.is_empty()).then_some(line)
+}

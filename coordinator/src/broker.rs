@@ -1,6 +1,7 @@
 //! The desired-state broker: each host's desired state as last read or
 //! changed (never older than the store's), the long polls waiting for it to
-//! change, and whether each host agreed to long polls in its hello.
+//! change, and what each host agreed to in its hello (protocol version,
+//! long polls).
 //!
 //! The store is the truth; this is what lets ten thousand parked polls be
 //! answered without reading it. A state is put here only under the store's
@@ -11,14 +12,24 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
+use turnout_proto::ProtoVersion;
 use turnout_proto::messages::{DesiredService, DesiredState};
 
-/// Desired states, their watchers, and long-poll agreements.
+/// What a host agreed to in its last hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Agreed {
+    /// The protocol version both sides write.
+    pub version: ProtoVersion,
+    /// Whether it long-polls.
+    pub long_poll: bool,
+}
+
+/// Desired states, their watchers, and hello agreements.
 #[derive(Debug, Default)]
 pub struct Broker {
     states: Mutex<HashMap<String, Arc<DesiredState>>>,
     watchers: Mutex<HashMap<String, watch::Sender<u64>>>,
-    long_poll: Mutex<HashMap<String, bool>>,
+    agreed: Mutex<HashMap<String, Agreed>>,
 }
 
 impl Broker {
@@ -87,26 +98,22 @@ impl Broker {
         }
     }
 
-    /// Whether `host` agreed to long polls, if known.
-    pub fn long_polls(&self, host: &str) -> Option<bool> {
-        self.long_poll
-            .lock()
-            .expect("not poisoned")
-            .get(host)
-            .copied()
+    /// What `host` agreed to in its last hello, if known.
+    pub fn agreement(&self, host: &str) -> Option<Agreed> {
+        self.agreed.lock().expect("not poisoned").get(host).copied()
     }
 
-    /// Remembers whether `host` agreed to long polls.
-    pub fn agreed(&self, host: &str, long_poll: bool) {
-        self.long_poll
+    /// Remembers what `host` agreed to.
+    pub fn agreed(&self, host: &str, agreed: Agreed) {
+        self.agreed
             .lock()
             .expect("not poisoned")
-            .insert(host.to_owned(), long_poll);
+            .insert(host.to_owned(), agreed);
     }
 
     /// Forgets what is known of `host` (it re-enrolled, or was forgotten).
     pub fn forget(&self, host: &str) {
-        self.long_poll.lock().expect("not poisoned").remove(host);
+        self.agreed.lock().expect("not poisoned").remove(host);
         self.states.lock().expect("not poisoned").remove(host);
     }
 }
@@ -120,6 +127,8 @@ mod tests {
             host: "h".parse().unwrap(),
             index,
             services: Vec::new(),
+            issued_at_ms: None,
+            expires_ms: None,
         }
     }
 

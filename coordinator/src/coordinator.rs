@@ -20,9 +20,10 @@ use turnout_proto::messages::{
     DesiredService, DesiredState, ErrorCode, OutcomeKind, ReleaseRef, ServiceReport, ServiceState,
 };
 use turnout_proto::trust::Trust;
-use turnout_proto::{HostId, ServiceName};
+use turnout_proto::keys::SecretKey;
+use turnout_proto::{HostId, ProtoVersion, ServiceName};
 
-use crate::broker::Broker;
+use crate::broker::{Agreed, Broker};
 use crate::engine::{self, Action, Fleet, HostView, Input, Rollout};
 use crate::host_auth::HostAuth;
 use crate::metrics::Metrics;
@@ -56,6 +57,13 @@ pub struct Settings {
     /// Whether `/metrics` on the API listener answers without a token
     /// (it names hosts and rollouts; by default it needs a viewer token).
     pub metrics_public: bool,
+    /// How long a signed desired state (protocol v2) stays valid; every
+    /// answer issues a fresh one, so a host hears within this long that its
+    /// coordinator was frozen or silenced.
+    pub desired_expiry: Duration,
+    /// The oldest protocol version an agent may speak: 1 while agents of
+    /// 0.1.0 are in the fleet, 2 to refuse them (the contract step).
+    pub min_agent_proto: ProtoVersion,
 }
 
 impl Default for Settings {
@@ -71,6 +79,8 @@ impl Default for Settings {
             body_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             metrics_public: false,
+            desired_expiry: Duration::from_secs(3600),
+            min_agent_proto: ProtoVersion::V1,
         }
     }
 }
@@ -216,6 +226,43 @@ fn requested(input: &Input) -> String {
     }
 }
 
+fn agreed(version: ProtoVersion, capabilities: Option<&turnout_proto::CapabilitySet>) -> Agreed {
+    Agreed {
+        version,
+        long_poll: capabilities
+            .is_some_and(|caps| caps.contains(&turnout_proto::Capability::LongPoll)),
+    }
+}
+
+/// Reads the director key at `path`, or makes one (mode 0600) when there
+/// is none: at `serve --init`, and at the first start of a state directory
+/// written by a build before protocol v2.
+fn load_or_make_director(path: &Path) -> Result<SecretKey, anyhow::Error> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => SecretKey::from_pem(&text).map_err(|err| {
+            anyhow::anyhow!(
+                "the director key {} does not read: {err}; restore it from a backup (agents \
+                 refuse desired state signed by any other key)",
+                path.display()
+            )
+        }),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            let mut seed = [0u8; 32];
+            getrandom::fill(&mut seed)
+                .map_err(|err| anyhow::anyhow!("no randomness for the director key: {err}"))?;
+            let key = SecretKey::from_seed(seed);
+            turnout_rt::files::write_atomic(path, key.to_pem().as_bytes(), 0o600)?;
+            tracing::info!(
+                key = %key.public().id(),
+                "made the coordinator's director key {}: it signs what hosts are told to run",
+                path.display()
+            );
+            Ok(key)
+        }
+        Err(err) => Err(anyhow::anyhow!("reading {}: {err}", path.display())),
+    }
+}
+
 /// How often the rollout loop recomputes the fleet gauges of `/metrics`.
 const GAUGES_EVERY: Duration = Duration::from_secs(5);
 
@@ -252,6 +299,8 @@ pub struct Coordinator {
     /// When a refused operator request was last logged, and how many
     /// were not logged since.
     auth_complaints: Mutex<(Option<std::time::Instant>, u64)>,
+    /// The director key: signs every v2 desired state (`STATE_DIR/director.pem`).
+    director: SecretKey,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -297,6 +346,7 @@ impl Coordinator {
             );
         }
         let latest = store.last_event_id()?;
+        let director = load_or_make_director(&state_dir.join("director.pem"))?;
         Ok(Coordinator {
             store: Mutex::new(store),
             trust,
@@ -316,7 +366,35 @@ impl Coordinator {
             ca_pins: Mutex::new(Vec::new()),
             ca_pem: Mutex::new(None),
             auth_complaints: Mutex::new((None, 0)),
+            director,
         })
+    }
+
+    /// The director key's public half, which agents verify desired state with.
+    pub fn director_public(&self) -> turnout_proto::keys::PublicKey {
+        self.director.public()
+    }
+
+    /// `state` signed for its host: issued now, valid for `desired_expiry`.
+    pub fn sign_desired(&self, state: &DesiredState) -> turnout_proto::desired::SignedDesired {
+        let now = self.now_ms();
+        let mut dated = state.clone();
+        dated.issued_at_ms = Some(now);
+        dated.expires_ms = Some(now + self.settings.desired_expiry.as_millis() as u64);
+        turnout_proto::desired::SignedDesired::sign(&dated, &self.director)
+    }
+
+    /// The protocol range this coordinator accepts from agents now:
+    /// `min_agent_proto` up to what this build speaks.
+    pub fn offer(&self) -> turnout_proto::Offer {
+        let mut offer = crate::offer();
+        if let Some(range) = turnout_proto::ProtoRange::new(
+            self.settings.min_agent_proto.min(offer.range.max()),
+            offer.range.max(),
+        ) {
+            offer.range = range;
+        }
+        offer
     }
 
     /// Logs a refused operator request, at most once every ten seconds,
@@ -444,24 +522,31 @@ impl Coordinator {
 
     /// Whether `host` agreed to long polls in its last hello.
     pub fn long_polls(&self, host: &str) -> Result<bool, ApiError> {
-        if let Some(known) = self.broker.long_polls(host) {
-            return Ok(known);
-        }
-        let capabilities = self.with_store(|s| s.host_capabilities(host))?;
-        Ok(self.hello_agreed(host, capabilities.as_ref()))
+        Ok(self.agreement(host)?.long_poll)
     }
 
-    /// Remembers what `host` agreed to in a hello (None: it was refused);
-    /// returns whether that includes long polls.
-    pub fn hello_agreed(
-        &self,
-        host: &str,
-        capabilities: Option<&turnout_proto::CapabilitySet>,
-    ) -> bool {
-        let long_poll =
-            capabilities.is_some_and(|caps| caps.contains(&turnout_proto::Capability::LongPoll));
-        self.broker.agreed(host, long_poll);
-        long_poll
+    /// What `host` agreed to in its last hello (from memory, else the
+    /// store); v1 without long polls when it never said hello.
+    pub fn agreement(&self, host: &str) -> Result<Agreed, ApiError> {
+        if let Some(known) = self.broker.agreement(host) {
+            return Ok(known);
+        }
+        let negotiated = self.with_store(|s| s.host_agreement(host))?;
+        let agreed = match negotiated {
+            Some((version, capabilities)) => agreed(version, Some(&capabilities)),
+            None => agreed(ProtoVersion::V1, None),
+        };
+        self.broker.agreed(host, agreed);
+        Ok(agreed)
+    }
+
+    /// Remembers what `host` agreed to in a hello (None: it was refused).
+    pub fn hello_agreed(&self, host: &str, agreement: Option<&turnout_proto::Agreement>) {
+        let agreed = match agreement {
+            Some(a) => agreed(a.version, Some(&a.capabilities)),
+            None => agreed(ProtoVersion::V1, None),
+        };
+        self.broker.agreed(host, agreed);
     }
 
     /// `host`'s desired state, from memory when it is known there.
@@ -868,7 +953,9 @@ impl Coordinator {
         let mut by_state: BTreeMap<&'static str, i64> =
             [("online", 0), ("offline", 0), ("incompatible", 0)].into();
         let mut agents: BTreeMap<(String, String), i64> = BTreeMap::new();
+        let mut stale = 0;
         for h in &hosts {
+            stale += i64::from(h.stale_since().is_some());
             let state = if h.incompatible.is_some() {
                 "incompatible"
             } else if self.online(h, now) {
@@ -898,6 +985,7 @@ impl Coordinator {
             agents: agents.into_iter().collect(),
             rollouts: states.into_iter().collect(),
             phases: phases.into_iter().collect(),
+            stale,
         });
         Ok(())
     }

@@ -69,6 +69,8 @@ pub struct FleetSnapshot {
     pub rollouts: Vec<(&'static str, i64)>,
     /// Unfinished rollouts' hosts by (rollout, phase).
     pub phases: Vec<((String, &'static str), i64)>,
+    /// Hosts whose newest signed desired state expired (they start nothing new).
+    pub stale: i64,
 }
 
 /// The coordinator's metrics.
@@ -84,6 +86,7 @@ pub struct Metrics {
     engine_rounds: Counter,
     hosts: Family<StateLabel, Gauge>,
     agents: Family<AgentLabels, Gauge>,
+    stale: Gauge,
     rollouts: Family<StateLabel, Gauge>,
     phases: Family<RolloutPhase, Gauge>,
     /// Encoding is cheap but not free; one scrape at a time.
@@ -111,6 +114,7 @@ impl Default for Metrics {
             Counter::default(),
         );
         let hosts = Family::<StateLabel, Gauge>::default();
+        let stale = Gauge::default();
         let agents = Family::<AgentLabels, Gauge>::default();
         let rollouts = Family::<StateLabel, Gauge>::default();
         let phases = Family::<RolloutPhase, Gauge>::default();
@@ -160,6 +164,11 @@ impl Default for Metrics {
             "enrolled hosts by agent version and protocol",
             agents.clone(),
         );
+        registry.register(
+            "turnout_hosts_stale",
+            "hosts that report no valid signed desired state (its expiry passed: a frozen or silenced coordinator, or a path that holds answers back)",
+            stale.clone(),
+        );
         registry.register("turnout_rollouts", "rollouts by state", rollouts.clone());
         registry.register(
             "turnout_rollout_hosts",
@@ -178,6 +187,7 @@ impl Default for Metrics {
             engine_rounds,
             hosts,
             agents,
+            stale,
             rollouts,
             phases,
             encoding: Mutex::new(()),
@@ -281,6 +291,7 @@ impl Metrics {
                 })
                 .set(*n);
         }
+        self.stale.set(snapshot.stale);
         self.rollouts.clear();
         for (state, n) in &snapshot.rollouts {
             self.rollouts

@@ -40,7 +40,9 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use turnout_proto::messages::{ErrorBody, ErrorCode, Hello, Incompatible, Report, Welcome};
 use turnout_proto::request_auth::HostAuth;
-use turnout_proto::{Envelope, HostId, Limits, Reader, SUPPORTED, encode, negotiate};
+use turnout_proto::{
+    Envelope, HostId, Limits, ProtoVersion, Reader, SUPPORTED, encode, negotiate,
+};
 
 use crate::coordinator::{ApiError, Coordinator};
 use crate::engine::Input;
@@ -109,6 +111,7 @@ pub fn router(coordinator: Shared) -> Router {
         .route("/v1/agent/desired", get(desired))
         .route("/v1/agent/report", post(report))
         .route("/v1/agent/ca", get(agent_ca))
+        .route("/v1/agent/director", get(agent_director))
         .route("/v1/bundles", get(list_bundles).post(push_bundle))
         .route("/v1/bundles/{sha256}", get(get_bundle))
         .route("/v1/hosts", get(list_hosts))
@@ -882,7 +885,12 @@ async fn enroll(State(c): State<Shared>, body: Bytes) -> Result<Response, ApiErr
             }
         },
     )?;
-    Ok(json(&serde_json::json!({"host": request.host})))
+    // The director key travels over the channel the agent just verified
+    // against its pin: from now on it takes only desired state signed by it.
+    Ok(json(&serde_json::json!({
+        "host": request.host,
+        "director_key": c.director_public().to_pem(),
+    })))
 }
 
 /// The answer to a refused enrollment: a host id taken by another key is a
@@ -920,7 +928,7 @@ async fn hello(
         )));
     }
     check_labels(&hello.labels)?;
-    let offer = crate::offer();
+    let offer = c.offer();
     match negotiate(&hello.offer(), &offer) {
         Ok(agreed) => {
             c.with_store(|s| {
@@ -933,7 +941,7 @@ async fn hello(
                     c.now_ms(),
                 )
             })?;
-            c.hello_agreed(host.as_str(), Some(&agreed.capabilities));
+            c.hello_agreed(host.as_str(), Some(&agreed));
             let welcome = Welcome {
                 coordinator_version: crate::VERSION.into(),
                 capabilities: agreed.capabilities,
@@ -983,6 +991,15 @@ async fn agent_ca(State(c): State<Shared>, _: SignedHost) -> Result<Response, Ap
     Ok(json(&serde_json::json!({"pins": pins, "pem": c.ca_pem()})))
 }
 
+/// The director key that signs this host's desired state, for an agent
+/// enrolled before protocol v2 (its enrollment did not carry it). Asked,
+/// like the CAs, over a connection the host already verified.
+async fn agent_director(State(c): State<Shared>, _: SignedHost) -> Result<Response, ApiError> {
+    Ok(json(
+        &serde_json::json!({"keys": [c.director_public().to_pem()]}),
+    ))
+}
+
 /// A long poll's `wait=` (a duration like `30s`), capped at `max`; none is zero.
 fn wait_param(text: Option<&String>, max: Duration) -> Result<Duration, ApiError> {
     let Some(text) = text else {
@@ -1023,11 +1040,15 @@ async fn desired(
         }
     }
     let state = c.desired(&host)?;
-    Ok((
-        [(header::CONTENT_TYPE, "application/json")],
-        encode(SUPPORTED.max(), &*state),
-    )
-        .into_response())
+    // Written in exactly the version the host agreed to: v1 agents (0.1.0)
+    // read the plain document, v2 agents only a signed, dated one.
+    let version = c.agreement(host.as_str())?.version;
+    let body = if version >= ProtoVersion::V2 {
+        encode(ProtoVersion::V2, &c.sign_desired(&state))
+    } else {
+        encode(ProtoVersion::V1, &*state)
+    };
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 async fn report(
@@ -1452,6 +1473,13 @@ async fn list_hosts(
             };
             let mut value = serde_json::to_value(&h).expect("hosts serialise");
             value["state"] = state.into();
+            value["legacy"] = h.legacy().into();
+            value["stale_since_ms"] = h.stale_since().into();
+            value["desired_refused"] = h
+                .report
+                .as_ref()
+                .and_then(|r| r.desired_refused.clone())
+                .into();
             value
         })
         .collect();

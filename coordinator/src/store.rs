@@ -14,7 +14,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use turnout_proto::messages::{DesiredService, DesiredState, ReleaseRef, Report};
-use turnout_proto::{CapabilitySet, HostId, ServiceName};
+use turnout_proto::{CapabilitySet, HostId, ProtoVersion, ServiceName};
 
 use crate::engine::Rollout;
 
@@ -202,6 +202,20 @@ pub enum Enrolled {
     Again,
     /// An enrolled host got a new key, with a token made to replace it.
     Replaced,
+}
+
+impl HostRecord {
+    /// Since when the host has had no valid signed desired state, as its
+    /// last report says (protocol v2 hosts only).
+    pub fn stale_since(&self) -> Option<u64> {
+        self.report.as_ref().and_then(|r| r.stale_since_ms)
+    }
+
+    /// Whether the host speaks only protocol v1 (a 0.1.0 agent): it takes
+    /// unsigned desired state, and `min_agent_proto = 2` will refuse it.
+    pub fn legacy(&self) -> bool {
+        self.proto == Some(1) && self.incompatible.is_none()
+    }
 }
 
 /// An operator token as `token list` shows it (never the secret).
@@ -591,16 +605,23 @@ impl Store {
             .map_err(self.err())
     }
 
-    /// The capabilities a host negotiated in its last hello.
-    pub fn host_capabilities(&self, id: &str) -> Result<Option<CapabilitySet>> {
-        let text: Option<Option<String>> = self
+    /// The protocol version and capabilities a host negotiated in its
+    /// last hello, if it was not refused.
+    pub fn host_agreement(&self, id: &str) -> Result<Option<(ProtoVersion, CapabilitySet)>> {
+        let row: Option<(Option<u16>, Option<String>)> = self
             .conn
-            .query_row("SELECT capabilities FROM hosts WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT proto, capabilities FROM hosts WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()
             .map_err(self.err())?;
-        Ok(text.flatten().and_then(|t| serde_json::from_str(&t).ok()))
+        Ok(row.and_then(|(proto, caps)| {
+            let version = ProtoVersion::new(proto?)?;
+            let caps = caps.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+            Some((version, caps))
+        }))
     }
 
     /// Records a hello: what the host runs and speaks, or why it was refused.
@@ -840,6 +861,8 @@ impl Store {
             host: host.clone(),
             index: index as u64,
             services,
+            issued_at_ms: None,
+            expires_ms: None,
         })
     }
 
@@ -1190,6 +1213,8 @@ mod tests {
             seq,
             desired_index: 0,
             services: Vec::new(),
+            stale_since_ms: None,
+            desired_refused: None,
         };
         assert!(store.record_report(&report(10), 1).unwrap());
         assert!(!store.record_report(&report(9), 2).unwrap(), "older");

@@ -23,6 +23,7 @@ mod wire_enum;
 
 pub mod bundle;
 pub mod capability;
+pub mod desired;
 pub mod envelope;
 pub mod ids;
 pub mod keys;

@@ -175,6 +175,14 @@ pub struct DesiredState {
     /// the agent manages but that is absent here is left as it is.
     #[serde(default)]
     pub services: Vec<DesiredService>,
+    /// When the coordinator issued it (its clock), ms since the epoch.
+    /// v2 only: part of the signed document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at_ms: Option<u64>,
+    /// When it stops being valid; a host whose newest document expired is
+    /// stale and starts nothing new. v2 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<u64>,
 }
 
 /// The release one service should run.
@@ -330,6 +338,15 @@ pub struct Report {
     /// Every managed service.
     #[serde(default)]
     pub services: Vec<ServiceReport>,
+    /// Since when the host has had no valid desired state (its newest
+    /// signed document expired and nothing replaced it), ms since the
+    /// epoch. v2; absent when fresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_since_ms: Option<u64>,
+    /// Why the last desired state was refused (a bad signature, a replay,
+    /// another host's document, an expired one), when it was. v2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_refused: Option<String>,
 }
 
 impl Message for Report {
@@ -358,6 +375,9 @@ impl Message for Report {
             if let Some(error) = &service.last_error {
                 limits.text(&format!("{path}.last_error"), error)?;
             }
+        }
+        if let Some(refused) = &self.desired_refused {
+            limits.text("desired_refused", refused)?;
         }
         Ok(())
     }

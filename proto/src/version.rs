@@ -16,6 +16,8 @@ pub struct ProtoVersion(u16);
 impl ProtoVersion {
     /// The first protocol version.
     pub const V1: ProtoVersion = ProtoVersion(1);
+    /// Signed, fresh, monotonic desired state ([`desired`](crate::desired)).
+    pub const V2: ProtoVersion = ProtoVersion(2);
 
     /// A version from its number; `None` for 0.
     pub const fn new(number: u16) -> Option<ProtoVersion> {
@@ -64,7 +66,7 @@ pub struct ProtoRange {
 /// The protocol versions this build reads and writes.
 pub const SUPPORTED: ProtoRange = ProtoRange {
     min: ProtoVersion::V1,
-    max: ProtoVersion::V1,
+    max: ProtoVersion::V2,
 };
 
 impl ProtoRange {

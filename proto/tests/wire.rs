@@ -452,6 +452,8 @@ fn desired() -> impl Strategy<Value = DesiredState> {
             host: host.parse().unwrap(),
             index,
             services,
+            issued_at_ms: None,
+            expires_ms: None,
         })
 }
 
@@ -515,6 +517,8 @@ fn report() -> impl Strategy<Value = Report> {
             seq,
             desired_index,
             services,
+            stale_since_ms: None,
+            desired_refused: None,
         })
 }
 

@@ -215,6 +215,26 @@ impl Identity {
                 message: error_message(&answer),
             });
         }
+        // The director key signs every v2 desired state; it came over the
+        // channel just verified against the pin. A coordinator before
+        // protocol v2 sends none: this host then takes v1 desired state
+        // until that coordinator is upgraded.
+        #[derive(Deserialize)]
+        struct Answer {
+            director_key: Option<String>,
+        }
+        let director = serde_json::from_slice::<Answer>(&answer)
+            .ok()
+            .and_then(|a| a.director_key)
+            .map(|pem| turnout_proto::keys::PublicKey::from_pem(&pem))
+            .transpose()
+            .map_err(|e| LinkError::Refused {
+                what: "the enrollment".into(),
+                status,
+                message: format!("the coordinator's director key does not read: {e}"),
+            })?;
+        super::signed::save_directors(state_dir, director.as_slice())
+            .map_err(io("writing director.json"))?;
         let enrolled = serde_json::to_vec_pretty(&Enrolled {
             format: ENROLLED_FORMAT,
             host: host.clone(),

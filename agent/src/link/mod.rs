@@ -34,6 +34,7 @@ use crate::service::{Agent, ServiceStatus, now_ms};
 
 mod download;
 mod identity;
+mod signed;
 mod transport;
 
 pub use identity::{EnrollTrust, Identity};
@@ -71,6 +72,10 @@ pub enum LinkError {
     /// No common protocol version.
     #[error("{0}")]
     Incompatible(Incompatible),
+    /// A desired state that failed its checks (signature, host, index,
+    /// expiry), or a coordinator that would not sign it: nothing is acted on.
+    #[error("{0}")]
+    DesiredRefused(String),
     /// Local files.
     #[error("{what}: {source}")]
     Io {
@@ -91,6 +96,16 @@ pub struct LinkStatus {
     pub state: String,
     /// Why, when not connected.
     pub detail: Option<String>,
+    /// The protocol version agreed in the last hello.
+    #[serde(default)]
+    pub proto: Option<u16>,
+    /// When the newest signed desired state this host accepted expires
+    /// (v2): past it, the host is stale and starts nothing new.
+    #[serde(default)]
+    pub desired_expires_ms: Option<u64>,
+    /// Why the last desired state was refused, if it was.
+    #[serde(default)]
+    pub desired_refused: Option<String>,
 }
 
 /// Every this many poll rounds (at least one report interval each), the
@@ -115,6 +130,14 @@ pub struct Link {
     /// [`Identity::files`] as this link knows them: when the files differ,
     /// the host enrolled again and the link ends (see [`follow`]).
     files: Mutex<[u8; 32]>,
+    /// The protocol version agreed in the last hello.
+    version: Mutex<turnout_proto::ProtoVersion>,
+    /// The coordinator's director keys (v2 desired state is signed by one).
+    directors: Mutex<BTreeMap<turnout_proto::keys::KeyId, turnout_proto::keys::PublicKey>>,
+    /// The newest signed desired state accepted (`desired.json`).
+    accepted: Mutex<Option<turnout_proto::desired::Accepted>>,
+    /// Why the last desired state was refused, for reports and status.
+    desired_refused: Mutex<Option<String>>,
 }
 
 /// How often a link, or an agent not enrolled, looks for a new enrollment.
@@ -216,6 +239,12 @@ impl Link {
                 .collect(),
         );
         let files = Mutex::new(identity.files);
+        let state_dir = &agent.config().state_dir;
+        let directors = signed::load_directors(state_dir).unwrap_or_else(|err| {
+            tracing::error!("{err}; asking the coordinator for its director key again");
+            BTreeMap::new()
+        });
+        let accepted = signed::load_accepted(state_dir);
         Link {
             agent,
             identity,
@@ -226,6 +255,10 @@ impl Link {
             client,
             trusted,
             files,
+            version: Mutex::new(turnout_proto::ProtoVersion::V1),
+            directors: Mutex::new(directors),
+            accepted: Mutex::new(accepted),
+            desired_refused: Mutex::new(None),
         }
     }
 
@@ -332,6 +365,14 @@ impl Link {
         status.coordinator = Some(self.identity.coordinator.clone());
         status.state = state.to_owned();
         status.detail = detail;
+        status.proto = Some(self.version.lock().expect("not poisoned").get());
+        status.desired_expires_ms = self
+            .accepted
+            .lock()
+            .expect("not poisoned")
+            .as_ref()
+            .map(|a| a.expires_ms);
+        status.desired_refused = self.desired_refused.lock().expect("not poisoned").clone();
     }
 
     /// Runs until the task is dropped or the host enrolls again:
@@ -343,12 +384,15 @@ impl Link {
                 return;
             }
             let result = match self.hello().await {
-                Ok(welcome) => {
-                    failures = 0;
-                    self.set("connected", None);
-                    self.refresh_ca().await;
-                    self.session(&welcome).await
-                }
+                Ok(welcome) => match self.agreed(welcome.proto).await {
+                    Ok(()) => {
+                        failures = 0;
+                        self.set("connected", None);
+                        self.refresh_ca().await;
+                        self.session(&welcome.body).await
+                    }
+                    Err(err) => Err(err),
+                },
                 Err(err) => Err(err),
             };
             // A session ends without an error only when the host enrolled again.
@@ -361,6 +405,16 @@ impl Link {
                     tracing::error!(
                         "the coordinator refused this agent: {refusal}; services keep running as they are"
                     );
+                }
+                LinkError::DesiredRefused(reason) => {
+                    self.set("refusing", Some(reason.clone()));
+                    tracing::error!(
+                        "refused the coordinator's desired state: {reason}; services keep running as they are, retrying"
+                    );
+                    // The coordinator hears why, when it listens.
+                    if let Err(err) = self.report(0).await {
+                        tracing::debug!("reporting the refusal: {err}");
+                    }
                 }
                 LinkError::Untrusted { .. } => {
                     self.set("untrusted", Some(err.to_string()));
@@ -380,7 +434,28 @@ impl Link {
         }
     }
 
-    async fn hello(&self) -> Result<Welcome, LinkError> {
+    /// Takes the version agreed in a hello: a v2 link needs the director
+    /// key; a host that knows one refuses to fall back to unsigned v1
+    /// desired state (a downgrade: an old or impersonated coordinator).
+    async fn agreed(&self, version: turnout_proto::ProtoVersion) -> Result<(), LinkError> {
+        *self.version.lock().expect("not poisoned") = version;
+        if version >= turnout_proto::ProtoVersion::V2 {
+            return self.ensure_director().await;
+        }
+        let known = self.directors.lock().expect("not poisoned").len();
+        if known > 0 {
+            let reason = format!(
+                "the coordinator agreed protocol {version} only, which sends desired state unsigned, but this host \
+                 knows the coordinator's director key and takes only signed desired state: upgrade the coordinator \
+                 back to a release that speaks v2, or enroll this host again to start over with this one"
+            );
+            *self.desired_refused.lock().expect("not poisoned") = Some(reason.clone());
+            return Err(LinkError::DesiredRefused(reason));
+        }
+        Ok(())
+    }
+
+    async fn hello(&self) -> Result<turnout_proto::Envelope<Welcome>, LinkError> {
         let offer = offer();
         let hello = Hello {
             agent_version: crate::VERSION.into(),
@@ -399,7 +474,6 @@ impl Link {
             .await?;
         match status {
             200 => turnout_proto::decode::<Welcome>(&body)
-                .map(|e| e.body)
                 .map_err(|e| LinkError::Refused {
                     what: "the hello".into(),
                     status,
@@ -608,7 +682,34 @@ impl Link {
                 message: error_message(&body),
             });
         }
-        turnout_proto::decode(&body)
+        let version = *self.version.lock().expect("not poisoned");
+        if version >= turnout_proto::ProtoVersion::V2 {
+            return match self.open_signed(&body) {
+                Ok(state) => {
+                    if self
+                        .desired_refused
+                        .lock()
+                        .expect("not poisoned")
+                        .take()
+                        .is_some()
+                    {
+                        tracing::info!("the coordinator's desired state verifies again");
+                    }
+                    Ok(state)
+                }
+                Err(refusal) => {
+                    let text = refusal.to_string();
+                    *self.desired_refused.lock().expect("not poisoned") = Some(text.clone());
+                    Err(LinkError::DesiredRefused(text))
+                }
+            };
+        }
+        let reader = turnout_proto::Reader {
+            limits: turnout_proto::Limits::default(),
+            accept: turnout_proto::ProtoRange::new(version, version).expect("one version"),
+        };
+        reader
+            .decode(&body)
             .map(|e| e.body)
             .map_err(|e| LinkError::Refused {
                 what: "the desired state".into(),
@@ -702,13 +803,13 @@ impl Link {
                     .map(|s| service_report(s, refusals.get(&s.service)))
                     .collect()
             },
+            stale_since_ms: self.stale_since(),
+            desired_refused: self.desired_refused.lock().expect("not poisoned").clone(),
         };
+        // Written in exactly the version agreed in the hello.
+        let version = *self.version.lock().expect("not poisoned");
         let (status, body) = self
-            .call(
-                "POST",
-                "/v1/agent/report".into(),
-                encode(turnout_proto::SUPPORTED.min(), &report),
-            )
+            .call("POST", "/v1/agent/report".into(), encode(version, &report))
             .await?;
         if status != 204 {
             return Err(LinkError::Refused {

@@ -313,7 +313,7 @@ impl Agent {
             link: Arc::new(Mutex::new(crate::link::LinkStatus {
                 coordinator: None,
                 state: "standalone".into(),
-                detail: None,
+                ..Default::default()
             })),
             journal_error: Mutex::new(None),
             clock,

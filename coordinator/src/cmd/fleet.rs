@@ -240,6 +240,20 @@ pub fn host(command: HostCommand) -> anyhow::Result<Exit> {
                 if let Some(why) = h["incompatible"].as_str() {
                     println!("  refused: {}", clean(why));
                 }
+                if h["legacy"] == true {
+                    println!(
+                        "  legacy: speaks protocol v1 only (unsigned desired state); upgrade its agent before setting min_agent_proto = 2"
+                    );
+                }
+                if let Some(since) = h["stale_since_ms"].as_u64() {
+                    println!(
+                        "  stale since {}: its newest signed desired state expired; it starts nothing new",
+                        when(since)
+                    );
+                }
+                if let Some(why) = h["desired_refused"].as_str() {
+                    println!("  refuses desired state: {}", clean(why));
+                }
                 if !h["reported_labels"].is_null() && h["reported_labels"] != h["labels"] {
                     let reported: Vec<String> = h["reported_labels"]
                         .as_object()

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
@@ -19,8 +19,8 @@ use crate::tls;
 pub struct Args {
     /// A config file (TOML) with any of: listen, state_dir, trust,
     /// report_interval, offline_after, max_connections, san (a list),
-    /// tls_cert, tls_key, plaintext, metrics_listen, metrics_public. Flags
-    /// override it.
+    /// tls_cert, tls_key, plaintext, metrics_listen, metrics_public,
+    /// desired_expiry, min_agent_proto. Flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// The address to listen on.
@@ -42,6 +42,15 @@ pub struct Args {
     /// keep it under the file limit (the shipped unit sets LimitNOFILE=65536).
     #[arg(long)]
     pub max_connections: Option<usize>,
+    /// How long a signed desired state stays valid [default: 1h]: a host
+    /// whose newest one expired is stale and starts nothing new.
+    #[arg(long)]
+    pub desired_expiry: Option<humantime::Duration>,
+    /// The oldest protocol version agents may speak [default: 1]: 2 refuses
+    /// agents of 0.1.0 (unsigned desired state); `turnout host list` shows
+    /// who is left behind.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=2))]
+    pub min_agent_proto: Option<u16>,
     /// Make a first admin token (once) if none exists yet, and start even
     /// when the database is missing or empty beside a bundle store that
     /// holds bundles (a coordinator that lost its database).
@@ -104,6 +113,8 @@ struct FileConfig {
     report_interval: Option<String>,
     offline_after: Option<u32>,
     max_connections: Option<usize>,
+    desired_expiry: Option<String>,
+    min_agent_proto: Option<u16>,
 }
 
 /// Serves until SIGTERM or Ctrl-C.
@@ -146,6 +157,27 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
     }
     if let Some(n) = args.max_connections.or(file.max_connections) {
         settings.max_connections = n.max(1);
+    }
+    if let Some(expiry) = args.desired_expiry.map(Into::into).or(file
+        .desired_expiry
+        .as_deref()
+        .map(humantime::parse_duration)
+        .transpose()?)
+    {
+        settings.desired_expiry = check_expiry(expiry, settings.report_interval)?;
+    }
+    if let Some(min) = args.min_agent_proto.or(file.min_agent_proto) {
+        settings.min_agent_proto = turnout_proto::ProtoVersion::new(min)
+            .filter(|v| turnout_proto::SUPPORTED.contains(*v))
+            .ok_or_else(|| {
+                crate::files::InputError::Invalid {
+                    path: args.config.clone().unwrap_or_else(|| "--min-agent-proto".into()),
+                    detail: format!(
+                        "min_agent_proto = {min}: expected a protocol version this build speaks ({})",
+                        turnout_proto::SUPPORTED
+                    ),
+                }
+            })?;
     }
     settings.metrics_public = args.metrics_public || file.metrics_public;
     let metrics_listen = args.metrics_listen.or(file.metrics_listen);
@@ -393,4 +425,24 @@ async fn shutdown() {
         _ = tokio::signal::ctrl_c() => {}
     }
     tracing::info!("shutting down");
+}
+
+/// A desired-state expiry must outlast several polls: agents poll at
+/// least once a report interval and every answer renews it, so a host must
+/// not go stale between two answers.
+fn check_expiry(expiry: Duration, interval: Duration) -> Result<Duration, files::InputError> {
+    let floor = interval * 3;
+    if expiry < floor {
+        return Err(files::InputError::Invalid {
+            path: "desired_expiry".into(),
+            detail: format!(
+                "{} is shorter than three report intervals ({} each): hosts would go stale between answers; \
+                 expected at least {}",
+                humantime::format_duration(expiry),
+                humantime::format_duration(interval),
+                humantime::format_duration(floor)
+            ),
+        });
+    }
+    Ok(expiry)
 }

@@ -45,7 +45,8 @@ fn a_host_enrolls_negotiates_and_reports() {
     let hosts: Vec<Value> = server.client(Some(&server.admin)).get("/v1/hosts").unwrap();
     assert_eq!(hosts[0]["id"], "web-01");
     assert_eq!(hosts[0]["state"], "online");
-    assert_eq!(hosts[0]["proto"], 1);
+    assert_eq!(hosts[0]["proto"], 2, "the highest version both speak");
+    assert_eq!(hosts[0]["legacy"], false);
 }
 
 #[test]

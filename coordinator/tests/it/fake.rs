@@ -175,6 +175,10 @@ pub(crate) struct FakeAgent {
     /// The index of the last desired state it acted on, sent in reports.
     pub(crate) converged: u64,
     seq: u64,
+    /// The coordinator's director keys, asked for once.
+    directors: std::sync::OnceLock<
+        std::collections::BTreeMap<turnout_proto::keys::KeyId, turnout_proto::keys::PublicKey>,
+    >,
 }
 
 impl FakeAgent {
@@ -192,6 +196,7 @@ impl FakeAgent {
             committed: None,
             converged: 0,
             seq: 0,
+            directors: std::sync::OnceLock::new(),
         }
     }
 
@@ -341,13 +346,31 @@ impl FakeAgent {
         }
     }
 
+    /// Reports as a v2 agent whose desired state went stale at `since`
+    /// (None: fresh), and why it refused the last one.
+    pub(crate) fn report_stale(&mut self, since: Option<u64>, refused: Option<&str>) -> Answer {
+        let service = self.idle();
+        self.send_report_with(service, since, refused.map(str::to_owned))
+    }
+
     fn send_report(&mut self, service: ServiceReport) -> Answer {
+        self.send_report_with(service, None, None)
+    }
+
+    fn send_report_with(
+        &mut self,
+        service: ServiceReport,
+        stale_since_ms: Option<u64>,
+        desired_refused: Option<String>,
+    ) -> Answer {
         self.seq += 1;
         let report = Report {
             host: self.host.clone(),
             seq: self.seq,
             desired_index: self.converged,
             services: vec![service],
+            stale_since_ms,
+            desired_refused,
         };
         self.signed(
             "POST",
@@ -363,9 +386,47 @@ impl FakeAgent {
             b"",
         );
         assert_eq!(answer.status, 200, "{}", answer.text());
-        turnout_proto::decode::<DesiredState>(&answer.body)
+        self.open_desired(&answer.body)
+    }
+
+    /// A desired-state answer as a v2 agent takes it: a signed document,
+    /// checked against the director key (asked for as an agent enrolled
+    /// before v2 would); a v1 answer as it is.
+    pub(crate) fn open_desired(&self, body: &[u8]) -> DesiredState {
+        let Ok(signed) = turnout_proto::decode::<turnout_proto::desired::SignedDesired>(body)
+        else {
+            return turnout_proto::decode::<DesiredState>(body).unwrap().body;
+        };
+        let directors = self.directors.get_or_init(|| self.directors());
+        let (state, _) = turnout_proto::desired::accept(
+            &signed.body,
+            directors,
+            &self.host,
+            now_ms(),
+            None,
+            &turnout_proto::Limits::default(),
+        )
+        .unwrap_or_else(|refusal| panic!("the coordinator's own desired state: {refusal}"));
+        state
+    }
+
+    /// The coordinator's director keys, as `GET /v1/agent/director` gives them.
+    pub(crate) fn directors(
+        &self,
+    ) -> std::collections::BTreeMap<turnout_proto::keys::KeyId, turnout_proto::keys::PublicKey>
+    {
+        let answer = self.signed("GET", "/v1/agent/director", b"");
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        let keys: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+        keys["keys"]
+            .as_array()
             .unwrap()
-            .body
+            .iter()
+            .map(|pem| {
+                let key = turnout_proto::keys::PublicKey::from_pem(pem.as_str().unwrap()).unwrap();
+                (key.id().clone(), key)
+            })
+            .collect()
     }
 
     /// Enrolls, says hello and reports the release it runs.

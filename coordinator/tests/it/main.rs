@@ -4,6 +4,7 @@ mod api;
 mod bundle_tools;
 mod fake;
 mod hardening;
+mod protocol;
 mod sigkill;
 mod tls;
 mod tokens;

@@ -186,6 +186,8 @@ impl Sim {
                 last_outcome: self.outcome.clone(),
                 last_error: reverting.map(|_| "simulated health check failure".into()),
             }],
+            stale_since_ms: None,
+            desired_refused: None,
         };
         encode(SUPPORTED.max(), &report)
     }
@@ -319,9 +321,14 @@ async fn run_host(
                 return Err(std::io::Error::other(format!("desired: {status}")));
             }
             shared.polls.fetch_add(1, Ordering::Relaxed);
-            let desired: DesiredState = turnout_proto::decode(&body)
+            // v2 (what the simulated agents agree to): a signed document.
+            // The simulator reads it without checking the signature: what
+            // it measures is the coordinator, which signs every answer.
+            let signed: turnout_proto::desired::SignedDesired = turnout_proto::decode(&body)
                 .map(|e| e.body)
                 .map_err(std::io::Error::other)?;
+            let desired: DesiredState =
+                serde_json::from_str(&signed.document).map_err(std::io::Error::other)?;
             index_seen = desired.index;
             let Some(wanted) = desired.services.first().map(|s| s.release.clone()) else {
                 return Ok(());

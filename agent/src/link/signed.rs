@@ -1,0 +1,198 @@
+//! Signed desired state on the agent (protocol v2): the coordinator's
+//! director keys this host accepts (`director.json`, from enrollment or
+//! asked once over the verified channel), the newest document it accepted
+//! (`desired.json`, so no restart can be talked into an older one), and the
+//! check every answer passes before the link acts on it
+//! ([`turnout_proto::desired::accept`]).
+
+use turnout_proto::desired::{Accepted, DesiredRefusal, SignedDesired, accept};
+use turnout_proto::keys::{KeyId, PublicKey};
+use turnout_proto::{Limits, ProtoRange, ProtoVersion, Reader};
+
+use super::*;
+
+const DIRECTOR_FILE: &str = "director.json";
+const ACCEPTED_FILE: &str = "desired.json";
+
+/// How far the kept expiry may lag behind the one in memory before it is
+/// written again: a restart then thinks the host stale at most this early.
+const EXPIRY_WRITE_LAG_MS: u64 = 60_000;
+
+/// `director.json`: the director keys (PEM) this host accepts.
+#[derive(Serialize, Deserialize, Default)]
+struct DirectorFile {
+    keys: Vec<String>,
+}
+
+/// The director keys kept in `state_dir` (none before protocol v2).
+pub(super) fn load_directors(state_dir: &Path) -> Result<BTreeMap<KeyId, PublicKey>, LinkError> {
+    let path = state_dir.join(DIRECTOR_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(source) => {
+            return Err(LinkError::Io {
+                what: format!("reading {}", path.display()),
+                source,
+            });
+        }
+    };
+    let invalid = |detail: String| LinkError::Io {
+        what: format!(
+            "reading {} (the coordinator's director keys; enroll the host again to renew it)",
+            path.display()
+        ),
+        source: std::io::Error::other(detail),
+    };
+    let file: DirectorFile =
+        serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+    file.keys
+        .iter()
+        .map(|pem| {
+            PublicKey::from_pem(pem)
+                .map(|key| (key.id().clone(), key))
+                .map_err(|e| invalid(e.to_string()))
+        })
+        .collect()
+}
+
+/// Keeps `keys` as the director keys this host accepts (none: removes the file).
+pub(super) fn save_directors(state_dir: &Path, keys: &[PublicKey]) -> std::io::Result<()> {
+    let path = state_dir.join(DIRECTOR_FILE);
+    if keys.is_empty() {
+        return match std::fs::remove_file(&path) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
+            _ => Ok(()),
+        };
+    }
+    let file = DirectorFile {
+        keys: keys.iter().map(PublicKey::to_pem).collect(),
+    };
+    turnout_rt::files::write_atomic(
+        &path,
+        &serde_json::to_vec_pretty(&file).expect("serialises"),
+        0o644,
+    )
+}
+
+/// The newest desired state this host accepted, if any (an unreadable
+/// file is no record: the coordinator's next answer makes a new one, and
+/// a replay still needs the director's signature on a fresh document).
+pub(super) fn load_accepted(state_dir: &Path) -> Option<Accepted> {
+    let bytes = std::fs::read(state_dir.join(ACCEPTED_FILE)).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(accepted) => Some(accepted),
+        Err(err) => {
+            tracing::warn!("{ACCEPTED_FILE} does not read ({err}); starting a new record");
+            None
+        }
+    }
+}
+
+/// A body that was not the signed desired state the agreed version calls for.
+fn undecodable(err: turnout_proto::DecodeError) -> DesiredRefusal {
+    DesiredRefusal::Malformed(err.to_string())
+}
+
+impl Link {
+    /// Checks a v2 desired-state answer and keeps what it proves; the
+    /// refusal says why it is not acted on.
+    pub(super) fn open_signed(&self, body: &[u8]) -> Result<DesiredState, DesiredRefusal> {
+        let reader = Reader {
+            limits: Limits::default(),
+            accept: ProtoRange::new(ProtoVersion::V2, ProtoVersion::V2).expect("v2..=v2"),
+        };
+        let signed: SignedDesired = reader.decode(body).map_err(undecodable)?.body;
+        let directors = self.directors.lock().expect("not poisoned").clone();
+        let last = self.accepted.lock().expect("not poisoned").clone();
+        let (state, keep) = accept(
+            &signed,
+            &directors,
+            &self.identity.host,
+            now_ms(),
+            last.as_ref(),
+            &Limits::default(),
+        )?;
+        let write = last.as_ref().is_none_or(|last| {
+            last.director != keep.director
+                || last.index != keep.index
+                || keep.expires_ms > last.expires_ms + EXPIRY_WRITE_LAG_MS
+        });
+        if write {
+            // Kept before acting on it: after a crash, the host still
+            // refuses anything older.
+            let path = self.agent.config().state_dir.join(ACCEPTED_FILE);
+            if let Err(err) = turnout_rt::files::write_atomic(
+                &path,
+                &serde_json::to_vec(&keep).expect("serialises"),
+                0o644,
+            ) {
+                // Not acted on: without the record, a restart could be
+                // talked into an older document.
+                return Err(DesiredRefusal::Malformed(format!(
+                    "cannot keep the accepted index in {}: {err}",
+                    path.display()
+                )));
+            }
+        }
+        *self.accepted.lock().expect("not poisoned") = Some(keep);
+        Ok(state)
+    }
+
+    /// Makes sure this host knows its coordinator's director key before it
+    /// takes v2 desired state: a host enrolled before protocol v2 asks for
+    /// it once, over the connection it already verified against its CA.
+    pub(super) async fn ensure_director(&self) -> Result<(), LinkError> {
+        if !self.directors.lock().expect("not poisoned").is_empty() {
+            return Ok(());
+        }
+        let (status, body) = self
+            .call("GET", "/v1/agent/director".into(), Vec::new())
+            .await?;
+        #[derive(Deserialize)]
+        struct Answer {
+            keys: Vec<String>,
+        }
+        let keys: Vec<PublicKey> = (status == 200)
+            .then(|| serde_json::from_slice::<Answer>(&body).ok())
+            .flatten()
+            .map(|a| a.keys.iter().filter_map(|pem| PublicKey::from_pem(pem).ok()).collect())
+            .unwrap_or_default();
+        if keys.is_empty() {
+            return Err(LinkError::Refused {
+                what: "the director key request".into(),
+                status,
+                message: format!(
+                    "no director key in the answer ({}); desired state cannot be verified",
+                    error_message(&body)
+                ),
+            });
+        }
+        save_directors(&self.agent.config().state_dir, &keys).map_err(|source| {
+            LinkError::Io {
+                what: format!("writing {DIRECTOR_FILE}"),
+                source,
+            }
+        })?;
+        let ids: Vec<String> = keys.iter().map(|k| k.id().to_string()).collect();
+        tracing::info!(
+            "learned the coordinator's director key {}: desired state must be signed by it",
+            ids.join(", ")
+        );
+        *self.directors.lock().expect("not poisoned") =
+            keys.into_iter().map(|k| (k.id().clone(), k)).collect();
+        Ok(())
+    }
+
+    /// Since when this host has had no valid desired state, if so.
+    pub(super) fn stale_since(&self) -> Option<u64> {
+        if *self.version.lock().expect("not poisoned") < ProtoVersion::V2 {
+            return None;
+        }
+        self.accepted
+            .lock()
+            .expect("not poisoned")
+            .as_ref()
+            .and_then(|a| a.stale_since(now_ms()))
+    }
+}
