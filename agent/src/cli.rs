@@ -266,7 +266,10 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
                     "coordinator: {} {}{}{}",
                     link.coordinator.as_deref().unwrap_or("-"),
                     link.state,
-                    link.proto.map(|v| format!(" (protocol v{v})")).unwrap_or_default(),
+                    link.proto
+                        .filter(|_| link.state == "connected")
+                        .map(|v| format!(", protocol v{v}"))
+                        .unwrap_or_default(),
                     link.detail
                         .as_ref()
                         .map(|d| format!(": {d}"))
@@ -513,7 +516,11 @@ fn desired_line(link: &crate::link::LinkStatus, now_ms: u64) -> Option<String> {
         ),
         None => String::new(),
     };
-    if let Some(refused) = link.desired_refused.as_ref().filter(|_| link.state != "refusing") {
+    if let Some(refused) = link
+        .desired_refused
+        .as_ref()
+        .filter(|_| link.state != "refusing")
+    {
         if !line.is_empty() {
             line.push('\n');
         }

@@ -16,11 +16,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
+use turnout_proto::keys::SecretKey;
 use turnout_proto::messages::{
     DesiredService, DesiredState, ErrorCode, OutcomeKind, ReleaseRef, ServiceReport, ServiceState,
 };
 use turnout_proto::trust::Trust;
-use turnout_proto::keys::SecretKey;
 use turnout_proto::{HostId, ProtoVersion, ServiceName};
 
 use crate::broker::{Agreed, Broker};

@@ -40,9 +40,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use turnout_proto::messages::{ErrorBody, ErrorCode, Hello, Incompatible, Report, Welcome};
 use turnout_proto::request_auth::HostAuth;
-use turnout_proto::{
-    Envelope, HostId, Limits, ProtoVersion, Reader, SUPPORTED, encode, negotiate,
-};
+use turnout_proto::{Envelope, HostId, Limits, ProtoVersion, Reader, SUPPORTED, encode, negotiate};
 
 use crate::coordinator::{ApiError, Coordinator};
 use crate::engine::Input;

@@ -619,7 +619,9 @@ impl Store {
             .map_err(self.err())?;
         Ok(row.and_then(|(proto, caps)| {
             let version = ProtoVersion::new(proto?)?;
-            let caps = caps.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+            let caps = caps
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
             Some((version, caps))
         }))
     }

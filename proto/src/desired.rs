@@ -178,10 +178,8 @@ pub enum DesiredRefusal {
 
 /// `ms` since the epoch as an RFC 3339 time, e.g. `2026-12-02T10:00:00Z`.
 pub fn utc(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
-    )
-    .to_string()
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
 }
 
 fn known_text(known: &[KeyId]) -> String {
@@ -352,7 +350,10 @@ mod tests {
         let old = SignedDesired::sign(&state(4, "1.0.0", 500), &director());
         assert!(matches!(
             check(&old, 2_000, Some(&kept)),
-            Err(DesiredRefusal::Replayed { found: 4, newest: 5 })
+            Err(DesiredRefusal::Replayed {
+                found: 4,
+                newest: 5
+            })
         ));
         // Same index, other content.
         let mixed = SignedDesired::sign(&state(5, "1.0.0", 1_500), &director());
@@ -363,17 +364,32 @@ mod tests {
         // Another host's document.
         let mut other = state(6, "2.0.0", 1_500);
         other.host = "web-02".parse().unwrap();
-        let err = check(&SignedDesired::sign(&other, &director()), 2_000, Some(&kept)).unwrap_err();
+        let err = check(
+            &SignedDesired::sign(&other, &director()),
+            2_000,
+            Some(&kept),
+        )
+        .unwrap_err();
         assert!(matches!(err, DesiredRefusal::OtherHost { .. }), "{err}");
-        assert!(err.to_string().contains("for host web-02, but this is host web-01"));
+        assert!(
+            err.to_string()
+                .contains("for host web-02, but this is host web-01")
+        );
         // Expired.
         let late = SignedDesired::sign(&state(6, "2.0.0", 1_000), &director());
         let err = check(&late, 3_601_000, Some(&kept)).unwrap_err();
-        assert!(matches!(err, DesiredRefusal::Expired { index: 6, .. }), "{err}");
+        assert!(
+            matches!(err, DesiredRefusal::Expired { index: 6, .. }),
+            "{err}"
+        );
         // Unknown key.
         let stranger = SecretKey::from_seed([8; 32]);
-        let err = check(&SignedDesired::sign(&state(6, "2.0.0", 1_500), &stranger), 2_000, Some(&kept))
-            .unwrap_err();
+        let err = check(
+            &SignedDesired::sign(&state(6, "2.0.0", 1_500), &stranger),
+            2_000,
+            Some(&kept),
+        )
+        .unwrap_err();
         assert!(matches!(err, DesiredRefusal::UnknownKey { .. }), "{err}");
         assert!(err.to_string().contains(director().public().id().as_str()));
         // A changed byte.
@@ -407,7 +423,10 @@ mod tests {
         let (_, kept) = check(&newer, 10_000, Some(&kept)).unwrap();
         assert_eq!(kept.expires_ms, 3_609_000);
         let (_, kept) = check(&first, 10_000, Some(&kept)).unwrap();
-        assert_eq!(kept.expires_ms, 3_609_000, "an older copy shortened the expiry");
+        assert_eq!(
+            kept.expires_ms, 3_609_000,
+            "an older copy shortened the expiry"
+        );
     }
 
     #[test]

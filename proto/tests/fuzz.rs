@@ -30,6 +30,9 @@ const FIXTURES: &[&str] = &[
     include_str!("fixtures/v1/report.json"),
     include_str!("fixtures/v1/report.future.json"),
     include_str!("fixtures/v1/welcome.json"),
+    include_str!("fixtures/v2/report.json"),
+    include_str!("fixtures/v2/signed_desired_state.json"),
+    include_str!("fixtures/v2/welcome.json"),
 ];
 
 /// Every wire decoder over `bytes`; none may panic.
@@ -42,6 +45,20 @@ fn decode_all(bytes: &[u8]) {
     let _ = reader.decode::<Report>(bytes);
     let _ = reader.decode::<ErrorBody>(bytes);
     let _ = ErrorBody::message_of(bytes);
+    // The signed desired state: decoded, then checked as an agent does
+    // (signature, document, host, expiry, index) with the fixture's key.
+    if let Ok(signed) = reader.decode::<turnout_proto::desired::SignedDesired>(bytes) {
+        let director = turnout_proto::keys::SecretKey::from_seed([7; 32]).public();
+        let keys = [(director.id().clone(), director)].into();
+        let _ = turnout_proto::desired::accept(
+            &signed.body,
+            &keys,
+            &"web-01.eu-1".parse().unwrap(),
+            1_795_312_900_000,
+            None,
+            &Limits::default(),
+        );
+    }
 }
 
 /// A mutation of `input`: flipped, inserted, deleted and duplicated bytes.
@@ -123,6 +140,36 @@ proptest! {
     #[test]
     fn wire_decoders_survive_json_shaped_noise(value in json_value()) {
         decode_all(value.to_string().as_bytes());
+    }
+
+    /// A document the director really signed, mangled before signing: the
+    /// checks after the signature (parse, limits, host, dates, index) meet
+    /// whatever a compromised coordinator could sign.
+    #[test]
+    fn signed_desired_documents_survive_anything_the_director_signs(
+        document in prop_oneof![
+            mutated(include_str!("fixtures/v1/desired_state.json").as_bytes()),
+            json_value().prop_map(|v| v.to_string().into_bytes()),
+        ],
+    ) {
+        let key = turnout_proto::keys::SecretKey::from_seed([7; 32]);
+        let document = String::from_utf8_lossy(&document).into_owned();
+        let signed = turnout_proto::desired::SignedDesired {
+            signature: turnout_proto::signature::SignatureEntry {
+                key_id: key.public().id().clone(),
+                sig: key.sign(document.as_bytes()),
+            },
+            document,
+        };
+        let keys = [(key.public().id().clone(), key.public())].into();
+        let _ = turnout_proto::desired::accept(
+            &signed,
+            &keys,
+            &"web-01.eu-1".parse().unwrap(),
+            1_795_312_900_000,
+            None,
+            &Limits::default(),
+        );
     }
 
     #[test]

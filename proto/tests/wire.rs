@@ -53,6 +53,7 @@ fn decode_fixture(name: &str) -> Result<(), DecodeError> {
         "welcome" => decode::<Welcome>(&bytes).map(drop),
         "incompatible" => decode::<Incompatible>(&bytes).map(drop),
         "desired_state" => decode::<DesiredState>(&bytes).map(drop),
+        "signed_desired_state" => decode::<turnout_proto::desired::SignedDesired>(&bytes).map(drop),
         "report" => decode::<Report>(&bytes).map(drop),
         "error" => decode::<ErrorBody>(&bytes).map(drop),
         other => panic!(
@@ -590,4 +591,89 @@ proptest! {
         bytes.truncate(cut.index(bytes.len() + 1).max(i));
         let _ = decode::<Report>(&bytes);
     }
+}
+
+// ---- protocol v2 ----
+
+/// The key the v2 signed fixture was signed with (seed 7s).
+fn fixture_director() -> turnout_proto::keys::SecretKey {
+    turnout_proto::keys::SecretKey::from_seed([7; 32])
+}
+
+#[test]
+fn the_v2_signed_desired_state_fixture_verifies_and_holds_the_v1_document() {
+    use turnout_proto::desired::{DesiredRefusal, SignedDesired, accept};
+    let signed = decode::<SignedDesired>(&fixture("v2/signed_desired_state.json")).unwrap();
+    assert_eq!(signed.proto, turnout_proto::ProtoVersion::V2);
+    let director = fixture_director().public();
+    let keys = [(director.id().clone(), director)].into();
+    let host = "web-01.eu-1".parse().unwrap();
+    let (doc, kept) = accept(
+        &signed.body,
+        &keys,
+        &host,
+        1_795_312_900_000,
+        None,
+        &turnout_proto::Limits::default(),
+    )
+    .unwrap();
+    let v1 = decode::<DesiredState>(&fixture("v1/desired_state.json"))
+        .unwrap()
+        .body;
+    assert_eq!(doc.services, v1.services, "the same desired state, signed");
+    assert_eq!(kept.index, 42);
+    // An hour after issue it has expired: a fixture replayed today is refused.
+    let late = accept(
+        &signed.body,
+        &keys,
+        &host,
+        1_795_316_400_000,
+        None,
+        &Default::default(),
+    );
+    assert!(
+        matches!(late, Err(DesiredRefusal::Expired { .. })),
+        "{late:?}"
+    );
+}
+
+#[test]
+fn a_v2_report_carries_staleness_and_a_v1_reader_would_ignore_it() {
+    let report = decode::<Report>(&fixture("v2/report.json")).unwrap();
+    assert_eq!(report.proto, turnout_proto::ProtoVersion::V2);
+    assert_eq!(report.body.stale_since_ms, Some(1_795_316_000_000));
+    assert!(
+        report
+            .body
+            .desired_refused
+            .as_deref()
+            .unwrap()
+            .contains("expired")
+    );
+    // v1 documents keep their exact bytes: the new fields are never written empty.
+    let v1 = decode::<Report>(&fixture("v1/report.json")).unwrap();
+    let again = String::from_utf8(encode(v1.proto, &v1.body)).unwrap();
+    assert!(
+        !again.contains("stale_since_ms") && !again.contains("desired_refused"),
+        "{again}"
+    );
+}
+
+#[test]
+fn a_v1_only_reader_refuses_v2_bodies_by_version() {
+    let v1_only = turnout_proto::Reader {
+        limits: turnout_proto::Limits::default(),
+        accept: ProtoRange::new(
+            turnout_proto::ProtoVersion::V1,
+            turnout_proto::ProtoVersion::V1,
+        )
+        .unwrap(),
+    };
+    let err = v1_only
+        .decode::<Report>(&fixture("v2/report.json"))
+        .unwrap_err();
+    assert!(
+        matches!(err, DecodeError::UnsupportedVersion { .. }),
+        "{err}"
+    );
 }

@@ -15,10 +15,10 @@ cd "$(dirname "$0")/../.."
 version=${1:?usage: tests/compat/build.sh VERSION (a version in compat/releases.toml)}
 commit=$(awk -v want="$version" '
     /^\[\[release\]\]/ { v = ""; c = "" }
-    /^version *=/ { gsub(/[" ]/, "", $3); v = $3 }
-    /^commit *=/  { gsub(/[" ]/, "", $3); c = $3 }
+    /^version *=/ { v = $0; sub(/^version *= *"/, "", v); sub(/".*/, "", v) }
+    /^commit *=/  { c = $0; sub(/^commit *= *"/, "", c); sub(/".*/, "", c) }
     v == want && c != "" { print c; exit }
-' FS='[ =]+' compat/releases.toml)
+' compat/releases.toml)
 if [ -z "$commit" ]; then
     echo "release $version is not in compat/releases.toml; recorded: $(grep -o '^version = "[^"]*"' compat/releases.toml | cut -d'"' -f2 | tr '\n' ' ')" >&2
     exit 2

@@ -4,6 +4,7 @@
 //! proxy that can cut one host off or stall its answers ([`proxy`]).
 //! Everything listens on 127.0.0.1 only, over TLS as in production.
 
+pub mod hostile;
 pub mod http;
 pub mod proxy;
 
@@ -57,6 +58,80 @@ pub struct Host {
 }
 
 impl Host {
+    /// A host `id` living in `home`, trusting releases by the trust file at
+    /// `trust`, managing service `web` (exec, the demo service on a free
+    /// port) with a bake of `min_healthy`. Not enrolled, not started.
+    pub fn new(id: &str, home: &Path, trust: &Path, min_healthy: &str) -> Host {
+        std::fs::create_dir_all(home).unwrap();
+        let port = free_port();
+        let config = home.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = \"{}\"\ntrust = \"{}\"\nlabels = {{ role = \"web\" }}\n[[service]]\nname = \"web\"\nsupervisor = \"exec\"\nexec = [\"bin/web\", \"--port\", \"{port}\"]\nstop_timeout = \"2s\"\n[service.bake]\nmin_healthy = \"{min_healthy}\"\ndeadline = \"15s\"\n[[service.check]]\nkind = \"http\"\nurl = \"http://127.0.0.1:{port}/healthz\"\ninterval = \"100ms\"\nfailure = 3\nstart_period = \"5s\"\n",
+                home.join("state").display(),
+                trust.display(),
+            ),
+        )
+        .unwrap();
+        Host {
+            id: id.to_owned(),
+            port,
+            config,
+            env: Vec::new(),
+            child: None,
+            proxy: None,
+        }
+    }
+
+    /// `turnout agent enroll` with `token` at `url` (`--ca-pin pin` when
+    /// given); panics when it fails.
+    pub fn enroll(&self, url: &str, token: &str, pin: Option<&str>) {
+        let mut command = Command::new(turnout_bin());
+        command
+            .args([
+                "agent",
+                "enroll",
+                "--coordinator",
+                url,
+                "--token",
+                token,
+                "--host",
+                &self.id,
+            ])
+            .env("TURNOUT_AGENT_CONFIG", &self.config);
+        if let Some(pin) = pin {
+            command.args(["--ca-pin", pin]);
+        }
+        let enrolled = command.output().unwrap();
+        assert!(
+            enrolled.status.success(),
+            "{}",
+            String::from_utf8_lossy(&enrolled.stderr)
+        );
+    }
+
+    /// The pid of its service's main process now, if it runs.
+    pub fn service_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(
+            self.config
+                .with_file_name("state")
+                .join("services/web/exec.pid"),
+        )
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+    }
+
+    /// `turnout agent status` as text.
+    pub fn status_text(&self) -> String {
+        let out = Command::new(turnout_bin())
+            .args(["agent", "status"])
+            .env("TURNOUT_AGENT_CONFIG", &self.config)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// The version its service answers with now.
     pub fn served(&self) -> Option<String> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
@@ -117,7 +192,8 @@ impl Host {
         std::fs::read_to_string(self.config.with_file_name("agent.log")).unwrap_or_default()
     }
 
-    fn stop(&mut self) {
+    /// Stops its agent (SIGTERM) and kills its service's process group.
+    pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             signal(&child, nix::sys::signal::Signal::SIGTERM);
             let _ = child.wait();
@@ -221,20 +297,12 @@ impl Fleet {
             .unwrap();
         for i in 0..options.hosts {
             let id = format!("host-{i:02}");
-            let home = fleet.dir.path().join(&id);
-            std::fs::create_dir_all(&home).unwrap();
-            let service_port = free_port();
-            let config = home.join("agent.toml");
-            std::fs::write(
-                &config,
-                format!(
-                    "state_dir = \"{}\"\ntrust = \"{}\"\nlabels = {{ role = \"web\" }}\n[[service]]\nname = \"web\"\nsupervisor = \"exec\"\nexec = [\"bin/web\", \"--port\", \"{service_port}\"]\nstop_timeout = \"2s\"\n[service.bake]\nmin_healthy = \"{}\"\ndeadline = \"15s\"\n[[service.check]]\nkind = \"http\"\nurl = \"http://127.0.0.1:{service_port}/healthz\"\ninterval = \"100ms\"\nfailure = 3\nstart_period = \"5s\"\n",
-                    home.join("state").display(),
-                    fleet.dir.path().join("trust.json").display(),
-                    options.min_healthy
-                ),
-            )
-            .unwrap();
+            let mut host = Host::new(
+                &id,
+                &fleet.dir.path().join(&id),
+                &fleet.dir.path().join("trust.json"),
+                options.min_healthy,
+            );
             let proxy = options.proxied.contains(&i).then(|| {
                 Proxy::start(
                     port,
@@ -244,35 +312,9 @@ impl Fleet {
             let via = proxy.as_ref().map_or(fleet.url.clone(), |p| {
                 format!("https://127.0.0.1:{}", p.port)
             });
-            let enrolled = Command::new(turnout_bin())
-                .args([
-                    "agent",
-                    "enroll",
-                    "--coordinator",
-                    &via,
-                    "--token",
-                    token["token"].as_str().unwrap(),
-                    "--host",
-                    &id,
-                    "--ca-pin",
-                    &fleet.pin,
-                ])
-                .env("TURNOUT_AGENT_CONFIG", &config)
-                .output()
-                .unwrap();
-            assert!(
-                enrolled.status.success(),
-                "{}",
-                String::from_utf8_lossy(&enrolled.stderr)
-            );
-            let mut host = Host {
-                id,
-                port: service_port,
-                config,
-                env: (options.env)(i),
-                child: None,
-                proxy,
-            };
+            host.enroll(&via, token["token"].as_str().unwrap(), Some(&fleet.pin));
+            host.env = (options.env)(i);
+            host.proxy = proxy;
             host.start(&[]);
             fleet.hosts.push(host);
         }
@@ -351,24 +393,7 @@ impl Fleet {
 
     /// A one-script demo release of `web` signed by `key`.
     pub fn bundle(&self, version: &str, mode: &str, key: &SecretKey) -> PathBuf {
-        let script = format!("#!/bin/sh\nexec \"{}\" demo-service --behaviour \"$(dirname \"$0\")/../behaviour.toml\" \"$@\"\n", turnout_bin().display()).into_bytes();
-        let behaviour = format!("version = \"{version}\"\nmode = \"{mode}\"\n").into_bytes();
-        let path = self
-            .dir
-            .path()
-            .join(format!("web-{version}-{mode}-{}.tnt", key.public().id()));
-        turnout_testkit::write_bundle(
-            &path,
-            "web",
-            version,
-            "bin/web",
-            &[
-                ("behaviour.toml", 0o644, behaviour),
-                ("bin/web", 0o755, script),
-            ],
-            &[key],
-        );
-        path
+        demo_bundle(self.dir.path(), version, mode, key)
     }
 
     /// Pushes a bundle through the API.
@@ -447,4 +472,24 @@ impl Drop for Fleet {
         }
         self.kill_coordinator();
     }
+}
+
+/// A one-script demo release of `web` (the demo service in `mode`:
+/// healthy or unhealthy) signed by `key`, written in `dir`.
+pub fn demo_bundle(dir: &Path, version: &str, mode: &str, key: &SecretKey) -> PathBuf {
+    let script = format!("#!/bin/sh\nexec \"{}\" demo-service --behaviour \"$(dirname \"$0\")/../behaviour.toml\" \"$@\"\n", turnout_bin().display()).into_bytes();
+    let behaviour = format!("version = \"{version}\"\nmode = \"{mode}\"\n").into_bytes();
+    let path = dir.join(format!("web-{version}-{mode}-{}.tnt", key.public().id()));
+    turnout_testkit::write_bundle(
+        &path,
+        "web",
+        version,
+        "bin/web",
+        &[
+            ("behaviour.toml", 0o644, behaviour),
+            ("bin/web", 0o755, script),
+        ],
+        &[key],
+    );
+    path
 }

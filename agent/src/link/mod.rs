@@ -138,6 +138,8 @@ pub struct Link {
     accepted: Mutex<Option<turnout_proto::desired::Accepted>>,
     /// Why the last desired state was refused, for reports and status.
     desired_refused: Mutex<Option<String>>,
+    /// The report interval the coordinator asked for in its welcome.
+    interval: Mutex<Duration>,
 }
 
 /// How often a link, or an agent not enrolled, looks for a new enrollment.
@@ -259,6 +261,7 @@ impl Link {
             directors: Mutex::new(directors),
             accepted: Mutex::new(accepted),
             desired_refused: Mutex::new(None),
+            interval: Mutex::new(Duration::from_secs(10)),
         }
     }
 
@@ -427,8 +430,16 @@ impl Link {
                     tracing::warn!("{other}; services keep running, retrying");
                 }
             }
-            failures = failures.saturating_add(1);
-            if self.pause_unless_reenrolled(backoff(failures)).await {
+            // A refused desired state comes from a coordinator that answers:
+            // asked again each report interval, not backed off, so the
+            // host takes the next good one as soon as it is there.
+            let pause = if let LinkError::DesiredRefused(_) = err {
+                *self.interval.lock().expect("not poisoned")
+            } else {
+                failures = failures.saturating_add(1);
+                backoff(failures)
+            };
+            if self.pause_unless_reenrolled(pause).await {
                 return;
             }
         }
@@ -473,12 +484,11 @@ impl Link {
             )
             .await?;
         match status {
-            200 => turnout_proto::decode::<Welcome>(&body)
-                .map_err(|e| LinkError::Refused {
-                    what: "the hello".into(),
-                    status,
-                    message: e.to_string(),
-                }),
+            200 => turnout_proto::decode::<Welcome>(&body).map_err(|e| LinkError::Refused {
+                what: "the hello".into(),
+                status,
+                message: e.to_string(),
+            }),
             409 => {
                 let refusal = turnout_proto::decode::<Incompatible>(&body).map_err(|e| {
                     LinkError::Refused {
@@ -501,6 +511,7 @@ impl Link {
     /// again (`Ok`).
     async fn session(&self, welcome: &Welcome) -> Result<(), LinkError> {
         let interval = Duration::from_millis(welcome.report_interval_ms.max(100));
+        *self.interval.lock().expect("not poisoned") = interval;
         let long_poll = welcome.capabilities.contains(&Capability::LongPoll);
         // The index of the last desired state acted on in full: sent as the
         // next poll's `index` and in reports, both of which tell the

@@ -44,8 +44,7 @@ pub(super) fn load_directors(state_dir: &Path) -> Result<BTreeMap<KeyId, PublicK
         ),
         source: std::io::Error::other(detail),
     };
-    let file: DirectorFile =
-        serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+    let file: DirectorFile = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
     file.keys
         .iter()
         .map(|pem| {
@@ -156,7 +155,12 @@ impl Link {
         let keys: Vec<PublicKey> = (status == 200)
             .then(|| serde_json::from_slice::<Answer>(&body).ok())
             .flatten()
-            .map(|a| a.keys.iter().filter_map(|pem| PublicKey::from_pem(pem).ok()).collect())
+            .map(|a| {
+                a.keys
+                    .iter()
+                    .filter_map(|pem| PublicKey::from_pem(pem).ok())
+                    .collect()
+            })
             .unwrap_or_default();
         if keys.is_empty() {
             return Err(LinkError::Refused {
@@ -168,11 +172,9 @@ impl Link {
                 ),
             });
         }
-        save_directors(&self.agent.config().state_dir, &keys).map_err(|source| {
-            LinkError::Io {
-                what: format!("writing {DIRECTOR_FILE}"),
-                source,
-            }
+        save_directors(&self.agent.config().state_dir, &keys).map_err(|source| LinkError::Io {
+            what: format!("writing {DIRECTOR_FILE}"),
+            source,
         })?;
         let ids: Vec<String> = keys.iter().map(|k| k.id().to_string()).collect();
         tracing::info!(

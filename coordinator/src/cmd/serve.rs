@@ -169,14 +169,15 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
     if let Some(min) = args.min_agent_proto.or(file.min_agent_proto) {
         settings.min_agent_proto = turnout_proto::ProtoVersion::new(min)
             .filter(|v| turnout_proto::SUPPORTED.contains(*v))
-            .ok_or_else(|| {
-                crate::files::InputError::Invalid {
-                    path: args.config.clone().unwrap_or_else(|| "--min-agent-proto".into()),
-                    detail: format!(
-                        "min_agent_proto = {min}: expected a protocol version this build speaks ({})",
-                        turnout_proto::SUPPORTED
-                    ),
-                }
+            .ok_or_else(|| crate::files::InputError::Invalid {
+                path: args
+                    .config
+                    .clone()
+                    .unwrap_or_else(|| "--min-agent-proto".into()),
+                detail: format!(
+                    "min_agent_proto = {min}: expected a protocol version this build speaks ({})",
+                    turnout_proto::SUPPORTED
+                ),
             })?;
     }
     settings.metrics_public = args.metrics_public || file.metrics_public;

@@ -35,7 +35,9 @@ fn each_host_is_written_the_version_it_agreed_and_v2_desired_state_is_signed_and
     assert_eq!(enrolled.status, 200);
     let enrolled: Value = serde_json::from_slice(&enrolled.body).unwrap();
     let director = turnout_proto::keys::PublicKey::from_pem(
-        enrolled["director_key"].as_str().expect("the enrollment carries the director key"),
+        enrolled["director_key"]
+            .as_str()
+            .expect("the enrollment carries the director key"),
     )
     .unwrap();
     let mut new = FakeAgent::new(&server.url, "new-01", 2);
@@ -53,11 +55,14 @@ fn each_host_is_written_the_version_it_agreed_and_v2_desired_state_is_signed_and
         assert_eq!(agent.report(None).status, 204);
     }
 
-    let id = {
+    {
         let spec = serde_json::json!({"spec": {"service": "web", "release": format!("web@{}", release.version), "waves": ["100%"], "max_parallel": 2}});
-        let rollout: Value = server.client(Some(&server.admin)).post("/v1/rollouts", &spec).unwrap();
-        rollout["id"].as_str().unwrap().to_owned()
-    };
+        let rollout: Value = server
+            .client(Some(&server.admin))
+            .post("/v1/rollouts", &spec)
+            .unwrap();
+        assert!(rollout["id"].is_string(), "{rollout}");
+    }
     crate::fake::wait_for("both hosts to be told", Duration::from_secs(20), || {
         old.desired(0, "0s").services.len() == 1 && new.desired(0, "0s").services.len() == 1
     });
@@ -65,24 +70,36 @@ fn each_host_is_written_the_version_it_agreed_and_v2_desired_state_is_signed_and
     let plain = old.signed("GET", "/v1/agent/desired?index=0", b"");
     let envelope = turnout_proto::decode::<DesiredState>(&plain.body).unwrap();
     assert_eq!(envelope.proto, ProtoVersion::V1);
-    assert_eq!(envelope.body.expires_ms, None, "v1 documents stay as 0.1.0 reads them");
+    assert_eq!(
+        envelope.body.expires_ms, None,
+        "v1 documents stay as 0.1.0 reads them"
+    );
     assert!(!plain.text().contains("signature"));
 
     let signed = new.signed("GET", "/v1/agent/desired?index=0", b"");
     let envelope = turnout_proto::decode::<SignedDesired>(&signed.body).unwrap();
     assert_eq!(envelope.proto, ProtoVersion::V2);
     assert_eq!(&envelope.body.signature.key_id, director.id());
-    assert!(director.verifies(envelope.body.document.as_bytes(), &envelope.body.signature.sig));
+    assert!(director.verifies(
+        envelope.body.document.as_bytes(),
+        &envelope.body.signature.sig
+    ));
     let document: DesiredState = serde_json::from_str(&envelope.body.document).unwrap();
     assert_eq!(document.host.as_str(), "new-01");
     assert_eq!(document.services[0].release, release);
     let (issued, expires) = (document.issued_at_ms.unwrap(), document.expires_ms.unwrap());
-    assert!(issued <= now_ms() && issued + 10_000 > now_ms(), "issued now");
+    assert!(
+        issued <= now_ms() && issued + 10_000 > now_ms(),
+        "issued now"
+    );
     assert_eq!(expires - issued, 600_000, "desired_expiry");
     // Every answer is issued afresh: a frozen coordinator cannot keep one alive.
     let again = new.signed("GET", "/v1/agent/desired?index=0", b"");
     let later: DesiredState = serde_json::from_str(
-        &turnout_proto::decode::<SignedDesired>(&again.body).unwrap().body.document,
+        &turnout_proto::decode::<SignedDesired>(&again.body)
+            .unwrap()
+            .body
+            .document,
     )
     .unwrap();
     assert!(later.issued_at_ms.unwrap() >= issued);
@@ -94,7 +111,6 @@ fn each_host_is_written_the_version_it_agreed_and_v2_desired_state_is_signed_and
     assert_eq!(by_id("old-01")["legacy"], true);
     assert_eq!(by_id("new-01")["proto"], 2);
     assert_eq!(by_id("new-01")["legacy"], false);
-    let _ = id;
 }
 
 #[test]
@@ -111,17 +127,27 @@ fn min_agent_proto_2_refuses_v1_agents_naming_both_ranges_and_lists_them() {
 
     let refused = old.hello_with(v1(), &[]);
     assert_eq!(refused.status, 409, "{}", refused.text());
-    let why = turnout_proto::decode::<Incompatible>(&refused.body).unwrap().body;
+    let why = turnout_proto::decode::<Incompatible>(&refused.body)
+        .unwrap()
+        .body;
     let text = why.to_string();
     assert!(text.contains("the agent speaks v1"), "{text}");
     assert!(text.contains("speaks v2"), "{text}");
-    assert!(text.contains("upgrade this agent to a release that speaks v2"), "{text}");
+    assert!(
+        text.contains("upgrade this agent to a release that speaks v2"),
+        "{text}"
+    );
     assert_eq!(new.hello().status, 200);
 
     let hosts: Vec<Value> = server.client(Some(&server.admin)).get("/v1/hosts").unwrap();
     let old_row = hosts.iter().find(|h| h["id"] == "old-01").unwrap();
     assert_eq!(old_row["state"], "incompatible");
-    assert!(old_row["incompatible"].as_str().unwrap().contains("the agent speaks v1"));
+    assert!(
+        old_row["incompatible"]
+            .as_str()
+            .unwrap()
+            .contains("the agent speaks v1")
+    );
     let new_row = hosts.iter().find(|h| h["id"] == "new-01").unwrap();
     assert_eq!(new_row["proto"], 2);
     assert_ne!(new_row["state"], "incompatible");
@@ -134,15 +160,31 @@ fn hosts_that_report_a_stale_or_refused_desired_state_are_listed_and_counted() {
     let mut agent = FakeAgent::join(&server.url, "web-01", 1, &server.enroll_token(1), &release);
     let metrics = || -> String {
         server.coordinator.refresh_gauges().unwrap();
-        server.client(Some(&server.admin)).get_text("/metrics").unwrap()
+        server
+            .client(Some(&server.admin))
+            .get_text("/metrics")
+            .unwrap()
     };
     assert!(metrics().contains("turnout_hosts_stale 0"), "{}", metrics());
 
     let since = now_ms() - 5_000;
-    assert_eq!(agent.report_stale(Some(since), Some("the desired state has index 3, below index 7")).status, 204);
+    assert_eq!(
+        agent
+            .report_stale(
+                Some(since),
+                Some("the desired state has index 3, below index 7")
+            )
+            .status,
+        204
+    );
     let hosts: Vec<Value> = server.client(Some(&server.admin)).get("/v1/hosts").unwrap();
     assert_eq!(hosts[0]["stale_since_ms"], since);
-    assert!(hosts[0]["desired_refused"].as_str().unwrap().contains("below index 7"));
+    assert!(
+        hosts[0]["desired_refused"]
+            .as_str()
+            .unwrap()
+            .contains("below index 7")
+    );
     assert!(metrics().contains("turnout_hosts_stale 1"), "{}", metrics());
 
     assert_eq!(agent.report_stale(None, None).status, 204);

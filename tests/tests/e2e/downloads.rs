@@ -161,7 +161,8 @@ fn a_stalled_agent_does_not_install_a_release_rolled_back_meanwhile() {
         let deadline = std::time::Instant::now() + Duration::from_secs(3);
         let mut handed = false;
         while !handed && std::time::Instant::now() < deadline {
-            handed = proxy.held().contains("\"2.0.0\"");
+            // In the signed document, itself a JSON string: quotes escaped.
+            handed = proxy.held().contains(r#"\"2.0.0\""#);
             std::thread::sleep(Duration::from_millis(20));
         }
         fleet

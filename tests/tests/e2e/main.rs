@@ -5,5 +5,6 @@
 mod downloads;
 mod fleet;
 mod handshake;
+mod hostile;
 mod tls;
 mod units;
