@@ -23,6 +23,11 @@ if [ -z "$commit" ]; then
     echo "release $version is not in compat/releases.toml; recorded: $(grep -o '^version = "[^"]*"' compat/releases.toml | cut -d'"' -f2 | tr '\n' ' ')" >&2
     exit 2
 fi
+if ! git cat-file -e "$commit^{commit}" 2>/dev/null \
+    && [ "$(git rev-parse --is-shallow-repository)" = true ]; then
+    echo "this clone is shallow: fetching the history that holds release $version" >&2
+    git fetch --quiet --unshallow >&2 || true
+fi
 if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
     echo "this clone lacks commit $commit of release $version (a shallow clone?): run \`git fetch --unshallow\` and try again" >&2
     exit 3

@@ -55,6 +55,9 @@ pub struct Host {
     child: Option<Child>,
     /// The proxy between it and the coordinator, when it has one.
     pub proxy: Option<Proxy>,
+    /// The `turnout` binary its agent runs (this build's, or an older
+    /// release's: `tests/compat`).
+    pub bin: PathBuf,
 }
 
 impl Host {
@@ -81,13 +84,14 @@ impl Host {
             env: Vec::new(),
             child: None,
             proxy: None,
+            bin: turnout_bin(),
         }
     }
 
     /// `turnout agent enroll` with `token` at `url` (`--ca-pin pin` when
     /// given); panics when it fails.
     pub fn enroll(&self, url: &str, token: &str, pin: Option<&str>) {
-        let mut command = Command::new(turnout_bin());
+        let mut command = Command::new(&self.bin);
         command
             .args([
                 "agent",
@@ -124,7 +128,7 @@ impl Host {
 
     /// `turnout agent status` as text.
     pub fn status_text(&self) -> String {
-        let out = Command::new(turnout_bin())
+        let out = Command::new(&self.bin)
             .args(["agent", "status"])
             .env("TURNOUT_AGENT_CONFIG", &self.config)
             .output()
@@ -146,7 +150,7 @@ impl Host {
 
     /// `turnout agent status --json` for its service.
     pub fn status(&self) -> Value {
-        let out = Command::new(turnout_bin())
+        let out = Command::new(&self.bin)
             .args(["agent", "status", "--json"])
             .env("TURNOUT_AGENT_CONFIG", &self.config)
             .output()
@@ -162,7 +166,7 @@ impl Host {
             .append(true)
             .open(self.config.with_file_name("agent.log"))
             .unwrap();
-        let mut command = Command::new(turnout_bin());
+        let mut command = Command::new(&self.bin);
         command
             .args(["agent", "run"])
             .env("TURNOUT_AGENT_CONFIG", &self.config)
@@ -224,6 +228,10 @@ pub struct Options {
     pub env: Box<dyn Fn(usize) -> Vec<(String, String)>>,
     /// Hosts reaching the coordinator through a [`Proxy`].
     pub proxied: Vec<usize>,
+    /// The `turnout` binary host `i` runs its agent with (None: this build's).
+    pub agent_bin: Box<dyn Fn(usize) -> Option<PathBuf>>,
+    /// The `turnout` binary the coordinator runs (None: this build's).
+    pub coordinator_bin: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -233,6 +241,8 @@ impl Default for Options {
             min_healthy: "300ms",
             env: Box::new(|_| Vec::new()),
             proxied: Vec::new(),
+            agent_bin: Box::new(|_| None),
+            coordinator_bin: None,
         }
     }
 }
@@ -247,6 +257,9 @@ pub struct Fleet {
     pub admin: String,
     /// The coordinator's CA pin, which hosts join with.
     pub pin: String,
+    /// Extra arguments of `turnout serve` at the next (re)start.
+    pub coordinator_args: Vec<String>,
+    coordinator_bin: PathBuf,
     port: u16,
     coordinator: Option<Child>,
     /// The hosts.
@@ -271,6 +284,8 @@ impl Fleet {
             url: format!("https://127.0.0.1:{port}"),
             admin: String::new(),
             pin: String::new(),
+            coordinator_args: Vec::new(),
+            coordinator_bin: options.coordinator_bin.clone().unwrap_or_else(turnout_bin),
             port,
             coordinator: None,
             hosts: Vec::new(),
@@ -312,6 +327,9 @@ impl Fleet {
             let via = proxy.as_ref().map_or(fleet.url.clone(), |p| {
                 format!("https://127.0.0.1:{}", p.port)
             });
+            if let Some(bin) = (options.agent_bin)(i) {
+                host.bin = bin;
+            }
             host.enroll(&via, token["token"].as_str().unwrap(), Some(&fleet.pin));
             host.env = (options.env)(i);
             host.proxy = proxy;
@@ -336,7 +354,7 @@ impl Fleet {
 
     /// (Re)starts the coordinator on the same database; returns the admin token on `init`.
     pub fn start_coordinator(&mut self, init: bool) -> Option<String> {
-        let mut command = Command::new(turnout_bin());
+        let mut command = Command::new(&self.coordinator_bin);
         command
             .args([
                 "serve",
@@ -349,6 +367,7 @@ impl Fleet {
             .arg(self.dir.path().join("coordinator"))
             .arg("--trust")
             .arg(self.dir.path().join("trust.json"))
+            .args(&self.coordinator_args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         if init {

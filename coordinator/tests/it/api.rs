@@ -270,12 +270,11 @@ fn an_agent_with_no_common_version_is_refused_with_both_ranges_and_listed() {
     let refusal = turnout_proto::decode::<Incompatible>(&answer.body)
         .unwrap()
         .body;
-    assert!(
-        refusal
-            .to_string()
-            .contains("the agent speaks v5-v7, the coordinator (turnout 0.1.0) speaks v1"),
-        "{refusal}"
+    let expected = format!(
+        "the agent speaks v5-v7, the coordinator (turnout {}) speaks v1-v2",
+        env!("CARGO_PKG_VERSION")
     );
+    assert!(refusal.to_string().contains(&expected), "{refusal}");
     let hosts: Vec<Value> = server.client(Some(&server.admin)).get("/v1/hosts").unwrap();
     assert_eq!(hosts[0]["state"], "incompatible");
     assert!(
