@@ -133,6 +133,15 @@ impl ApiError {
             message: message.into(),
         }
     }
+
+    /// A 500: the coordinator failed (a file it could not write).
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 500,
+            code: ErrorCode::Internal,
+            message: message.into(),
+        }
+    }
 }
 
 impl From<StoreError> for ApiError {
@@ -234,6 +243,58 @@ fn agreed(version: ProtoVersion, capabilities: Option<&turnout_proto::Capability
     }
 }
 
+/// The rotations kept in `dir` (pushed with `turnout trust push`, or put
+/// there by hand), oldest first.
+fn read_rotations(dir: &Path) -> Result<Vec<turnout_proto::trust::TrustFile>, anyhow::Error> {
+    let mut files = Vec::new();
+    match std::fs::read_dir(dir) {
+        Ok(entries) => {
+            for entry in entries {
+                let path = entry?.path();
+                if path.extension().is_none_or(|e| e != "json") {
+                    continue;
+                }
+                let bytes = std::fs::read(&path)?;
+                match turnout_proto::trust::TrustFile::parse(
+                    &bytes,
+                    &turnout_proto::Limits::default(),
+                ) {
+                    Ok(file) => files.push(file),
+                    Err(err) => {
+                        tracing::warn!("skipping the trust rotation {}: {err}", path.display())
+                    }
+                }
+            }
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(anyhow::anyhow!("reading {}: {err}", dir.display())),
+    }
+    files.sort_by_key(|f| f.trust.version());
+    Ok(files)
+}
+
+/// The trust this coordinator applies (the operator's file, then every
+/// rotation in `dir` that follows, in version order) and the rotations it
+/// serves to agents: all of them. Hosts check each rotation themselves, so
+/// one that does not follow is refused by every host and reported, not
+/// hidden; it is warned about here.
+fn load_rotations(trust: Trust, dir: &Path) -> Result<(Trust, Vec<String>), anyhow::Error> {
+    let files = read_rotations(dir)?;
+    let (accepted, refusal) = turnout_proto::trust::apply_rotations(&trust, &files);
+    if let Some(err) = refusal {
+        tracing::warn!(
+            "a trust rotation in {} does not follow from the one before: {err}; hosts will refuse it too",
+            dir.display()
+        );
+    }
+    let current = accepted.map_or(trust, |file| file.trust.clone());
+    let served = files
+        .iter()
+        .map(|f| String::from_utf8_lossy(&f.to_bytes()).into_owned())
+        .collect();
+    Ok((current, served))
+}
+
 /// Reads the director key at `path`, or makes one (mode 0600) when there
 /// is none: at `serve --init`, and at the first start of a state directory
 /// written by a build before protocol v2.
@@ -269,7 +330,14 @@ const GAUGES_EVERY: Duration = Duration::from_secs(5);
 /// The coordinator.
 pub struct Coordinator {
     store: Mutex<Store>,
-    trust: Trust,
+    /// The release trust pushed bundles are checked against: the
+    /// operator's file, or the newest rotation pushed since.
+    trust: Mutex<Trust>,
+    /// The rotations pushed (`STATE_DIR/trust/VERSION.json`), oldest
+    /// first, as served to agents.
+    rotations: Mutex<Vec<String>>,
+    /// Where pushed rotations are kept.
+    rotations_dir: PathBuf,
     bundles_dir: PathBuf,
     settings: Settings,
     /// Desired states in memory, the long polls waiting on them.
@@ -347,9 +415,13 @@ impl Coordinator {
         }
         let latest = store.last_event_id()?;
         let director = load_or_make_director(&state_dir.join("director.pem"))?;
+        let rotations_dir = state_dir.join("trust");
+        let (trust, rotations) = load_rotations(trust, &rotations_dir)?;
         Ok(Coordinator {
             store: Mutex::new(store),
-            trust,
+            trust: Mutex::new(trust),
+            rotations: Mutex::new(rotations),
+            rotations_dir,
             bundles_dir,
             settings,
             broker: Broker::default(),
@@ -472,8 +544,44 @@ impl Coordinator {
     }
 
     /// The trust bundles are checked against on push.
-    pub fn trust(&self) -> &Trust {
-        &self.trust
+    pub fn trust(&self) -> Trust {
+        self.trust.lock().expect("not poisoned").clone()
+    }
+
+    /// The trust rotations pushed so far (trust files, oldest first), for agents.
+    pub fn rotations(&self) -> Vec<String> {
+        self.rotations.lock().expect("not poisoned").clone()
+    }
+
+    /// Takes `file` as the next release trust if it passes the rotation
+    /// rules from the current one, keeps it, and serves it to agents from
+    /// now on; returns the version it replaced.
+    pub fn rotate_trust(&self, file: &turnout_proto::trust::TrustFile) -> Result<u64, ApiError> {
+        let mut trust = self.trust.lock().expect("not poisoned");
+        trust.accept_rotation(file).map_err(|err| {
+            ApiError::conflict(format!(
+                "the trust file is not a valid rotation of the coordinator's version {}: {err}",
+                trust.version()
+            ))
+        })?;
+        std::fs::create_dir_all(&self.rotations_dir).map_err(|e| {
+            ApiError::internal(format!("creating {}: {e}", self.rotations_dir.display()))
+        })?;
+        let path = self
+            .rotations_dir
+            .join(format!("{}.json", file.trust.version()));
+        let bytes = file.to_bytes();
+        turnout_rt::files::write_atomic(&path, &bytes, 0o644)
+            .map_err(|e| ApiError::internal(format!("writing {}: {e}", path.display())))?;
+        let before = trust.version();
+        *trust = file.trust.clone();
+        let served = read_rotations(&self.rotations_dir)
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .iter()
+            .map(|f| String::from_utf8_lossy(&f.to_bytes()).into_owned())
+            .collect();
+        *self.rotations.lock().expect("not poisoned") = served;
+        Ok(before)
     }
 
     /// Where bundles are stored, by digest.

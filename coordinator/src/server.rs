@@ -110,6 +110,8 @@ pub fn router(coordinator: Shared) -> Router {
         .route("/v1/agent/report", post(report))
         .route("/v1/agent/ca", get(agent_ca))
         .route("/v1/agent/director", get(agent_director))
+        .route("/v1/agent/trust", get(agent_trust))
+        .route("/v1/trust", get(show_trust).post(push_trust))
         .route("/v1/bundles", get(list_bundles).post(push_bundle))
         .route("/v1/bundles/{sha256}", get(get_bundle))
         .route("/v1/hosts", get(list_hosts))
@@ -998,6 +1000,66 @@ async fn agent_director(State(c): State<Shared>, _: SignedHost) -> Result<Respon
     ))
 }
 
+/// The release trust rotations this coordinator holds, oldest first: a
+/// host applies the newer ones only if each passes the rotation rules, so
+/// what is served here needs no more trust than the channel.
+async fn agent_trust(State(c): State<Shared>, _: SignedHost) -> Result<Response, ApiError> {
+    Ok(json(&serde_json::json!({"files": c.rotations()})))
+}
+
+/// The release trust the coordinator applies now, and where hosts are.
+async fn show_trust(State(c): State<Shared>, _: Authorized<Viewer>) -> Result<Response, ApiError> {
+    let trust = c.trust();
+    let keys: Vec<String> = trust.keys().keys().map(ToString::to_string).collect();
+    c.flush()?;
+    let hosts: Vec<serde_json::Value> = c
+        .with_store(|s| s.hosts())?
+        .into_iter()
+        .map(|h| {
+            let report = h.report.as_ref();
+            serde_json::json!({
+                "id": h.id,
+                "trust_version": report.and_then(|r| r.trust_version),
+                "trust_refused": report.and_then(|r| r.trust_refused.clone()),
+            })
+        })
+        .collect();
+    Ok(json(&serde_json::json!({
+        "version": trust.version(),
+        "threshold": trust.threshold(),
+        "keys": keys,
+        "rotations": c.rotations().len(),
+        "hosts": hosts,
+    })))
+}
+
+/// `turnout trust push`: a rotation of the release trust, checked against
+/// the current one (higher version, current threshold, its own threshold),
+/// kept and served to agents.
+async fn push_trust(
+    State(c): State<Shared>,
+    Authorized(caller, ..): Authorized<Admin>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let file = turnout_proto::trust::TrustFile::parse(&body, &Limits::default())
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let before = c.rotate_trust(&file)?;
+    c.log(
+        &actor(&caller),
+        None,
+        None,
+        &format!(
+            "release trust rotated from version {before} to version {} ({} of {} keys): hosts apply it at their next check",
+            file.trust.version(),
+            file.trust.threshold(),
+            file.trust.keys().len()
+        ),
+    )?;
+    Ok(json(
+        &serde_json::json!({"version": file.trust.version(), "replaced": before}),
+    ))
+}
+
 /// A long poll's `wait=` (a duration like `30s`), capped at `max`; none is zero.
 fn wait_param(text: Option<&String>, max: Duration) -> Result<Duration, ApiError> {
     let Some(text) = text else {
@@ -1225,7 +1287,7 @@ async fn push_bundle(
         .await
         .map_err(|e| internal("writing the upload", e))?;
     let sha256 = turnout_proto::Digest::from_bytes(hasher.finalize().into());
-    let (trust, now) = (c.trust().clone(), c.now());
+    let (trust, now) = (c.trust(), c.now());
     let check = temp
         .reopen()
         .map_err(|e| internal("reading the upload", e))?;
@@ -1477,6 +1539,12 @@ async fn list_hosts(
                 .report
                 .as_ref()
                 .and_then(|r| r.desired_refused.clone())
+                .into();
+            value["trust_version"] = h.report.as_ref().and_then(|r| r.trust_version).into();
+            value["trust_refused"] = h
+                .report
+                .as_ref()
+                .and_then(|r| r.trust_refused.clone())
                 .into();
             value
         })

@@ -1217,6 +1217,8 @@ mod tests {
             services: Vec::new(),
             stale_since_ms: None,
             desired_refused: None,
+            trust_version: None,
+            trust_refused: None,
         };
         assert!(store.record_report(&report(10), 1).unwrap());
         assert!(!store.record_report(&report(9), 2).unwrap(), "older");

@@ -347,6 +347,12 @@ pub struct Report {
     /// another host's document, an expired one), when it was. v2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_refused: Option<String>,
+    /// The version of the release trust file the host applies. v2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_version: Option<u64>,
+    /// Why the last trust rotation the coordinator offered was refused. v2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_refused: Option<String>,
 }
 
 impl Message for Report {
@@ -378,6 +384,9 @@ impl Message for Report {
         }
         if let Some(refused) = &self.desired_refused {
             limits.text("desired_refused", refused)?;
+        }
+        if let Some(refused) = &self.trust_refused {
+            limits.text("trust_refused", refused)?;
         }
         Ok(())
     }

@@ -247,6 +247,36 @@ impl Trust {
     }
 }
 
+/// Applies the rotations in `offered` (any order, older ones ignored) to
+/// `current`, one version after the other, as a host does with what its
+/// coordinator serves: each must pass [`Trust::accept_rotation`] from the
+/// one before. Returns the newest trust file accepted (None: nothing newer)
+/// and the refusal that stopped the chain, if one did; a refused rotation
+/// leaves the trust where the last good one put it.
+pub fn apply_rotations<'a>(
+    current: &Trust,
+    offered: &'a [TrustFile],
+) -> (Option<&'a TrustFile>, Option<TrustError>) {
+    let mut newer: Vec<&TrustFile> = offered
+        .iter()
+        .filter(|file| file.trust.version > current.version)
+        .collect();
+    newer.sort_by_key(|file| file.trust.version);
+    let mut now = current;
+    let mut accepted = None;
+    for next in newer {
+        if next.trust.version <= now.version {
+            continue;
+        }
+        if let Err(refusal) = now.accept_rotation(next) {
+            return (accepted, Some(refusal));
+        }
+        accepted = Some(next);
+        now = &next.trust;
+    }
+    (accepted, None)
+}
+
 impl TrustFile {
     /// Reads and validates a trust file. Signatures are not checked here: a
     /// host's first trust file needs none, and a rotation is checked with
@@ -357,6 +387,36 @@ mod tests {
         let again = TrustFile::parse(&file.to_bytes(), &Limits::default()).unwrap();
         assert_eq!(again.trust, file.trust);
         assert_eq!(again.signed_bytes, file.signed_bytes);
+    }
+
+    #[test]
+    fn rotations_apply_in_version_order_and_stop_at_the_first_bad_one() {
+        let v1 = trust_of(1, 2, &[&key(1), &key(2), &key(3)]);
+        let mut v2 = trust_of(2, 2, &[&key(2), &key(3), &key(4)]);
+        for k in [&key(2), &key(3)] {
+            sign(&mut v2, k);
+        }
+        let mut v3 = trust_of(3, 1, &[&key(5)]);
+        sign(&mut v3, &key(4));
+        sign(&mut v3, &key(5));
+        // v3 has one of v2's keys: below v2's threshold of 2.
+        let offered = [v3.clone(), v2.clone()];
+        let (accepted, refusal) = apply_rotations(&v1.trust, &offered);
+        assert_eq!(accepted.unwrap().trust.version(), 2);
+        assert!(
+            matches!(refusal, Some(TrustError::NotAuthorised(_))),
+            "{refusal:?}"
+        );
+        // From v2 on, with v3 properly signed, both steps apply.
+        sign(&mut v3, &key(3));
+        let offered = [v3.clone(), v2.clone()];
+        let (accepted, refusal) = apply_rotations(&v1.trust, &offered);
+        assert_eq!(accepted.unwrap().trust.version(), 3);
+        assert!(refusal.is_none());
+        // Nothing newer: nothing to do.
+        let offered = [v2, v3.clone()];
+        let (accepted, refusal) = apply_rotations(&v3.trust, &offered);
+        assert!(accepted.is_none() && refusal.is_none());
     }
 
     #[test]

@@ -520,6 +520,8 @@ fn report() -> impl Strategy<Value = Report> {
             services,
             stale_since_ms: None,
             desired_refused: None,
+            trust_version: None,
+            trust_refused: None,
         })
 }
 

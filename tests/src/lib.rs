@@ -496,9 +496,15 @@ impl Drop for Fleet {
 /// A one-script demo release of `web` (the demo service in `mode`:
 /// healthy or unhealthy) signed by `key`, written in `dir`.
 pub fn demo_bundle(dir: &Path, version: &str, mode: &str, key: &SecretKey) -> PathBuf {
+    demo_bundle_signed(dir, version, mode, &[key])
+}
+
+/// Like [`demo_bundle`], signed by each of `keys`.
+pub fn demo_bundle_signed(dir: &Path, version: &str, mode: &str, keys: &[&SecretKey]) -> PathBuf {
     let script = format!("#!/bin/sh\nexec \"{}\" demo-service --behaviour \"$(dirname \"$0\")/../behaviour.toml\" \"$@\"\n", turnout_bin().display()).into_bytes();
     let behaviour = format!("version = \"{version}\"\nmode = \"{mode}\"\n").into_bytes();
-    let path = dir.join(format!("web-{version}-{mode}-{}.tnt", key.public().id()));
+    let signers: Vec<String> = keys.iter().map(|k| k.public().id().to_string()).collect();
+    let path = dir.join(format!("web-{version}-{mode}-{}.tnt", signers.join("-")));
     turnout_testkit::write_bundle(
         &path,
         "web",
@@ -508,7 +514,7 @@ pub fn demo_bundle(dir: &Path, version: &str, mode: &str, key: &SecretKey) -> Pa
             ("behaviour.toml", 0o644, behaviour),
             ("bin/web", 0o755, script),
         ],
-        &[key],
+        keys,
     );
     path
 }

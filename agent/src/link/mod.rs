@@ -34,6 +34,7 @@ use crate::service::{Agent, ServiceStatus, now_ms};
 
 mod download;
 mod identity;
+mod rotation;
 mod signed;
 mod transport;
 
@@ -140,6 +141,8 @@ pub struct Link {
     desired_refused: Mutex<Option<String>>,
     /// The report interval the coordinator asked for in its welcome.
     interval: Mutex<Duration>,
+    /// Why the last trust rotation offered was refused, for reports.
+    trust_refused: Mutex<Option<String>>,
 }
 
 /// How often a link, or an agent not enrolled, looks for a new enrollment.
@@ -262,6 +265,7 @@ impl Link {
             accepted: Mutex::new(accepted),
             desired_refused: Mutex::new(None),
             interval: Mutex::new(Duration::from_secs(10)),
+            trust_refused: Mutex::new(None),
         }
     }
 
@@ -392,6 +396,7 @@ impl Link {
                         failures = 0;
                         self.set("connected", None);
                         self.refresh_ca().await;
+                        self.refresh_trust().await;
                         self.session(&welcome.body).await
                     }
                     Err(err) => Err(err),
@@ -526,6 +531,7 @@ impl Link {
             rounds += 1;
             if rounds.is_multiple_of(CA_CHECK_ROUNDS) {
                 self.refresh_ca().await;
+                self.refresh_trust().await;
             }
             let path = if long_poll {
                 format!(
@@ -816,9 +822,25 @@ impl Link {
             },
             stale_since_ms: self.stale_since(),
             desired_refused: self.desired_refused.lock().expect("not poisoned").clone(),
+            trust_version: None,
+            trust_refused: None,
         };
-        // Written in exactly the version agreed in the hello.
+        // Written in exactly the version agreed in the hello: the fields
+        // v2 added are left out of a v1 report.
         let version = *self.version.lock().expect("not poisoned");
+        let report = if version >= turnout_proto::ProtoVersion::V2 {
+            Report {
+                trust_version: self.trust_version(),
+                trust_refused: self.trust_refused.lock().expect("not poisoned").clone(),
+                ..report
+            }
+        } else {
+            Report {
+                stale_since_ms: None,
+                desired_refused: None,
+                ..report
+            }
+        };
         let (status, body) = self
             .call("POST", "/v1/agent/report".into(), encode(version, &report))
             .await?;

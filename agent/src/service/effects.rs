@@ -512,7 +512,7 @@ impl Agent {
         if digest_of_file(&cached).await? != release.sha256 {
             return Err(lost(format!("the cached {} is damaged", cached.display())));
         }
-        let trust = read_trust(&self.config.trust)?;
+        let trust = super::current_trust(&self.config)?.trust;
         tracing::warn!(service = %name, "the slot holding the committed {} {} is gone; unpacking it again from {}",
             release.name,
             release.version,

@@ -1,4 +1,5 @@
-//! `turnout trust init|rotate|verify`: the files that say which keys hosts accept.
+//! `turnout trust init|rotate|verify|push|status`: the files that say which
+//! keys hosts accept, and their rotation through the coordinator to hosts.
 
 use std::path::PathBuf;
 use std::time::SystemTime;
@@ -8,6 +9,7 @@ use turnout_proto::keys::PublicKey;
 use turnout_proto::signature::SignatureEntry;
 use turnout_proto::trust::{Trust, TrustFile};
 
+use crate::cmd::remote::{Remote, clean};
 use crate::exit::Exit;
 use crate::files;
 
@@ -53,6 +55,21 @@ pub enum Command {
         /// The trust file hosts have now.
         #[arg(long)]
         current: PathBuf,
+    },
+    /// Hand a rotation (made by `trust rotate`) to the coordinator: it
+    /// checks it against the trust it applies, checks bundles against it
+    /// from now on, and serves it to hosts, which apply it only if it passes
+    /// the same rules (within 5 minutes at a 10 s report interval).
+    Push {
+        /// The new trust file.
+        file: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// The coordinator's release trust, and the version each host applies.
+    Status {
+        #[command(flatten)]
+        remote: Remote,
     },
 }
 
@@ -134,6 +151,56 @@ pub fn run(command: Command) -> anyhow::Result<Exit> {
                 current.trust.version(),
                 describe(&next_file.trust)
             );
+        }
+        Command::Push { file, remote } => {
+            let parsed = files::trust_file(&file)?;
+            let answer: serde_json::Value = remote
+                .client()?
+                .post_stream("/v1/trust", &mut std::fs::File::open(&file)?)?;
+            if remote.print_json(&answer)? {
+                return Ok(Exit::Success);
+            }
+            println!(
+                "the coordinator now applies {} (was version {}); hosts apply it at their next check",
+                describe(&parsed.trust),
+                answer["replaced"]
+            );
+        }
+        Command::Status { remote } => {
+            let status: serde_json::Value = remote.client()?.get("/v1/trust")?;
+            if remote.print_json(&status)? {
+                return Ok(Exit::Success);
+            }
+            let keys: Vec<&str> = status["keys"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|k| k.as_str())
+                .collect();
+            println!(
+                "coordinator: trust version {}: {} of {} keys required ({}); {} rotation(s) served",
+                status["version"],
+                status["threshold"],
+                keys.len(),
+                keys.join(", "),
+                status["rotations"]
+            );
+            let want = status["version"].as_u64();
+            for host in status["hosts"].as_array().into_iter().flatten() {
+                let version = host["trust_version"].as_u64();
+                let mark = match version {
+                    None => "unknown (an agent before protocol v2, or no report yet)".to_owned(),
+                    Some(v) if Some(v) == want => format!("version {v}"),
+                    Some(v) => format!("version {v} (behind)"),
+                };
+                println!(
+                    "{:<24} {mark}",
+                    clean(host["id"].as_str().unwrap_or_default())
+                );
+                if let Some(why) = host["trust_refused"].as_str() {
+                    println!("  refused: {}", clean(why));
+                }
+            }
         }
     }
     Ok(Exit::Success)

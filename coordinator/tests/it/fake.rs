@@ -371,6 +371,8 @@ impl FakeAgent {
             services: vec![service],
             stale_since_ms,
             desired_refused,
+            trust_version: None,
+            trust_refused: None,
         };
         self.signed(
             "POST",

@@ -188,6 +188,8 @@ impl Sim {
             }],
             stale_since_ms: None,
             desired_refused: None,
+            trust_version: None,
+            trust_refused: None,
         };
         encode(SUPPORTED.max(), &report)
     }

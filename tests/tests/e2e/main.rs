@@ -7,4 +7,5 @@ mod fleet;
 mod handshake;
 mod hostile;
 mod tls;
+mod trust;
 mod units;

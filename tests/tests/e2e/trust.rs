@@ -1,0 +1,149 @@
+//! Release-trust rotation through the coordinator to real hosts: a 2-of-3
+//! rotation pushed with `turnout trust push` reaches every host (they then
+//! install a release signed by two new keys), and a rotation signed by one
+//! old key is refused by the coordinator and, when a compromised
+//! coordinator serves it anyway, by every host, which keep the trust they had.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use turnout_proto::keys::SecretKey;
+use turnout_proto::signature::SignatureEntry;
+use turnout_proto::trust::{Trust, TrustFile};
+use turnout_tests::{Fleet, Options, turnout_bin, wait_for};
+
+const LONG: Duration = Duration::from_secs(45);
+
+fn rotation(
+    version: u64,
+    threshold: usize,
+    keys: &[&SecretKey],
+    signers: &[&SecretKey],
+) -> TrustFile {
+    let trust = Trust::new(
+        version,
+        threshold,
+        std::time::SystemTime::now(),
+        keys.iter().map(|k| k.public()).collect(),
+    )
+    .unwrap();
+    let mut file = TrustFile::unsigned(trust);
+    for key in signers {
+        file.signatures.push(SignatureEntry {
+            key_id: key.public().id().clone(),
+            sig: key.sign(&file.signed_bytes),
+        });
+    }
+    file
+}
+
+/// `turnout trust ARGS…` against the fleet's coordinator.
+fn trust_cli(fleet: &Fleet, args: &[&str]) -> std::process::Output {
+    Command::new(turnout_bin())
+        .arg("trust")
+        .args(args)
+        .args(["--coordinator", &fleet.url, "--token", &fleet.admin, "--ca"])
+        .arg(fleet.dir.path().join("coordinator/tls/ca.pem"))
+        .output()
+        .unwrap()
+}
+
+fn host_trust(fleet: &Fleet) -> Vec<Value> {
+    let status: Value = fleet.client().get("/v1/trust").unwrap();
+    status["hosts"].as_array().unwrap().clone()
+}
+
+#[test]
+fn a_two_of_three_rotation_reaches_every_host_and_one_signed_by_one_old_key_is_refused_everywhere()
+{
+    let mut fleet = Fleet::start(Options::default());
+    fleet.install_everywhere("1.0.0");
+    let old = SecretKey::from_seed([3; 32]);
+    let (a, b, c, d) = (
+        SecretKey::from_seed([61; 32]),
+        SecretKey::from_seed([62; 32]),
+        SecretKey::from_seed([63; 32]),
+        SecretKey::from_seed([64; 32]),
+    );
+
+    // Version 2: keys a, b, c, two of them to sign; authorised by the old key.
+    let v2 = rotation(2, 2, &[&a, &b, &c], &[&old, &a, &b]);
+    let file = fleet.dir.path().join("trust-v2.json");
+    std::fs::write(&file, v2.to_bytes()).unwrap();
+    let pushed = trust_cli(&fleet, &["push", file.to_str().unwrap()]);
+    assert!(
+        pushed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&pushed.stdout).contains("trust version 2: 2 of 3 keys required")
+    );
+    wait_for("every host to apply trust version 2", LONG, || {
+        host_trust(&fleet).iter().all(|h| h["trust_version"] == 2)
+    });
+
+    // The coordinator and the hosts now want two of a, b, c.
+    let by_old = fleet.bundle("4.0.0", "healthy", &old);
+    let refused = fleet
+        .client()
+        .post_stream::<Value>("/v1/bundles", &mut std::fs::File::open(&by_old).unwrap());
+    assert!(
+        refused.is_err(),
+        "a bundle signed by the retired key was taken: {refused:?}"
+    );
+    let path = turnout_tests::demo_bundle_signed(fleet.dir.path(), "4.0.0", "healthy", &[&a, &c]);
+    fleet.push(&path);
+    let id = fleet.rollout(
+        json!({"service": "web", "release": "web@4.0.0", "waves": ["100%"], "max_parallel": 3}),
+    );
+    fleet.wait_state(&id, "succeeded", LONG);
+    for host in &fleet.hosts {
+        assert_eq!(host.served().as_deref(), Some("4.0.0"), "{}", host.id);
+    }
+
+    // Version 3 signed by one key of version 2 (and its own key): the
+    // coordinator refuses the push, saying why.
+    let v3 = rotation(3, 1, &[&d], &[&a, &d]);
+    let file = fleet.dir.path().join("trust-v3.json");
+    std::fs::write(&file, v3.to_bytes()).unwrap();
+    let pushed = trust_cli(&fleet, &["push", file.to_str().unwrap()]);
+    assert!(!pushed.status.success());
+    let stderr = String::from_utf8_lossy(&pushed.stderr);
+    assert!(
+        stderr.contains("not authorised by the current keys"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("1 valid signature(s)") || stderr.contains("2 required"),
+        "{stderr}"
+    );
+
+    // A compromised coordinator serves it anyway: every host refuses it,
+    // says so, and keeps version 2.
+    std::fs::copy(&file, fleet.dir.path().join("coordinator/trust/3.json")).unwrap();
+    fleet.kill_coordinator();
+    fleet.start_coordinator(false);
+    wait_for("every host to refuse version 3", LONG, || {
+        host_trust(&fleet).iter().all(|h| {
+            h["trust_version"] == 2
+                && h["trust_refused"]
+                    .as_str()
+                    .is_some_and(|why| why.contains("not authorised by the current keys"))
+        })
+    });
+    let status = trust_cli(&fleet, &["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("coordinator: trust version 2"), "{text}");
+    assert!(
+        text.contains("refused: refused the release trust rotation"),
+        "{text}"
+    );
+    for host in &fleet.hosts {
+        assert_eq!(host.served().as_deref(), Some("4.0.0"), "{}", host.id);
+        let kept = std::fs::read(fleet.dir.path().join(&host.id).join("state/trust.json")).unwrap();
+        let kept = TrustFile::parse(&kept, &Default::default()).unwrap();
+        assert_eq!(kept.trust.version(), 2, "{}", host.id);
+    }
+}
