@@ -261,7 +261,7 @@ fn read_rotations(dir: &Path) -> Result<Vec<turnout_proto::trust::TrustFile>, an
                 ) {
                     Ok(file) => files.push(file),
                     Err(err) => {
-                        tracing::warn!("skipping the trust rotation {}: {err}", path.display())
+                        tracing::warn!("skipping the trust rotation {}: {err}", path.display());
                     }
                 }
             }
