@@ -129,6 +129,7 @@ mod tests {
             services: Vec::new(),
             issued_at_ms: None,
             expires_ms: None,
+            policy_version: None,
         }
     }
 

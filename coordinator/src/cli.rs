@@ -29,6 +29,9 @@ pub enum Command {
     /// Make, rotate and check trust files (which keys hosts accept).
     #[command(subcommand)]
     Trust(cmd::trust::Command),
+    /// Release floors and revocations, signed by the release keys.
+    #[command(subcommand)]
+    Policy(cmd::policy::Command),
     /// Pack a directory into a release bundle, optionally signing it.
     Pack(cmd::pack::Args),
     /// Add signatures to a bundle, in place and atomically.
@@ -93,6 +96,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         }
         Command::Keygen(args) => cmd::keygen::run(&args),
         Command::Trust(command) => cmd::trust::run(command),
+        Command::Policy(command) => cmd::policy::run(command),
         Command::Pack(args) => cmd::pack::run(&args),
         Command::Sign(args) => cmd::sign::run(&args),
         Command::Verify(args) => cmd::verify::run(&args),

@@ -295,6 +295,22 @@ fn load_rotations(trust: Trust, dir: &Path) -> Result<(Trust, Vec<String>), anyh
     Ok((current, served))
 }
 
+/// The release policy kept at `path`, if any.
+fn load_policy(path: &Path) -> Result<Option<turnout_proto::policy::PolicyFile>, anyhow::Error> {
+    match std::fs::read(path) {
+        Ok(bytes) => turnout_proto::policy::PolicyFile::parse(&bytes, &turnout_proto::Limits::default())
+            .map(Some)
+            .map_err(|err| {
+                anyhow::anyhow!(
+                    "{}: {err}; restore it from a backup, or remove it and set the policy again with `turnout policy set`",
+                    path.display()
+                )
+            }),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(anyhow::anyhow!("reading {}: {err}", path.display())),
+    }
+}
+
 /// Reads the director key at `path`, or makes one (mode 0600) when there
 /// is none: at `serve --init`, and at the first start of a state directory
 /// written by a build before protocol v2.
@@ -338,6 +354,11 @@ pub struct Coordinator {
     rotations: Mutex<Vec<String>>,
     /// Where pushed rotations are kept.
     rotations_dir: PathBuf,
+    /// The release policy (floors, revocations) pushed last, as its
+    /// document's text (`STATE_DIR/policy.json`).
+    policy: Mutex<Option<turnout_proto::policy::PolicyFile>>,
+    /// Where it is kept.
+    policy_path: PathBuf,
     bundles_dir: PathBuf,
     settings: Settings,
     /// Desired states in memory, the long polls waiting on them.
@@ -417,11 +438,15 @@ impl Coordinator {
         let director = load_or_make_director(&state_dir.join("director.pem"))?;
         let rotations_dir = state_dir.join("trust");
         let (trust, rotations) = load_rotations(trust, &rotations_dir)?;
+        let policy_path = state_dir.join("policy.json");
+        let policy = load_policy(&policy_path)?;
         Ok(Coordinator {
             store: Mutex::new(store),
             trust: Mutex::new(trust),
             rotations: Mutex::new(rotations),
             rotations_dir,
+            policy: Mutex::new(policy),
+            policy_path,
             bundles_dir,
             settings,
             broker: Broker::default(),
@@ -453,6 +478,7 @@ impl Coordinator {
         let mut dated = state.clone();
         dated.issued_at_ms = Some(now);
         dated.expires_ms = Some(now + self.settings.desired_expiry.as_millis() as u64);
+        dated.policy_version = self.policy().map(|p| p.policy.version);
         turnout_proto::desired::SignedDesired::sign(&dated, &self.director)
     }
 
@@ -546,6 +572,33 @@ impl Coordinator {
     /// The trust bundles are checked against on push.
     pub fn trust(&self) -> Trust {
         self.trust.lock().expect("not poisoned").clone()
+    }
+
+    /// The release policy in force, if one was pushed.
+    pub fn policy(&self) -> Option<turnout_proto::policy::PolicyFile> {
+        self.policy.lock().expect("not poisoned").clone()
+    }
+
+    /// Takes `next` as the release policy if the release keys signed it (a
+    /// threshold of the trust this coordinator applies) and it is newer than
+    /// the one in force; keeps it and serves it to agents.
+    pub fn set_policy(&self, next: &turnout_proto::policy::PolicyFile) -> Result<(), ApiError> {
+        let trust = self.trust();
+        let mut policy = self.policy.lock().expect("not poisoned");
+        let current = policy.as_ref().map(|p| &p.policy);
+        turnout_proto::policy::accept(&trust, current, next)
+            .map_err(|err| ApiError::conflict(err.to_string()))?;
+        if current.is_some_and(|c| c.version == next.policy.version) {
+            return Err(ApiError::conflict(format!(
+                "policy version {} is already in force: raise the version to change it",
+                next.policy.version
+            )));
+        }
+        turnout_rt::files::write_atomic(&self.policy_path, &next.to_bytes(), 0o644).map_err(
+            |e| ApiError::internal(format!("writing {}: {e}", self.policy_path.display())),
+        )?;
+        *policy = Some(next.clone());
+        Ok(())
     }
 
     /// The trust rotations pushed so far (trust files, oldest first), for agents.
@@ -819,6 +872,14 @@ impl Coordinator {
                 })
             })?,
         };
+        if let Some(policy) = self.policy()
+            && let Err(rule) = policy.policy.check(spec.service.as_str(), &target)
+        {
+            return Err(ApiError::conflict(format!(
+                "{rule}: every host would refuse it; roll out a release the policy allows, or change the policy \
+                 with `turnout policy set` (signed by the release keys)"
+            )));
+        }
         let mut eligible = Vec::new();
         let mut excluded = BTreeMap::new();
         for host in hosts.iter().filter(|h| spec.selects(&h.labels)) {

@@ -112,6 +112,8 @@ pub fn router(coordinator: Shared) -> Router {
         .route("/v1/agent/director", get(agent_director))
         .route("/v1/agent/trust", get(agent_trust))
         .route("/v1/trust", get(show_trust).post(push_trust))
+        .route("/v1/agent/policy", get(agent_policy))
+        .route("/v1/policy", get(show_policy).post(push_policy))
         .route("/v1/bundles", get(list_bundles).post(push_bundle))
         .route("/v1/bundles/{sha256}", get(get_bundle))
         .route("/v1/hosts", get(list_hosts))
@@ -1007,6 +1009,75 @@ async fn agent_trust(State(c): State<Shared>, _: SignedHost) -> Result<Response,
     Ok(json(&serde_json::json!({"files": c.rotations()})))
 }
 
+/// The release policy in force (its signed document), for a host to check
+/// against its own trust: what is served here needs no more trust than the
+/// channel.
+async fn agent_policy(State(c): State<Shared>, _: SignedHost) -> Result<Response, ApiError> {
+    let policy = c
+        .policy()
+        .map(|p| String::from_utf8_lossy(&p.to_bytes()).into_owned());
+    Ok(json(&serde_json::json!({"policy": policy})))
+}
+
+/// The release policy in force, and the version each host holds.
+async fn show_policy(State(c): State<Shared>, _: Authorized<Viewer>) -> Result<Response, ApiError> {
+    let policy = c.policy();
+    c.flush()?;
+    let hosts: Vec<serde_json::Value> = c
+        .with_store(|s| s.hosts())?
+        .into_iter()
+        .map(|h| {
+            let report = h.report.as_ref();
+            serde_json::json!({
+                "id": h.id,
+                "policy_version": report.and_then(|r| r.policy_version),
+                "policy_refused": report.and_then(|r| r.policy_refused.clone()),
+            })
+        })
+        .collect();
+    Ok(json(&serde_json::json!({
+        "document": policy.as_ref().map(|p| String::from_utf8_lossy(&p.to_bytes()).into_owned()),
+        "policy": policy.map(|p| p.policy),
+        "hosts": hosts,
+    })))
+}
+
+/// `turnout policy set|push`: a release policy signed by the release keys,
+/// checked against the trust this coordinator applies, kept and served.
+async fn push_policy(
+    State(c): State<Shared>,
+    Authorized(caller, ..): Authorized<Admin>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let file = turnout_proto::policy::PolicyFile::parse(&body, &Limits::default())
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    c.set_policy(&file)?;
+    let rules: Vec<String> = file
+        .policy
+        .services
+        .iter()
+        .map(|(service, rules)| {
+            let floor = rules
+                .min_version
+                .as_ref()
+                .map_or("no floor".into(), |v| format!(">= {v}"));
+            format!("{service} {floor}, {} revoked", rules.revoked.len())
+        })
+        .collect();
+    c.log(
+        &actor(&caller),
+        None,
+        None,
+        &format!(
+            "release policy v{} in force ({}); expires {}",
+            file.policy.version,
+            rules.join("; "),
+            file.policy.expires
+        ),
+    )?;
+    Ok(json(&serde_json::json!({"version": file.policy.version})))
+}
+
 /// The release trust the coordinator applies now, and where hosts are.
 async fn show_trust(State(c): State<Shared>, _: Authorized<Viewer>) -> Result<Response, ApiError> {
     let trust = c.trust();
@@ -1541,6 +1612,12 @@ async fn list_hosts(
                 .and_then(|r| r.desired_refused.clone())
                 .into();
             value["trust_version"] = h.report.as_ref().and_then(|r| r.trust_version).into();
+            value["policy_version"] = h.report.as_ref().and_then(|r| r.policy_version).into();
+            value["policy_refused"] = h
+                .report
+                .as_ref()
+                .and_then(|r| r.policy_refused.clone())
+                .into();
             value["trust_refused"] = h
                 .report
                 .as_ref()

@@ -865,6 +865,7 @@ impl Store {
             services,
             issued_at_ms: None,
             expires_ms: None,
+            policy_version: None,
         })
     }
 
@@ -1219,6 +1220,8 @@ mod tests {
             desired_refused: None,
             trust_version: None,
             trust_refused: None,
+            policy_version: None,
+            policy_refused: None,
         };
         assert!(store.record_report(&report(10), 1).unwrap());
         assert!(!store.record_report(&report(9), 2).unwrap(), "older");

@@ -309,6 +309,7 @@ mod tests {
             }],
             issued_at_ms: Some(issued),
             expires_ms: Some(issued + 3_600_000),
+            policy_version: None,
         }
     }
 

@@ -31,6 +31,7 @@ pub mod limits;
 pub mod manifest;
 pub mod messages;
 pub mod negotiate;
+pub mod policy;
 pub mod request_auth;
 pub mod signature;
 pub mod text;

@@ -183,6 +183,10 @@ pub struct DesiredState {
     /// stale and starts nothing new. v2 only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_ms: Option<u64>,
+    /// The version of the release policy in force at the coordinator: a
+    /// host holding an older one asks for it before acting. v2 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_version: Option<u64>,
 }
 
 /// The release one service should run.
@@ -353,6 +357,12 @@ pub struct Report {
     /// Why the last trust rotation the coordinator offered was refused. v2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_refused: Option<String>,
+    /// The version of the release policy the host holds. v2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_version: Option<u64>,
+    /// Why the last release policy the coordinator offered was refused. v2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_refused: Option<String>,
 }
 
 impl Message for Report {
@@ -387,6 +397,9 @@ impl Message for Report {
         }
         if let Some(refused) = &self.trust_refused {
             limits.text("trust_refused", refused)?;
+        }
+        if let Some(refused) = &self.policy_refused {
+            limits.text("policy_refused", refused)?;
         }
         Ok(())
     }

@@ -455,6 +455,7 @@ fn desired() -> impl Strategy<Value = DesiredState> {
             services,
             issued_at_ms: None,
             expires_ms: None,
+            policy_version: None,
         })
 }
 
@@ -522,6 +523,8 @@ fn report() -> impl Strategy<Value = Report> {
             desired_refused: None,
             trust_version: None,
             trust_refused: None,
+            policy_version: None,
+            policy_refused: None,
         })
 }
 

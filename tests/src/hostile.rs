@@ -144,6 +144,7 @@ pub fn desired(host: &str, index: u64, service: DesiredService) -> DesiredState 
         services: vec![service],
         issued_at_ms: None,
         expires_ms: None,
+        policy_version: None,
     }
 }
 

@@ -23,8 +23,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use turnout_proto::keys::SecretKey;
 use turnout_proto::messages::{
-    DesiredService, DesiredState, Health, Hello, Incompatible, Outcome, OutcomeKind, Report,
-    ServiceReport, ServiceState, Welcome,
+    DesiredService, DesiredState, Health, Hello, Incompatible, Outcome, OutcomeKind, ReleaseRef,
+    Report, ServiceReport, ServiceState, Welcome,
 };
 use turnout_proto::{Capability, CapabilitySet, HostId, encode, request_auth};
 use turnout_rt::tls::CertificateDer;
@@ -34,6 +34,7 @@ use crate::service::{Agent, ServiceStatus, now_ms};
 
 mod download;
 mod identity;
+mod policy;
 mod rotation;
 mod signed;
 mod transport;
@@ -143,6 +144,12 @@ pub struct Link {
     interval: Mutex<Duration>,
     /// Why the last trust rotation offered was refused, for reports.
     trust_refused: Mutex<Option<String>>,
+    /// The release policy held (`policy.json`).
+    policy: Mutex<Option<turnout_proto::policy::Policy>>,
+    /// Why the last policy offered was refused, for reports.
+    policy_refused: Mutex<Option<String>>,
+    /// Per service, the policy refusal already logged and recorded.
+    policy_noted: Mutex<BTreeMap<String, String>>,
 }
 
 /// How often a link, or an agent not enrolled, looks for a new enrollment.
@@ -250,6 +257,7 @@ impl Link {
             BTreeMap::new()
         });
         let accepted = signed::load_accepted(state_dir);
+        let held_policy = policy::load_policy(state_dir);
         Link {
             agent,
             identity,
@@ -266,6 +274,9 @@ impl Link {
             desired_refused: Mutex::new(None),
             interval: Mutex::new(Duration::from_secs(10)),
             trust_refused: Mutex::new(None),
+            policy: Mutex::new(held_policy),
+            policy_refused: Mutex::new(None),
+            policy_noted: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -397,6 +408,7 @@ impl Link {
                         self.set("connected", None);
                         self.refresh_ca().await;
                         self.refresh_trust().await;
+                        self.refresh_policy().await;
                         self.session(&welcome.body).await
                     }
                     Err(err) => Err(err),
@@ -532,6 +544,7 @@ impl Link {
             if rounds.is_multiple_of(CA_CHECK_ROUNDS) {
                 self.refresh_ca().await;
                 self.refresh_trust().await;
+                self.refresh_policy().await;
             }
             let path = if long_poll {
                 format!(
@@ -609,6 +622,14 @@ impl Link {
                     refusals.remove(name);
                 }
             }
+        }
+        if matches!(
+            decision,
+            converge::Decision::Install | converge::Decision::Rollback
+        ) && let Some(settled) =
+            self.apply_policy(name, want, matches!(decision, converge::Decision::Install))
+        {
+            return Ok(settled);
         }
         let result = match decision {
             // Another operation owns the service: look again soon, and do
@@ -689,6 +710,55 @@ impl Link {
         Ok(Converged::Acted)
     }
 
+    /// Refuses, under the release policy held, an install or rollback to
+    /// `want`: a release below the floor or revoked is rejected (recorded
+    /// once as the service's outcome, so the coordinator's gate and its
+    /// rollback see it), and a stale policy holds new installs back. None
+    /// when the policy allows it.
+    fn apply_policy(&self, name: &str, want: &ReleaseRef, install: bool) -> Option<Converged> {
+        let text = match self.policy_verdict(name, want, install) {
+            policy::PolicyVerdict::Allowed => {
+                self.policy_noted.lock().expect("not poisoned").remove(name);
+                return None;
+            }
+            policy::PolicyVerdict::Rejected(rule) => {
+                let text = format!("{rule}; not installed, the service is untouched");
+                let known = self
+                    .policy_noted
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(name.to_owned(), text.clone())
+                    .as_ref()
+                    == Some(&text);
+                if !known {
+                    tracing::warn!(service = %name, "rejected: {text}");
+                    let _ =
+                        self.agent
+                            .record_outcome(name, OutcomeKind::Rejected, want.clone(), rule);
+                }
+                text
+            }
+            policy::PolicyVerdict::Stale(why) => {
+                let known = self
+                    .policy_noted
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(name.to_owned(), why.clone())
+                    .as_ref()
+                    == Some(&why);
+                if !known {
+                    tracing::error!(service = %name, "{why}");
+                }
+                why
+            }
+        };
+        self.refusals
+            .lock()
+            .expect("not poisoned")
+            .insert(name.to_owned(), text);
+        Some(Converged::Settled)
+    }
+
     /// GETs the desired state at `path` (`what` names the request in errors).
     async fn fetch_desired(&self, path: String, what: &str) -> Result<DesiredState, LinkError> {
         let (status, body) = self.call("GET", path, Vec::new()).await?;
@@ -703,6 +773,7 @@ impl Link {
         if version >= turnout_proto::ProtoVersion::V2 {
             return match self.open_signed(&body) {
                 Ok(state) => {
+                    self.follow_policy(state.policy_version).await;
                     if self
                         .desired_refused
                         .lock()
@@ -824,6 +895,8 @@ impl Link {
             desired_refused: self.desired_refused.lock().expect("not poisoned").clone(),
             trust_version: None,
             trust_refused: None,
+            policy_version: None,
+            policy_refused: None,
         };
         // Written in exactly the version agreed in the hello: the fields
         // v2 added are left out of a v1 report.
@@ -832,6 +905,8 @@ impl Link {
             Report {
                 trust_version: self.trust_version(),
                 trust_refused: self.trust_refused.lock().expect("not poisoned").clone(),
+                policy_version: self.policy_version(),
+                policy_refused: self.policy_refused.lock().expect("not poisoned").clone(),
                 ..report
             }
         } else {

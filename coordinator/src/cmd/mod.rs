@@ -5,6 +5,7 @@ pub mod fleet;
 pub mod inspect;
 pub mod keygen;
 pub mod pack;
+pub mod policy;
 pub mod remote;
 pub mod rollout;
 pub mod serve;

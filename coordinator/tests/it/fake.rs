@@ -373,6 +373,8 @@ impl FakeAgent {
             desired_refused,
             trust_version: None,
             trust_refused: None,
+            policy_version: None,
+            policy_refused: None,
         };
         self.signed(
             "POST",

@@ -190,6 +190,8 @@ impl Sim {
             desired_refused: None,
             trust_version: None,
             trust_refused: None,
+            policy_version: None,
+            policy_refused: None,
         };
         encode(SUPPORTED.max(), &report)
     }

@@ -6,6 +6,7 @@ mod downloads;
 mod fleet;
 mod handshake;
 mod hostile;
+mod policy;
 mod tls;
 mod trust;
 mod units;
