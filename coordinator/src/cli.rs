@@ -45,6 +45,9 @@ pub enum Command {
     /// The coordinator's own CA: rotate it, show it.
     #[command(subcommand)]
     Ca(cmd::ca::Command),
+    /// The key the coordinator signs desired state with: rotate it, show it.
+    #[command(subcommand)]
+    Director(cmd::director::Command),
     /// Create, list and revoke operator and enrollment tokens.
     #[command(subcommand)]
     Token(cmd::fleet::TokenCommand),
@@ -103,6 +106,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Inspect(args) => cmd::inspect::run(&args),
         Command::Serve(args) => cmd::serve::run(&args),
         Command::Ca(command) => cmd::ca::run(command),
+        Command::Director(command) => cmd::director::run(command),
         Command::Token(command) => cmd::fleet::token(command),
         Command::Host(command) => cmd::fleet::host(command),
         Command::Bundle(command) => cmd::fleet::bundle(command),

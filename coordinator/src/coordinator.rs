@@ -311,6 +311,25 @@ fn load_policy(path: &Path) -> Result<Option<turnout_proto::policy::PolicyFile>,
     }
 }
 
+/// Where the handovers of the director key at `director` are kept.
+pub fn handovers_path(director: &Path) -> PathBuf {
+    director.with_file_name("director-handovers.json")
+}
+
+/// The handovers kept beside the director key at `director` (none before
+/// its first rotation).
+pub fn load_handovers(
+    director: &Path,
+) -> Result<Vec<turnout_proto::desired::Handover>, anyhow::Error> {
+    let path = handovers_path(director);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|err| anyhow::anyhow!("reading {}: {err}", path.display())),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(err) => Err(anyhow::anyhow!("reading {}: {err}", path.display())),
+    }
+}
+
 /// Reads the director key at `path`, or makes one (mode 0600) when there
 /// is none: at `serve --init`, and at the first start of a state directory
 /// written by a build before protocol v2.
@@ -389,7 +408,12 @@ pub struct Coordinator {
     /// were not logged since.
     auth_complaints: Mutex<(Option<std::time::Instant>, u64)>,
     /// The director key: signs every v2 desired state (`STATE_DIR/director.pem`).
-    director: SecretKey,
+    director: Mutex<SecretKey>,
+    /// The handovers from earlier director keys to later ones
+    /// (`STATE_DIR/director-handovers.json`), for hosts that hold an older key.
+    handovers: Mutex<Vec<turnout_proto::desired::Handover>>,
+    /// Where the director key and its handovers are kept.
+    director_path: PathBuf,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -435,7 +459,9 @@ impl Coordinator {
             );
         }
         let latest = store.last_event_id()?;
-        let director = load_or_make_director(&state_dir.join("director.pem"))?;
+        let director_path = state_dir.join("director.pem");
+        let director = load_or_make_director(&director_path)?;
+        let handovers = load_handovers(&director_path)?;
         let rotations_dir = state_dir.join("trust");
         let (trust, rotations) = load_rotations(trust, &rotations_dir)?;
         let policy_path = state_dir.join("policy.json");
@@ -463,13 +489,56 @@ impl Coordinator {
             ca_pins: Mutex::new(Vec::new()),
             ca_pem: Mutex::new(None),
             auth_complaints: Mutex::new((None, 0)),
-            director,
+            director: Mutex::new(director),
+            handovers: Mutex::new(handovers),
+            director_path,
         })
     }
 
     /// The director key's public half, which agents verify desired state with.
     pub fn director_public(&self) -> turnout_proto::keys::PublicKey {
-        self.director.public()
+        self.director.lock().expect("not poisoned").public()
+    }
+
+    /// The handovers that lead from earlier director keys to this one.
+    pub fn director_handovers(&self) -> Vec<turnout_proto::desired::Handover> {
+        self.handovers.lock().expect("not poisoned").clone()
+    }
+
+    /// Reads the director key and its handovers again (`turnout director
+    /// rotate` wrote new ones); a key that does not read is logged and the
+    /// one in use kept.
+    pub fn reload_director(&self) {
+        let key = match std::fs::read_to_string(&self.director_path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| SecretKey::from_pem(&text).map_err(|e| e.to_string()))
+        {
+            Ok(key) => key,
+            Err(err) => {
+                tracing::warn!(
+                    "reading {}: {err}; signing with the director key in use",
+                    self.director_path.display()
+                );
+                return;
+            }
+        };
+        let mut current = self.director.lock().expect("not poisoned");
+        if current.public() == key.public() {
+            return;
+        }
+        match load_handovers(&self.director_path) {
+            Ok(handovers) => *self.handovers.lock().expect("not poisoned") = handovers,
+            Err(err) => {
+                tracing::warn!("{err}; signing with the director key in use");
+                return;
+            }
+        }
+        tracing::info!(
+            old = %current.public().id(),
+            new = %key.public().id(),
+            "signing desired state with the new director key: hosts take it through its handover"
+        );
+        *current = key;
     }
 
     /// `state` signed for its host: issued now, valid for `desired_expiry`.
@@ -479,7 +548,10 @@ impl Coordinator {
         dated.issued_at_ms = Some(now);
         dated.expires_ms = Some(now + self.settings.desired_expiry.as_millis() as u64);
         dated.policy_version = self.policy().map(|p| p.policy.version);
-        turnout_proto::desired::SignedDesired::sign(&dated, &self.director)
+        turnout_proto::desired::SignedDesired::sign(
+            &dated,
+            &self.director.lock().expect("not poisoned"),
+        )
     }
 
     /// The protocol range this coordinator accepts from agents now:

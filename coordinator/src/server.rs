@@ -997,9 +997,10 @@ async fn agent_ca(State(c): State<Shared>, _: SignedHost) -> Result<Response, Ap
 /// enrolled before protocol v2 (its enrollment did not carry it). Asked,
 /// like the CAs, over a connection the host already verified.
 async fn agent_director(State(c): State<Shared>, _: SignedHost) -> Result<Response, ApiError> {
-    Ok(json(
-        &serde_json::json!({"keys": [c.director_public().to_pem()]}),
-    ))
+    Ok(json(&serde_json::json!({
+        "keys": [c.director_public().to_pem()],
+        "handovers": c.director_handovers(),
+    })))
 }
 
 /// The release trust rotations this coordinator holds, oldest first: a

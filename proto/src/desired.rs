@@ -27,7 +27,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::envelope::Message;
 use crate::ids::HostId;
-use crate::keys::{KeyId, PublicKey, SecretKey};
+use crate::keys::{KeyId, PublicKey, RawSignature, SecretKey};
 use crate::limits::{LimitExceeded, Limits};
 use crate::messages::DesiredState;
 use crate::signature::SignatureEntry;
@@ -194,6 +194,114 @@ fn known_text(known: &[KeyId]) -> String {
     }
 }
 
+/// The handover from one director key to the next (`turnout director
+/// rotate`): the new key, signed by the old one over the new key's PEM.
+/// A host takes a new director key only this way, so a coordinator without
+/// the current key cannot introduce one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handover {
+    /// The new key (SPKI PEM).
+    pub key: String,
+    /// The key that signed it.
+    pub by: KeyId,
+    /// `by`'s signature over `key`'s bytes.
+    pub sig: RawSignature,
+}
+
+impl Handover {
+    /// `old` hands over to `new`.
+    pub fn make(old: &SecretKey, new: &PublicKey) -> Handover {
+        let key = new.to_pem();
+        Handover {
+            sig: old.sign(key.as_bytes()),
+            by: old.public().id().clone(),
+            key,
+        }
+    }
+}
+
+/// A director key a host accepts, and the key that handed it over (None:
+/// learnt at enrollment, or asked for once over the verified channel).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Director {
+    /// The key (SPKI PEM).
+    pub key: String,
+    /// The key it was handed over from.
+    #[serde(default)]
+    pub from: Option<KeyId>,
+}
+
+impl Director {
+    /// The parsed key, if it parses.
+    pub fn public(&self) -> Option<PublicKey> {
+        PublicKey::from_pem(&self.key).ok()
+    }
+}
+
+/// The keys in `directors` by id, for [`accept`].
+pub fn director_keys(directors: &[Director]) -> BTreeMap<KeyId, PublicKey> {
+    directors
+        .iter()
+        .filter_map(Director::public)
+        .map(|key| (key.id().clone(), key))
+        .collect()
+}
+
+/// Takes the handovers in `offered` whose signer is a key in `known`
+/// (also one taken from an earlier handover here, so a chain applies in
+/// one go) and whose signature verifies; returns the ids added.
+pub fn apply_handovers(known: &mut Vec<Director>, offered: &[Handover]) -> Vec<KeyId> {
+    let mut added = Vec::new();
+    loop {
+        let keys = director_keys(known);
+        let next = offered.iter().find_map(|handover| {
+            let new = PublicKey::from_pem(&handover.key).ok()?;
+            if keys.contains_key(new.id()) {
+                return None;
+            }
+            let by = keys.get(&handover.by)?;
+            by.verifies(handover.key.as_bytes(), &handover.sig)
+                .then(|| (new, handover.by.clone()))
+        });
+        let Some((new, by)) = next else {
+            return added;
+        };
+        added.push(new.id().clone());
+        known.push(Director {
+            key: new.to_pem(),
+            from: Some(by),
+        });
+    }
+}
+
+/// After a document signed by `signer` verified: keeps `signer` and the
+/// keys handed over from it (and from those), and drops the keys it was
+/// handed over from, which the coordinator no longer signs with; returns
+/// the ids dropped.
+pub fn retire_predecessors(known: &mut Vec<Director>, signer: &KeyId) -> Vec<KeyId> {
+    let id_of = |d: &Director| d.public().map(|k| k.id().clone());
+    let mut keep = vec![signer.clone()];
+    loop {
+        let more: Vec<KeyId> = known
+            .iter()
+            .filter(|d| d.from.as_ref().is_some_and(|from| keep.contains(from)))
+            .filter_map(id_of)
+            .filter(|id| !keep.contains(id))
+            .collect();
+        if more.is_empty() {
+            break;
+        }
+        keep.extend(more);
+    }
+    let dropped: Vec<KeyId> = known
+        .iter()
+        .filter_map(id_of)
+        .filter(|id| !keep.contains(id))
+        .collect();
+    known.retain(|d| id_of(d).is_some_and(|id| keep.contains(&id)));
+    dropped
+}
+
 /// sha256 (hex) of a desired state's services: what must not change under one index.
 pub fn content_digest(state: &DesiredState) -> String {
     let bytes = serde_json::to_vec(&state.services).expect("services serialise");
@@ -253,9 +361,10 @@ pub fn accept(
         issued_at_ms,
         expires_ms,
     };
-    // A record kept under another director key (a new enrollment) says
-    // nothing about this key's documents.
-    if let Some(last) = last.filter(|last| &last.director == key_id) {
+    // A record kept under a key this host no longer accepts (a new
+    // enrollment) says nothing about this key's documents; one under a key
+    // it still accepts (a handover in progress) binds them.
+    if let Some(last) = last.filter(|last| directors.contains_key(&last.director)) {
         if state.index < last.index {
             return Err(DesiredRefusal::Replayed {
                 found: state.index,
@@ -428,6 +537,45 @@ mod tests {
             kept.expires_ms, 3_609_000,
             "an older copy shortened the expiry"
         );
+    }
+
+    #[test]
+    fn a_handover_is_taken_only_from_a_known_key_and_retires_it_once_the_new_one_signs() {
+        let (old, new, newer) = (
+            director(),
+            SecretKey::from_seed([8; 32]),
+            SecretKey::from_seed([10; 32]),
+        );
+        let mut known = vec![Director {
+            key: old.public().to_pem(),
+            from: None,
+        }];
+        // Signed by a stranger: ignored.
+        let stranger = SecretKey::from_seed([11; 32]);
+        assert!(
+            apply_handovers(&mut known, &[Handover::make(&stranger, &new.public())]).is_empty()
+        );
+        // A bad signature: ignored.
+        let mut forged = Handover::make(&old, &new.public());
+        forged.key = newer.public().to_pem();
+        assert!(apply_handovers(&mut known, &[forged]).is_empty());
+        // A chain old -> new -> newer, offered out of order, applies in one go.
+        let chain = [
+            Handover::make(&new, &newer.public()),
+            Handover::make(&old, &new.public()),
+        ];
+        let added = apply_handovers(&mut known, &chain);
+        assert_eq!(
+            added,
+            [new.public().id().clone(), newer.public().id().clone()]
+        );
+        assert!(apply_handovers(&mut known, &chain).is_empty(), "taken once");
+        // A document signed by `new` retires `old`, keeps `newer`.
+        let dropped = retire_predecessors(&mut known, new.public().id());
+        assert_eq!(dropped, [old.public().id().clone()]);
+        let ids: Vec<KeyId> = director_keys(&known).into_keys().collect();
+        assert!(ids.contains(new.public().id()) && ids.contains(newer.public().id()));
+        assert_eq!(ids.len(), 2);
     }
 
     #[test]

@@ -233,7 +233,14 @@ impl Identity {
                 status,
                 message: format!("the coordinator's director key does not read: {e}"),
             })?;
-        super::signed::save_directors(state_dir, director.as_slice())
+        let directors: Vec<turnout_proto::desired::Director> = director
+            .iter()
+            .map(|key| turnout_proto::desired::Director {
+                key: key.to_pem(),
+                from: None,
+            })
+            .collect();
+        super::signed::save_directors(state_dir, &directors)
             .map_err(io("writing director.json"))?;
         let enrolled = serde_json::to_vec_pretty(&Enrolled {
             format: ENROLLED_FORMAT,

@@ -135,7 +135,7 @@ pub struct Link {
     /// The protocol version agreed in the last hello.
     version: Mutex<turnout_proto::ProtoVersion>,
     /// The coordinator's director keys (v2 desired state is signed by one).
-    directors: Mutex<BTreeMap<turnout_proto::keys::KeyId, turnout_proto::keys::PublicKey>>,
+    directors: Mutex<Vec<turnout_proto::desired::Director>>,
     /// The newest signed desired state accepted (`desired.json`).
     accepted: Mutex<Option<turnout_proto::desired::Accepted>>,
     /// Why the last desired state was refused, for reports and status.
@@ -254,7 +254,7 @@ impl Link {
         let state_dir = &agent.config().state_dir;
         let directors = signed::load_directors(state_dir).unwrap_or_else(|err| {
             tracing::error!("{err}; asking the coordinator for its director key again");
-            BTreeMap::new()
+            Vec::new()
         });
         let accepted = signed::load_accepted(state_dir);
         let held_policy = policy::load_policy(state_dir);
@@ -771,7 +771,18 @@ impl Link {
         }
         let version = *self.version.lock().expect("not poisoned");
         if version >= turnout_proto::ProtoVersion::V2 {
-            return match self.open_signed(&body) {
+            let mut opened = self.open_signed(&body);
+            // A key this host does not know may be the coordinator's next
+            // one: take its handover, if a key this host accepts signed it,
+            // and look again.
+            if matches!(
+                opened,
+                Err(turnout_proto::desired::DesiredRefusal::UnknownKey { .. })
+            ) && self.learn_handovers().await
+            {
+                opened = self.open_signed(&body);
+            }
+            return match opened {
                 Ok(state) => {
                     self.follow_policy(state.policy_version).await;
                     if self

@@ -5,8 +5,11 @@
 //! check every answer passes before the link acts on it
 //! ([`turnout_proto::desired::accept`]).
 
-use turnout_proto::desired::{Accepted, DesiredRefusal, SignedDesired, accept};
-use turnout_proto::keys::{KeyId, PublicKey};
+use turnout_proto::desired::{
+    Accepted, DesiredRefusal, Director, Handover, SignedDesired, accept, apply_handovers,
+    director_keys, retire_predecessors,
+};
+use turnout_proto::keys::PublicKey;
 use turnout_proto::{Limits, ProtoRange, ProtoVersion, Reader};
 
 use super::*;
@@ -18,18 +21,19 @@ const ACCEPTED_FILE: &str = "desired.json";
 /// written again: a restart then thinks the host stale at most this early.
 const EXPIRY_WRITE_LAG_MS: u64 = 60_000;
 
-/// `director.json`: the director keys (PEM) this host accepts.
+/// `director.json`: the director keys this host accepts, and which key
+/// handed each over.
 #[derive(Serialize, Deserialize, Default)]
 struct DirectorFile {
-    keys: Vec<String>,
+    keys: Vec<Director>,
 }
 
 /// The director keys kept in `state_dir` (none before protocol v2).
-pub(super) fn load_directors(state_dir: &Path) -> Result<BTreeMap<KeyId, PublicKey>, LinkError> {
+pub(super) fn load_directors(state_dir: &Path) -> Result<Vec<Director>, LinkError> {
     let path = state_dir.join(DIRECTOR_FILE);
     let bytes = match std::fs::read(&path) {
         Ok(bytes) => bytes,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(source) => {
             return Err(LinkError::Io {
                 what: format!("reading {}", path.display()),
@@ -45,18 +49,14 @@ pub(super) fn load_directors(state_dir: &Path) -> Result<BTreeMap<KeyId, PublicK
         source: std::io::Error::other(detail),
     };
     let file: DirectorFile = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
-    file.keys
-        .iter()
-        .map(|pem| {
-            PublicKey::from_pem(pem)
-                .map(|key| (key.id().clone(), key))
-                .map_err(|e| invalid(e.to_string()))
-        })
-        .collect()
+    for director in &file.keys {
+        PublicKey::from_pem(&director.key).map_err(|e| invalid(e.to_string()))?;
+    }
+    Ok(file.keys)
 }
 
 /// Keeps `keys` as the director keys this host accepts (none: removes the file).
-pub(super) fn save_directors(state_dir: &Path, keys: &[PublicKey]) -> std::io::Result<()> {
+pub(super) fn save_directors(state_dir: &Path, keys: &[Director]) -> std::io::Result<()> {
     let path = state_dir.join(DIRECTOR_FILE);
     if keys.is_empty() {
         return match std::fs::remove_file(&path) {
@@ -65,7 +65,7 @@ pub(super) fn save_directors(state_dir: &Path, keys: &[PublicKey]) -> std::io::R
         };
     }
     let file = DirectorFile {
-        keys: keys.iter().map(PublicKey::to_pem).collect(),
+        keys: keys.to_vec(),
     };
     turnout_rt::files::write_atomic(
         &path,
@@ -93,6 +93,16 @@ fn undecodable(err: turnout_proto::DecodeError) -> DesiredRefusal {
     DesiredRefusal::Malformed(err.to_string())
 }
 
+/// `GET /v1/agent/director`: the keys the coordinator signs with, and the
+/// handovers that lead to them.
+#[derive(Deserialize)]
+struct DirectorAnswer {
+    #[serde(default)]
+    keys: Vec<String>,
+    #[serde(default)]
+    handovers: Vec<Handover>,
+}
+
 impl Link {
     /// Checks a v2 desired-state answer and keeps what it proves; the
     /// refusal says why it is not acted on.
@@ -102,7 +112,7 @@ impl Link {
             accept: ProtoRange::new(ProtoVersion::V2, ProtoVersion::V2).expect("v2..=v2"),
         };
         let signed: SignedDesired = reader.decode(body).map_err(undecodable)?.body;
-        let directors = self.directors.lock().expect("not poisoned").clone();
+        let directors = director_keys(&self.directors.lock().expect("not poisoned"));
         let last = self.accepted.lock().expect("not poisoned").clone();
         let (state, keep) = accept(
             &signed,
@@ -135,7 +145,73 @@ impl Link {
             }
         }
         *self.accepted.lock().expect("not poisoned") = Some(keep);
+        self.retire_directors(&signed.signature.key_id);
         Ok(state)
+    }
+
+    /// The coordinator signs with `signer`: the keys it was handed over
+    /// from are dropped (kept on disk first, so they stay dropped).
+    fn retire_directors(&self, signer: &turnout_proto::keys::KeyId) {
+        let mut directors = self.directors.lock().expect("not poisoned");
+        let mut next = directors.clone();
+        let dropped = retire_predecessors(&mut next, signer);
+        if dropped.is_empty() {
+            return;
+        }
+        if let Err(err) = save_directors(&self.agent.config().state_dir, &next) {
+            tracing::warn!(
+                "writing {DIRECTOR_FILE}: {err}; the old director keys stay accepted for now"
+            );
+            return;
+        }
+        let ids: Vec<String> = dropped.iter().map(ToString::to_string).collect();
+        tracing::info!(
+            "the coordinator signs with director key {signer} now: dropped the key(s) it replaced ({})",
+            ids.join(", ")
+        );
+        *directors = next;
+    }
+
+    /// Asks the coordinator for director-key handovers and takes those a
+    /// key this host accepts signed; returns whether any was taken.
+    pub(super) async fn learn_handovers(&self) -> bool {
+        let Ok(answer) = self.director_answer().await else {
+            return false;
+        };
+        let mut directors = self.directors.lock().expect("not poisoned");
+        let mut next = directors.clone();
+        let added = apply_handovers(&mut next, &answer.handovers);
+        if added.is_empty() {
+            return false;
+        }
+        if let Err(err) = save_directors(&self.agent.config().state_dir, &next) {
+            tracing::warn!("writing {DIRECTOR_FILE}: {err}; not taking the new director key");
+            return false;
+        }
+        let ids: Vec<String> = added.iter().map(ToString::to_string).collect();
+        tracing::info!(
+            "took the coordinator's new director key {} (handed over by a key this host accepts)",
+            ids.join(", ")
+        );
+        *directors = next;
+        true
+    }
+
+    async fn director_answer(&self) -> Result<DirectorAnswer, LinkError> {
+        let (status, body) = self
+            .call("GET", "/v1/agent/director".into(), Vec::new())
+            .await?;
+        (status == 200)
+            .then(|| serde_json::from_slice::<DirectorAnswer>(&body).ok())
+            .flatten()
+            .ok_or_else(|| LinkError::Refused {
+                what: "the director key request".into(),
+                status,
+                message: format!(
+                    "no director key in the answer ({}); desired state cannot be verified",
+                    error_message(&body)
+                ),
+            })
     }
 
     /// Makes sure this host knows its coordinator's director key before it
@@ -145,44 +221,38 @@ impl Link {
         if !self.directors.lock().expect("not poisoned").is_empty() {
             return Ok(());
         }
-        let (status, body) = self
-            .call("GET", "/v1/agent/director".into(), Vec::new())
-            .await?;
-        #[derive(Deserialize)]
-        struct Answer {
-            keys: Vec<String>,
-        }
-        let keys: Vec<PublicKey> = (status == 200)
-            .then(|| serde_json::from_slice::<Answer>(&body).ok())
-            .flatten()
-            .map(|a| {
-                a.keys
-                    .iter()
-                    .filter_map(|pem| PublicKey::from_pem(pem).ok())
-                    .collect()
+        let answer = self.director_answer().await?;
+        let directors: Vec<Director> = answer
+            .keys
+            .iter()
+            .filter_map(|pem| PublicKey::from_pem(pem).ok())
+            .map(|key| Director {
+                key: key.to_pem(),
+                from: None,
             })
-            .unwrap_or_default();
-        if keys.is_empty() {
+            .collect();
+        if directors.is_empty() {
             return Err(LinkError::Refused {
                 what: "the director key request".into(),
-                status,
-                message: format!(
-                    "no director key in the answer ({}); desired state cannot be verified",
-                    error_message(&body)
-                ),
+                status: 200,
+                message: "no director key in the answer; desired state cannot be verified".into(),
             });
         }
-        save_directors(&self.agent.config().state_dir, &keys).map_err(|source| LinkError::Io {
-            what: format!("writing {DIRECTOR_FILE}"),
-            source,
+        save_directors(&self.agent.config().state_dir, &directors).map_err(|source| {
+            LinkError::Io {
+                what: format!("writing {DIRECTOR_FILE}"),
+                source,
+            }
         })?;
-        let ids: Vec<String> = keys.iter().map(|k| k.id().to_string()).collect();
+        let ids: Vec<String> = director_keys(&directors)
+            .keys()
+            .map(ToString::to_string)
+            .collect();
         tracing::info!(
             "learned the coordinator's director key {}: desired state must be signed by it",
             ids.join(", ")
         );
-        *self.directors.lock().expect("not poisoned") =
-            keys.into_iter().map(|k| (k.id().clone(), k)).collect();
+        *self.directors.lock().expect("not poisoned") = directors;
         Ok(())
     }
 

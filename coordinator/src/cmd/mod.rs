@@ -1,6 +1,7 @@
 //! One module per `turnout` subcommand: its arguments and its `run`.
 
 pub mod ca;
+pub mod director;
 pub mod fleet;
 pub mod inspect;
 pub mod keygen;

@@ -330,7 +330,20 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
                 }
             })
         });
+        // A director key rotated by `turnout director rotate` is picked up
+        // without a restart.
+        let director = {
+            let c = coordinator.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    c.reload_director();
+                }
+            })
+        };
         let served = crate::server::serve(coordinator, listener, acceptor, shutdown()).await;
+        director.abort();
         if let Some(reload) = reload {
             reload.abort();
         }

@@ -147,3 +147,74 @@ fn a_two_of_three_rotation_reaches_every_host_and_one_signed_by_one_old_key_is_r
         assert_eq!(kept.trust.version(), 2, "{}", host.id);
     }
 }
+
+/// The director key rotates like the CA: `turnout director rotate` on the
+/// coordinator's machine, and every host takes the new key through the
+/// handover (signed by the old key) at its next answer, drops the old one,
+/// and never refuses a desired state meanwhile.
+#[test]
+fn a_director_key_rotation_reaches_every_host_without_a_refusal_or_enrolling_again() {
+    let fleet = Fleet::start(Options::default());
+    fleet.install_everywhere("1.0.0");
+    let state = fleet.dir.path().join("coordinator");
+    let old = std::fs::read_to_string(state.join("director.pem")).unwrap();
+    let old = SecretKey::from_pem(&old).unwrap().public().id().to_string();
+    let rotated = Command::new(turnout_bin())
+        .args(["director", "rotate", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(
+        rotated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rotated.stderr)
+    );
+    let new = std::fs::read_to_string(state.join("director.pem")).unwrap();
+    let new = SecretKey::from_pem(&new).unwrap().public().id().to_string();
+    assert!(
+        String::from_utf8_lossy(&rotated.stdout).contains(&format!("{old} handed over to {new}"))
+    );
+
+    let director_of = |host: &turnout_tests::Host| -> Vec<String> {
+        let text =
+            std::fs::read_to_string(fleet.dir.path().join(&host.id).join("state/director.json"))
+                .unwrap_or_default();
+        let file: Value = serde_json::from_str(&text).unwrap_or_default();
+        file["keys"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d["key"].as_str())
+            .map(|pem| {
+                turnout_proto::keys::PublicKey::from_pem(pem)
+                    .unwrap()
+                    .id()
+                    .to_string()
+            })
+            .collect()
+    };
+    wait_for("every host to hold only the new director key", LONG, || {
+        fleet.hosts.iter().all(|h| director_of(h) == [new.clone()])
+    });
+    let id = fleet.rollout(
+        json!({"service": "web", "release": "web@2.0.0", "waves": ["100%"], "max_parallel": 3}),
+    );
+    fleet.wait_state(&id, "succeeded", LONG);
+    for host in &fleet.hosts {
+        assert_eq!(host.served().as_deref(), Some("2.0.0"), "{}", host.id);
+        assert!(
+            !host
+                .log()
+                .contains("refused the coordinator's desired state"),
+            "{}:\n{}",
+            host.id,
+            host.log()
+        );
+        assert!(
+            host.log()
+                .contains("took the coordinator's new director key"),
+            "{}",
+            host.log()
+        );
+    }
+}
