@@ -89,6 +89,11 @@ pub struct SlotRelease {
     /// bundle file carried it (absent in slots written before it was kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_sha256: Option<turnout_proto::Digest>,
+    /// When the release expires, from its signed manifest (absent: never,
+    /// or a slot written before it was kept). A coordinator's rollback to an
+    /// expired release is refused, as an install of it would be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<turnout_proto::manifest::Timestamp>,
 }
 
 /// The directory of one service.
@@ -236,6 +241,7 @@ mod tests {
             entry: PayloadPath::new("bin/web").unwrap(),
             installed_ms: 1,
             manifest_sha256: None,
+            expires: None,
         }
     }
 

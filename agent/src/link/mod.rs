@@ -626,9 +626,17 @@ impl Link {
         if matches!(
             decision,
             converge::Decision::Install | converge::Decision::Rollback
-        ) && let Some(settled) =
-            self.apply_policy(name, want, matches!(decision, converge::Decision::Install))
-        {
+        ) && let Some(settled) = self.apply_policy(
+            name,
+            want,
+            matches!(decision, converge::Decision::Install),
+            status.other_expires.filter(|_| {
+                status
+                    .other
+                    .as_ref()
+                    .is_some_and(|o| o.sha256 == want.sha256)
+            }),
+        ) {
             return Ok(settled);
         }
         let result = match decision {
@@ -711,12 +719,30 @@ impl Link {
     }
 
     /// Refuses, under the release policy held, an install or rollback to
-    /// `want`: a release below the floor or revoked is rejected (recorded
-    /// once as the service's outcome, so the coordinator's gate and its
-    /// rollback see it), and a stale policy holds new installs back. None
-    /// when the policy allows it.
-    fn apply_policy(&self, name: &str, want: &ReleaseRef, install: bool) -> Option<Converged> {
-        let text = match self.policy_verdict(name, want, install) {
+    /// `want`: a release below the floor or revoked, or a rollback to a
+    /// release whose manifest expired (`expires`: the other slot's), is
+    /// rejected (recorded once as the service's outcome, so the
+    /// coordinator's gate and its rollback see it), and a stale policy holds
+    /// new installs back. None when allowed.
+    fn apply_policy(
+        &self,
+        name: &str,
+        want: &ReleaseRef,
+        install: bool,
+        expires: Option<turnout_proto::manifest::Timestamp>,
+    ) -> Option<Converged> {
+        let verdict = match expires {
+            // A slot rollback to a release whose signed manifest expired:
+            // refused, as an install of it would be.
+            Some(at) if !install && at.0 <= std::time::SystemTime::now() => {
+                policy::PolicyVerdict::Rejected(format!(
+                    "{} {} expired at {at} (its signed manifest says so); not rolled back to it",
+                    want.name, want.version
+                ))
+            }
+            _ => self.policy_verdict(name, want, install),
+        };
+        let text = match verdict {
             policy::PolicyVerdict::Allowed => {
                 self.policy_noted.lock().expect("not poisoned").remove(name);
                 return None;

@@ -690,6 +690,7 @@ fn stage_blocking(job: StageJob) -> Result<ReleaseRef, StageFailure> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
         manifest_sha256: Some(manifest_digest(&verified.manifest_bytes)),
+        expires: m.expires,
     };
     if let Err(err) = dir.promote(idle, &held) {
         return fail(

@@ -196,6 +196,9 @@ pub struct ServiceStatus {
     pub active_slot: Option<Slot>,
     /// The release kept in the other slot.
     pub other: Option<ReleaseRef>,
+    /// When that release expires (its signed manifest), if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other_expires: Option<turnout_proto::manifest::Timestamp>,
     /// The release in flight.
     pub target: Option<ReleaseRef>,
     /// Health, probed now (or `pending` while an operation runs).
@@ -804,14 +807,14 @@ impl Agent {
                 .history(name, 1)?
                 .into_iter()
                 .next();
+            let other = active.and_then(|slot| service.dir.release_in(!slot));
             out.push(ServiceStatus {
                 service: name.clone(),
                 state: state.name().to_owned(),
                 committed: state.committed().cloned(),
                 active_slot: active,
-                other: active
-                    .and_then(|slot| service.dir.release_in(!slot))
-                    .map(|r| r.release),
+                other: other.as_ref().map(|r| r.release.clone()),
+                other_expires: other.and_then(|r| r.expires),
                 target: state.target().cloned(),
                 health,
                 health_detail,

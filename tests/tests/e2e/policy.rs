@@ -144,3 +144,58 @@ fn after_a_floor_is_set_a_rollback_below_it_is_refused_by_every_host_and_reporte
     let shown: Value = fleet.client().get("/v1/policy").unwrap();
     assert_eq!(shown["policy"]["version"], 1);
 }
+
+/// A coordinator's rollback to the other slot's release is refused once
+/// that release's signed manifest has expired, as an install of it would be.
+#[test]
+fn a_rollback_to_a_release_that_expired_meanwhile_is_refused() {
+    let fleet = Fleet::start(Options::default());
+    let expires = std::time::SystemTime::now() + Duration::from_secs(20);
+    let path = fleet.dir.path().join("web-1.5.0-expiring.tnt");
+    turnout_testkit::write_bundle_expiring(
+        &path,
+        "web",
+        "1.5.0",
+        "bin/web",
+        &[
+            ("behaviour.toml", 0o644, b"version = \"1.5.0\"\nmode = \"healthy\"\n".to_vec()),
+            (
+                "bin/web",
+                0o755,
+                format!(
+                    "#!/bin/sh\nexec \"{}\" demo-service --behaviour \"$(dirname \"$0\")/../behaviour.toml\" \"$@\"\n",
+                    turnout_bin().display()
+                )
+                .into_bytes(),
+            ),
+        ],
+        &[&SecretKey::from_seed([3; 32])],
+        Some(expires),
+    );
+    fleet.push(&path);
+    fleet.install_everywhere("1.5.0");
+    let id = fleet.rollout(
+        json!({"service": "web", "release": "web@2.0.0", "waves": ["100%"], "max_parallel": 3}),
+    );
+    fleet.wait_state(&id, "succeeded", LONG);
+    turnout_tests::wait_for("1.5.0 to expire", LONG, || {
+        std::time::SystemTime::now() > expires
+    });
+    fleet
+        .client()
+        .post::<Value>(&format!("/v1/rollouts/{id}/rollback"), &json!({}))
+        .unwrap();
+    fleet.wait_state(&id, "rolled_back", LONG);
+    let events = fleet.events(&id);
+    for host in &fleet.hosts {
+        assert_eq!(host.served().as_deref(), Some("2.0.0"), "{}", host.id);
+        assert!(
+            events
+                .iter()
+                .any(|e| e.starts_with(&format!("{} rollback failed", host.id))
+                    && e.contains("web 1.5.0 expired at")),
+            "{}: {events:#?}",
+            host.id
+        );
+    }
+}
