@@ -111,6 +111,11 @@ impl Broker {
             .insert(host.to_owned(), agreed);
     }
 
+    /// Forgets `host`'s desired state in memory: the next read takes the store's.
+    pub fn forget_state(&self, host: &str) {
+        self.states.lock().expect("not poisoned").remove(host);
+    }
+
     /// Forgets what is known of `host` (it re-enrolled, or was forgotten).
     pub fn forget(&self, host: &str) {
         self.agreed.lock().expect("not poisoned").remove(host);

@@ -820,17 +820,36 @@ impl Coordinator {
         if queued.is_empty() {
             return Ok(());
         }
-        store.atomically(|s| {
+        let raised = store.atomically(|s| {
+            let mut raised = Vec::new();
             for (report, at) in queued.reports.values() {
                 if !s.record_report(report, *at)? {
                     self.metrics.stale_report();
+                    continue;
+                }
+                if let Some(accepted) = report.accepted_index
+                    && let Some(index) = s.raise_desired_index(report.host.as_str(), accepted)?
+                {
+                    raised.push((report.host.to_string(), accepted, index));
                 }
             }
             for (host, (at, acked)) in &queued.seen {
                 s.touch(host, *at, *acked)?;
             }
-            Ok(())
+            Ok(raised)
         })?;
+        for (host, accepted, index) in raised {
+            // What is in memory is older than the store now.
+            self.broker.forget_state(&host);
+            self.broker.notify(&host, index);
+            let message = format!(
+                "its desired-state index moved to {index}, past index {accepted} that the host accepted before (was \
+                 the coordinator's database restored from a backup?): the host takes the next answer"
+            );
+            tracing::warn!(host = %host, "{message}");
+            let id = store.log(self.now_ms(), "coordinator", None, Some(&host), &message)?;
+            self.events.send_replace(id);
+        }
         Ok(())
     }
 

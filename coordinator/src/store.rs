@@ -811,6 +811,25 @@ impl Store {
         self.bump_desired_index(host)
     }
 
+    /// Moves `host`'s desired-state index past `accepted` when it is not
+    /// above it already (the host accepted a higher index than this store
+    /// holds: a database restored from a backup); returns the new index
+    /// when it moved.
+    pub fn raise_desired_index(&self, host: &str, accepted: u64) -> Result<Option<u64>> {
+        let accepted = accepted.min(i64::MAX as u64 - 1) as i64;
+        self.conn
+            .prepare_cached(
+                "UPDATE hosts SET desired_index = ?2 + 1 WHERE id = ?1 AND desired_index <= ?2 RETURNING desired_index",
+            )
+            .and_then(|mut statement| {
+                statement
+                    .query_row(params![host, accepted], |r| r.get::<_, i64>(0))
+                    .optional()
+            })
+            .map(|i| i.map(|i| i as u64))
+            .map_err(self.err())
+    }
+
     fn bump_desired_index(&self, host: &HostId) -> Result<u64> {
         self.conn
             .prepare_cached(
@@ -1222,6 +1241,7 @@ mod tests {
             trust_refused: None,
             policy_version: None,
             policy_refused: None,
+            accepted_index: None,
         };
         assert!(store.record_report(&report(10), 1).unwrap());
         assert!(!store.record_report(&report(9), 2).unwrap(), "older");

@@ -357,6 +357,12 @@ pub struct Report {
     /// Why the last trust rotation the coordinator offered was refused. v2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_refused: Option<String>,
+    /// The index of the newest signed desired state the host accepted
+    /// (v2): a coordinator whose own index is not above it (a database
+    /// restored from a backup) moves past it, or the host would refuse
+    /// every answer as a replay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_index: Option<u64>,
     /// The version of the release policy the host holds. v2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_version: Option<u64>,

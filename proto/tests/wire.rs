@@ -525,6 +525,7 @@ fn report() -> impl Strategy<Value = Report> {
             trust_refused: None,
             policy_version: None,
             policy_refused: None,
+            accepted_index: None,
         })
 }
 

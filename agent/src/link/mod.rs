@@ -934,6 +934,7 @@ impl Link {
             trust_refused: None,
             policy_version: None,
             policy_refused: None,
+            accepted_index: None,
         };
         // Written in exactly the version agreed in the hello: the fields
         // v2 added are left out of a v1 report.
@@ -944,6 +945,12 @@ impl Link {
                 trust_refused: self.trust_refused.lock().expect("not poisoned").clone(),
                 policy_version: self.policy_version(),
                 policy_refused: self.policy_refused.lock().expect("not poisoned").clone(),
+                accepted_index: self
+                    .accepted
+                    .lock()
+                    .expect("not poisoned")
+                    .as_ref()
+                    .map(|a| a.index),
                 ..report
             }
         } else {

@@ -353,6 +353,29 @@ impl FakeAgent {
         self.send_report_with(service, since, refused.map(str::to_owned))
     }
 
+    /// Reports as a v2 agent that accepted desired state up to `index`.
+    pub(crate) fn report_accepted(&mut self, index: u64) -> Answer {
+        self.seq += 1;
+        let report = Report {
+            host: self.host.clone(),
+            seq: self.seq,
+            desired_index: self.converged,
+            services: vec![self.idle()],
+            stale_since_ms: None,
+            desired_refused: None,
+            trust_version: None,
+            trust_refused: None,
+            policy_version: None,
+            policy_refused: None,
+            accepted_index: Some(index),
+        };
+        self.signed(
+            "POST",
+            "/v1/agent/report",
+            &encode(SUPPORTED.max(), &report),
+        )
+    }
+
     fn send_report(&mut self, service: ServiceReport) -> Answer {
         self.send_report_with(service, None, None)
     }
@@ -375,6 +398,7 @@ impl FakeAgent {
             trust_refused: None,
             policy_version: None,
             policy_refused: None,
+            accepted_index: None,
         };
         self.signed(
             "POST",

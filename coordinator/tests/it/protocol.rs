@@ -192,3 +192,35 @@ fn hosts_that_report_a_stale_or_refused_desired_state_are_listed_and_counted() {
     assert!(hosts[0]["stale_since_ms"].is_null());
     assert!(metrics().contains("turnout_hosts_stale 0"), "{}", metrics());
 }
+
+#[test]
+fn a_host_that_accepted_a_higher_index_than_the_store_holds_moves_the_index_past_it() {
+    // A coordinator restored from an older backup: its index for the host
+    // is below what the host already accepted, and the host would refuse
+    // every answer as a replay. The host's report says how far it got.
+    let server = Server::start(settings());
+    let release = server.push_release("1.0.0");
+    let mut agent = FakeAgent::join(&server.url, "web-01", 1, &server.enroll_token(1), &release);
+    let before = agent.desired(0, "0s").index;
+    assert!(before < 40);
+    assert_eq!(agent.report_accepted(40).status, 204);
+    server.coordinator.flush().unwrap();
+    let after = agent.desired(0, "0s");
+    assert_eq!(after.index, 41, "moved past what the host accepted");
+    let events: Vec<Value> = server
+        .client(Some(&server.admin))
+        .get("/v1/events")
+        .unwrap();
+    assert!(
+        events.iter().any(|e| e["host"] == "web-01"
+            && e["message"]
+                .as_str()
+                .unwrap()
+                .contains("past index 40 that the host accepted before")),
+        "{events:#?}"
+    );
+    // A host that is behind moves nothing.
+    assert_eq!(agent.report_accepted(3).status, 204);
+    server.coordinator.flush().unwrap();
+    assert_eq!(agent.desired(0, "0s").index, 41);
+}

@@ -192,6 +192,7 @@ impl Sim {
             trust_refused: None,
             policy_version: None,
             policy_refused: None,
+            accepted_index: None,
         };
         encode(SUPPORTED.max(), &report)
     }
