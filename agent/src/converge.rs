@@ -74,7 +74,10 @@ pub fn failed_here<'a>(
 pub fn is_failure(kind: &OutcomeKind) -> bool {
     match kind {
         OutcomeKind::Reverted | OutcomeKind::Rejected | OutcomeKind::Interrupted => true,
-        OutcomeKind::Failed | OutcomeKind::Committed | OutcomeKind::Unknown(_) => false,
+        OutcomeKind::Failed
+        | OutcomeKind::Refused
+        | OutcomeKind::Committed
+        | OutcomeKind::Unknown(_) => false,
     }
 }
 

@@ -154,7 +154,7 @@ pub fn for_outcome(kind: &turnout_proto::messages::OutcomeKind) -> Exit {
     use turnout_proto::messages::OutcomeKind;
     match kind {
         OutcomeKind::Committed => Exit::Success,
-        OutcomeKind::Rejected => Exit::Rejected,
+        OutcomeKind::Rejected | OutcomeKind::Refused => Exit::Rejected,
         OutcomeKind::Reverted | OutcomeKind::Interrupted => Exit::Reverted,
         OutcomeKind::Failed | OutcomeKind::Unknown(_) => Exit::Failure,
     }

@@ -209,8 +209,13 @@ pub fn host_view(report: Option<&ServiceReport>, online: bool, acked: bool) -> H
             report
                 .and_then(|r| r.last_outcome.as_ref())
                 .and_then(|o| match o.kind {
+                    // A refusal by policy is lifted with the policy: one
+                    // from before the host acted on its current desired
+                    // state (an earlier rollout) says nothing about it.
+                    OutcomeKind::Refused if !acked => None,
                     OutcomeKind::Reverted
                     | OutcomeKind::Rejected
+                    | OutcomeKind::Refused
                     | OutcomeKind::Failed
                     | OutcomeKind::Interrupted => {
                         Some((o.release.clone(), format!("{}: {}", o.kind, o.reason)))

@@ -811,15 +811,15 @@ impl Store {
         self.bump_desired_index(host)
     }
 
-    /// Moves `host`'s desired-state index past `accepted` when it is not
-    /// above it already (the host accepted a higher index than this store
-    /// holds: a database restored from a backup); returns the new index
-    /// when it moved.
+    /// Moves `host`'s desired-state index past `accepted` when it is below
+    /// it (the host accepted a higher index than this store holds: a
+    /// database restored from a backup); returns the new index when it
+    /// moved. The same index is the normal case and moves nothing.
     pub fn raise_desired_index(&self, host: &str, accepted: u64) -> Result<Option<u64>> {
         let accepted = accepted.min(i64::MAX as u64 - 1) as i64;
         self.conn
             .prepare_cached(
-                "UPDATE hosts SET desired_index = ?2 + 1 WHERE id = ?1 AND desired_index <= ?2 RETURNING desired_index",
+                "UPDATE hosts SET desired_index = ?2 + 1 WHERE id = ?1 AND desired_index < ?2 RETURNING desired_index",
             )
             .and_then(|mut statement| {
                 statement

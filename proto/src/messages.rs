@@ -274,6 +274,10 @@ wire_enum! {
         Interrupted = "interrupted",
         /// The install could not proceed (download, disk, supervisor error).
         Failed = "failed",
+        /// The release policy forbids the release (below its floor, revoked)
+        /// or its signed manifest expired: nothing was touched, and it is
+        /// tried again when the policy allows it (v2).
+        Refused = "refused",
     }
 }
 

@@ -7,7 +7,7 @@
 //! {
 //!   "signed": {"format": 1, "version": 3, "created": "2026-12-02T10:00:00Z",
 //!              "expires": "2027-03-02T10:00:00Z",
-//!              "services": {"web": {"min_version": "1.5.0", "revoked": ["3f7c…"]}}},
+//!              "services": {"web": {"min_version": "1.5.0", "revoked": ["1.6.2"]}}},
 //!   "signatures": [{"key_id": "9f86d081884c7d65", "sig": "base64…"}]
 //! }
 //! ```
@@ -16,7 +16,11 @@
 //! exact bytes of `signed`, and only a higher version than the one it holds
 //! ([`accept`]). It then refuses to install, or to roll back to, a release of
 //! a service below its floor or revoked ([`Policy::check`]), whether or not
-//! anything is installed yet. A policy past its `expires` is still a floor
+//! anything is installed yet. Both rules name versions, which the release's
+//! signed manifest carries: a bundle's own sha256 would not do, since
+//! re-packing or adding a signature changes it while the release stays the
+//! same. The host checks the version of what it would really run (the
+//! slot's record, the downloaded manifest), never only what it was told. A policy past its `expires` is still a floor
 //! (it never lowers one), but it is stale: the host starts no new install
 //! until a fresh one arrives ([`Policy::expired`]).
 
@@ -27,7 +31,6 @@ use semver::Version;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::ids::Digest;
 use crate::limits::Limits;
 use crate::manifest::Timestamp;
 use crate::messages::ReleaseRef;
@@ -89,9 +92,9 @@ pub struct ServicePolicy {
     /// No release below this version may be installed or rolled back to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_version: Option<Version>,
-    /// Releases (bundle sha256) that may never be installed or rolled back to.
+    /// Release versions that may never be installed or rolled back to.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
-    pub revoked: BTreeSet<Digest>,
+    pub revoked: BTreeSet<Version>,
 }
 
 /// A policy's content.
@@ -136,13 +139,10 @@ impl Policy {
         let Some(rules) = self.services.get(service) else {
             return Ok(());
         };
-        if rules.revoked.contains(&release.sha256) {
+        if rules.revoked.contains(&release.version) {
             return Err(format!(
-                "{} {} ({}) is revoked by policy v{}",
-                release.name,
-                release.version,
-                &release.sha256.as_str()[..12],
-                self.version
+                "{} {} is revoked by policy v{}",
+                release.name, release.version, self.version
             ));
         }
         if let Some(floor) = &rules.min_version
@@ -299,7 +299,7 @@ mod tests {
         .unwrap()
     }
 
-    fn policy(version: u64, floor: &str, revoked: &[Digest]) -> PolicyFile {
+    fn policy(version: u64, floor: &str, revoked: &[&str]) -> PolicyFile {
         PolicyFile::unsigned(Policy {
             format: POLICY_FORMAT,
             version,
@@ -309,7 +309,7 @@ mod tests {
                 "web".to_owned(),
                 ServicePolicy {
                     min_version: Some(floor.parse().unwrap()),
-                    revoked: revoked.iter().cloned().collect(),
+                    revoked: revoked.iter().map(|v| v.parse().unwrap()).collect(),
                 },
             )]
             .into(),
@@ -320,18 +320,20 @@ mod tests {
         ReleaseRef {
             name: "web".into(),
             version: version.parse().unwrap(),
-            sha256: Digest::from_bytes([byte; 32]),
+            sha256: crate::ids::Digest::from_bytes([byte; 32]),
         }
     }
 
     #[test]
     fn floors_and_revocations_refuse_with_the_rule_and_the_version() {
-        let bad = Digest::from_bytes([9; 32]);
-        let p = policy(3, "1.5.0", std::slice::from_ref(&bad)).policy;
+        let p = policy(3, "1.5.0", &["2.0.0"]).policy;
         let err = p.check("web", &release("1.4.9", 1)).unwrap_err();
         assert_eq!(err, "web 1.4.9 is below the floor 1.5.0 set by policy v3");
-        let err = p.check("web", &release("2.0.0", 9)).unwrap_err();
-        assert!(err.contains("is revoked by policy v3"), "{err}");
+        // Whatever bundle carries it: a re-packed copy has another digest.
+        for byte in [9, 10] {
+            let err = p.check("web", &release("2.0.0", byte)).unwrap_err();
+            assert_eq!(err, "web 2.0.0 is revoked by policy v3");
+        }
         assert!(p.check("web", &release("1.5.0", 1)).is_ok());
         assert!(
             p.check("api", &release("0.1.0", 1)).is_ok(),

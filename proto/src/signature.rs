@@ -76,8 +76,8 @@ pub enum SignatureError {
     /// Only good signatures, but not enough of them.
     #[error(
         "the {document} has {} valid signature(s) by trusted keys ({}), {threshold} required; \
-         add signatures with `turnout sign BUNDLE --key KEY.pem`",
-        valid.len(), if valid.is_empty() { "none".to_owned() } else { join(valid) }
+         {}",
+        valid.len(), if valid.is_empty() { "none".to_owned() } else { join(valid) }, how_to_sign(document)
     )]
     BelowThreshold {
         /// What was signed.
@@ -87,6 +87,17 @@ pub enum SignatureError {
         /// Signatures needed.
         threshold: usize,
     },
+}
+
+/// How to add a signature to `document`.
+fn how_to_sign(document: &str) -> &'static str {
+    match document {
+        "policy" => {
+            "add signatures with `turnout policy set … --sign-with KEY.pem` or `turnout policy sign FILE --key KEY.pem`"
+        }
+        "trust file" => "sign the rotation with `turnout trust rotate … --sign-with KEY.pem`",
+        _ => "add signatures with `turnout sign BUNDLE --key KEY.pem`",
+    }
 }
 
 fn join(ids: &[KeyId]) -> String {

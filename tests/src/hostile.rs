@@ -40,6 +40,8 @@ struct Shared {
     reports: Mutex<HashMap<String, Value>>,
     /// Bundles by sha256.
     bundles: Mutex<HashMap<String, PathBuf>>,
+    /// The release policy document it serves, if any.
+    policy: Mutex<Option<String>>,
 }
 
 /// The double, serving on 127.0.0.1 until dropped.
@@ -65,6 +67,7 @@ impl Hostile {
             script: Mutex::new(script),
             reports: Mutex::new(HashMap::new()),
             bundles: Mutex::new(HashMap::new()),
+            policy: Mutex::new(None),
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -82,6 +85,7 @@ impl Hostile {
             .route("/v1/agent/desired", get(answer_desired))
             .route("/v1/agent/report", post(report))
             .route("/v1/bundles/{sha}", get(bundle))
+            .route("/v1/agent/policy", get(policy))
             .with_state(Arc::clone(&shared));
         runtime.spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -100,6 +104,11 @@ impl Hostile {
             .lock()
             .unwrap()
             .insert(sha256.to_owned(), bundle);
+    }
+
+    /// Serves `document` as the release policy from now on.
+    pub fn serve_policy(&self, document: String) {
+        *self.shared.policy.lock().unwrap() = Some(document);
     }
 
     /// Answers desired-state polls by `script` from now on.
@@ -205,6 +214,10 @@ async fn report(State(shared): State<Arc<Shared>>, body: Bytes) -> impl IntoResp
             .insert(host.to_owned(), report.clone());
     }
     StatusCode::NO_CONTENT
+}
+
+async fn policy(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    axum::Json(json!({"policy": *shared.policy.lock().unwrap()}))
 }
 
 async fn bundle(State(shared): State<Arc<Shared>>, Path(sha): Path<String>) -> impl IntoResponse {

@@ -623,19 +623,24 @@ impl Link {
                 }
             }
         }
+        // The policy is checked against what the host would really run:
+        // for a slot rollback the other slot's own record (written from the
+        // verified manifest when it was installed), never only the version
+        // the desired state claims for that bundle.
+        let slot_release = status.other.as_ref().filter(|o| o.sha256 == want.sha256);
+        let real = match (&decision, slot_release) {
+            (converge::Decision::Rollback, Some(other)) => other,
+            _ => want,
+        };
         if matches!(
             decision,
             converge::Decision::Install | converge::Decision::Rollback
         ) && let Some(settled) = self.apply_policy(
             name,
             want,
+            real,
             matches!(decision, converge::Decision::Install),
-            status.other_expires.filter(|_| {
-                status
-                    .other
-                    .as_ref()
-                    .is_some_and(|o| o.sha256 == want.sha256)
-            }),
+            status.other_expires.filter(|_| slot_release.is_some()),
         ) {
             return Ok(settled);
         }
@@ -704,6 +709,40 @@ impl Link {
                         return Err(err);
                     }
                 };
+                // The bundle's own manifest (its signature is checked by the
+                // install) must be the release the desired state names, and
+                // the policy must allow that release.
+                match self.manifest_release(&bundle, want).await {
+                    Ok(manifest) => {
+                        if let Some(settled) = self.apply_policy(name, want, &manifest, true, None)
+                        {
+                            return Ok(settled);
+                        }
+                    }
+                    Err(mismatch) => {
+                        let known = self
+                            .policy_noted
+                            .lock()
+                            .expect("not poisoned")
+                            .insert(name.to_owned(), mismatch.clone())
+                            .as_ref()
+                            == Some(&mismatch);
+                        if !known {
+                            tracing::warn!(service = %name, "rejected: {mismatch}");
+                            let _ = self.agent.record_outcome(
+                                name,
+                                OutcomeKind::Rejected,
+                                want.clone(),
+                                mismatch.clone(),
+                            );
+                        }
+                        self.refusals
+                            .lock()
+                            .expect("not poisoned")
+                            .insert(name.to_owned(), mismatch);
+                        return Ok(Converged::Settled);
+                    }
+                }
                 if !self.still_wanted(desired).await? {
                     return Ok(Converged::Settled);
                 }
@@ -728,9 +767,19 @@ impl Link {
         &self,
         name: &str,
         want: &ReleaseRef,
+        real: &ReleaseRef,
         install: bool,
         expires: Option<turnout_proto::manifest::Timestamp>,
     ) -> Option<Converged> {
+        let verdict = if real.name != want.name || real.version != want.version {
+            // The coordinator names the bundle as another release than it is.
+            policy::PolicyVerdict::Rejected(format!(
+                "the desired state names {} {}, but that bundle is {} {} on this host; not acted on",
+                want.name, want.version, real.name, real.version
+            ))
+        } else {
+            self.policy_verdict(name, real, install)
+        };
         let verdict = match expires {
             // A slot rollback to a release whose signed manifest expired:
             // refused, as an install of it would be.
@@ -740,7 +789,7 @@ impl Link {
                     want.name, want.version
                 ))
             }
-            _ => self.policy_verdict(name, want, install),
+            _ => verdict,
         };
         let text = match verdict {
             policy::PolicyVerdict::Allowed => {
@@ -760,7 +809,7 @@ impl Link {
                     tracing::warn!(service = %name, "rejected: {text}");
                     let _ =
                         self.agent
-                            .record_outcome(name, OutcomeKind::Rejected, want.clone(), rule);
+                            .record_outcome(name, OutcomeKind::Refused, want.clone(), rule);
                 }
                 text
             }
@@ -783,6 +832,45 @@ impl Link {
             .expect("not poisoned")
             .insert(name.to_owned(), text);
         Some(Converged::Settled)
+    }
+
+    /// The release a downloaded bundle's manifest names (read trusting
+    /// nothing: the install verifies its signature), or why it is not the
+    /// release `want` names.
+    async fn manifest_release(
+        &self,
+        bundle: &Path,
+        want: &ReleaseRef,
+    ) -> Result<ReleaseRef, String> {
+        let path = bundle.to_owned();
+        let head = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+            turnout_proto::bundle::read_head(
+                std::io::BufReader::new(file),
+                &turnout_proto::Limits::default(),
+            )
+            .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| {
+            format!(
+                "the bundle of {} {} does not read: {e}",
+                want.name, want.version
+            )
+        })?;
+        let manifest = &head.manifest;
+        if manifest.name.as_str() != want.name || manifest.version != want.version {
+            return Err(format!(
+                "the desired state names {} {}, but the bundle it points at is {} {}; not installed",
+                want.name, want.version, manifest.name, manifest.version
+            ));
+        }
+        Ok(ReleaseRef {
+            name: manifest.name.to_string(),
+            version: manifest.version.clone(),
+            sha256: want.sha256.clone(),
+        })
     }
 
     /// GETs the desired state at `path` (`what` names the request in errors).

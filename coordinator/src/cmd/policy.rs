@@ -31,13 +31,13 @@ pub enum Command {
         /// Remove SERVICE's floor.
         #[arg(long, conflicts_with = "min_version")]
         no_floor: bool,
-        /// A release (its bundle's sha256) that may never be installed or
-        /// rolled back to; repeat.
-        #[arg(long, value_name = "SHA256")]
-        revoke: Vec<turnout_proto::Digest>,
+        /// A release version of SERVICE that may never be installed or
+        /// rolled back to, whatever bundle carries it; repeat.
+        #[arg(long, value_name = "VERSION")]
+        revoke: Vec<semver::Version>,
         /// Lift a revocation; repeat.
-        #[arg(long, value_name = "SHA256")]
-        unrevoke: Vec<turnout_proto::Digest>,
+        #[arg(long, value_name = "VERSION")]
+        unrevoke: Vec<semver::Version>,
         /// How long the policy stays fresh: past it, hosts keep its floors
         /// but start no new install until a fresh one arrives.
         #[arg(long, default_value = "90d")]

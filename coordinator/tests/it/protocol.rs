@@ -219,8 +219,15 @@ fn a_host_that_accepted_a_higher_index_than_the_store_holds_moves_the_index_past
                 .contains("past index 40 that the host accepted before")),
         "{events:#?}"
     );
-    // A host that is behind moves nothing.
-    assert_eq!(agent.report_accepted(3).status, 204);
-    server.coordinator.flush().unwrap();
-    assert_eq!(agent.desired(0, "0s").index, 41);
+    // A host that is behind, or exactly where the store is (every report
+    // of a host at rest), moves nothing.
+    for accepted in [3, 41, 41] {
+        assert_eq!(agent.report_accepted(accepted).status, 204);
+        server.coordinator.flush().unwrap();
+        assert_eq!(
+            agent.desired(0, "0s").index,
+            41,
+            "after accepted {accepted}"
+        );
+    }
 }

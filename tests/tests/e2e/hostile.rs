@@ -154,3 +154,99 @@ fn a_hostile_coordinator_is_refused_each_way_and_the_service_never_moves() {
     assert_eq!(host.service_pid(), Some(pid), "the service was restarted");
     host.stop();
 }
+
+/// The release policy is checked against what the host would really run,
+/// not against the version the desired state claims: a hostile coordinator
+/// that names an old bundle as a new version gets neither a slot rollback
+/// nor an install below the floor.
+#[test]
+fn a_hostile_coordinator_cannot_pass_an_old_release_off_as_a_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let release_key = SecretKey::from_seed([3; 32]);
+    let trust = dir.path().join("trust.json");
+    let trusted = Trust::new(1, 1, SystemTime::UNIX_EPOCH, vec![release_key.public()]).unwrap();
+    std::fs::write(&trust, TrustFile::unsigned(trusted).to_bytes()).unwrap();
+    let v1 = demo_bundle(dir.path(), "1.0.0", "healthy", &release_key);
+    let v2 = demo_bundle(dir.path(), "2.0.0", "healthy", &release_key);
+    let (one, two) = (release(&v1, "1.0.0"), release(&v2, "2.0.0"));
+    let double = Hostile::start(
+        SecretKey::from_seed([44; 32]),
+        Duration::from_secs(60),
+        Script::Honest(desired("host-00", 1, one.clone())),
+    );
+    double.serve_bundle(one.release.sha256.as_str(), v1.clone());
+    double.serve_bundle(two.release.sha256.as_str(), v2);
+    let mut host = Host::new("host-00", &dir.path().join("host-00"), &trust, "300ms");
+    host.enroll(&double.url, "tne_any", None);
+    host.start(&[]);
+    wait_for("web 1.0.0 to run", Duration::from_secs(40), || {
+        host.served().as_deref() == Some("1.0.0")
+    });
+    double.script(Script::Honest(desired("host-00", 2, two.clone())));
+    wait_for("web 2.0.0 to run", Duration::from_secs(40), || {
+        host.served().as_deref() == Some("2.0.0") && host.status()["state"] == "idle"
+    });
+    // The release team's floor: 2.0.0.
+    let mut policy = turnout_proto::policy::PolicyFile::unsigned(turnout_proto::policy::Policy {
+        format: turnout_proto::policy::POLICY_FORMAT,
+        version: 1,
+        created: turnout_proto::manifest::Timestamp(SystemTime::now()),
+        expires: turnout_proto::manifest::Timestamp(SystemTime::now() + Duration::from_secs(3600)),
+        services: [(
+            "web".to_owned(),
+            turnout_proto::policy::ServicePolicy {
+                min_version: Some("2.0.0".parse().unwrap()),
+                revoked: Default::default(),
+            },
+        )]
+        .into(),
+    });
+    policy.sign(&release_key);
+    double.serve_policy(String::from_utf8(policy.to_bytes()).unwrap());
+    let pid = host.service_pid().unwrap();
+
+    // 1.0.0's bundle (in the other slot) named as "2.5.0": no slot rollback.
+    let mut disguised = one.clone();
+    disguised.release.version = "2.5.0".parse().unwrap();
+    let mut state = desired("host-00", 3, disguised.clone());
+    state.policy_version = Some(1);
+    double.script(Script::Honest(state));
+    wait_for(
+        "the disguised rollback to be refused",
+        Duration::from_secs(30),
+        || {
+            double.report("host-00").is_some_and(|r| {
+                r["services"][0]["last_error"].as_str().is_some_and(|e| {
+                    e.contains("the desired state names web 2.5.0, but that bundle is web 1.0.0")
+                })
+            })
+        },
+    );
+    assert_eq!(host.served().as_deref(), Some("2.0.0"));
+    assert_eq!(host.service_pid(), Some(pid));
+
+    // A bundle of 1.5.0, never installed here, named "2.0.1": refused
+    // once downloaded, before anything is touched.
+    let v3 = demo_bundle(dir.path(), "1.5.0", "healthy", &release_key);
+    let mut old = release(&v3, "1.5.0");
+    double.serve_bundle(old.release.sha256.as_str(), v3);
+    old.release.version = "2.0.1".parse().unwrap();
+    let mut state = desired("host-00", 4, old);
+    state.policy_version = Some(1);
+    double.script(Script::Honest(state));
+    wait_for(
+        "the disguised install to be refused",
+        Duration::from_secs(30),
+        || {
+            double.report("host-00").is_some_and(|r| {
+            r["services"][0]["last_error"].as_str().is_some_and(|e| {
+                e.contains("the desired state names web 2.0.1, but the bundle it points at is web 1.5.0")
+            })
+        })
+        },
+    );
+    assert_eq!(host.served().as_deref(), Some("2.0.0"));
+    assert_eq!(host.service_pid(), Some(pid));
+    assert_eq!(host.status()["committed"]["version"], "2.0.0");
+    host.stop();
+}

@@ -90,7 +90,7 @@ fn after_a_floor_is_set_a_rollback_below_it_is_refused_by_every_host_and_reporte
         );
         assert_eq!(
             host.status()["last_outcome"]["kind"],
-            "rejected",
+            "refused",
             "{}: {}",
             host.id,
             host.status()
@@ -143,6 +143,31 @@ fn after_a_floor_is_set_a_rollback_below_it_is_refused_by_every_host_and_reporte
     );
     let shown: Value = fleet.client().get("/v1/policy").unwrap();
     assert_eq!(shown["policy"]["version"], 1);
+
+    // Lifted by the release keys, the floor no longer holds: the release
+    // the hosts refused is taken again (a refusal is not a failure).
+    let lifted = policy_cli(
+        &fleet,
+        &[
+            "set",
+            "web",
+            "--no-floor",
+            "--sign-with",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        lifted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&lifted.stderr)
+    );
+    let id = fleet.rollout(
+        json!({"service": "web", "release": "web@1.0.0", "waves": ["100%"], "max_parallel": 3}),
+    );
+    fleet.wait_state(&id, "succeeded", LONG);
+    for host in &fleet.hosts {
+        assert_eq!(host.served().as_deref(), Some("1.0.0"), "{}", host.id);
+    }
 }
 
 /// A coordinator's rollback to the other slot's release is refused once
