@@ -174,7 +174,7 @@ fn a_hostile_coordinator_cannot_pass_an_old_release_off_as_a_new_one() {
         Duration::from_secs(60),
         Script::Honest(desired("host-00", 1, one.clone())),
     );
-    double.serve_bundle(one.release.sha256.as_str(), v1.clone());
+    double.serve_bundle(one.release.sha256.as_str(), v1);
     double.serve_bundle(two.release.sha256.as_str(), v2);
     let mut host = Host::new("host-00", &dir.path().join("host-00"), &trust, "300ms");
     host.enroll(&double.url, "tne_any", None);
@@ -182,7 +182,7 @@ fn a_hostile_coordinator_cannot_pass_an_old_release_off_as_a_new_one() {
     wait_for("web 1.0.0 to run", Duration::from_secs(40), || {
         host.served().as_deref() == Some("1.0.0")
     });
-    double.script(Script::Honest(desired("host-00", 2, two.clone())));
+    double.script(Script::Honest(desired("host-00", 2, two)));
     wait_for("web 2.0.0 to run", Duration::from_secs(40), || {
         host.served().as_deref() == Some("2.0.0") && host.status()["state"] == "idle"
     });
