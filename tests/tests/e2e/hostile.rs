@@ -206,9 +206,9 @@ fn a_hostile_coordinator_cannot_pass_an_old_release_off_as_a_new_one() {
     let pid = host.service_pid().unwrap();
 
     // 1.0.0's bundle (in the other slot) named as "2.5.0": no slot rollback.
-    let mut disguised = one.clone();
+    let mut disguised = one;
     disguised.release.version = "2.5.0".parse().unwrap();
-    let mut state = desired("host-00", 3, disguised.clone());
+    let mut state = desired("host-00", 3, disguised);
     state.policy_version = Some(1);
     double.script(Script::Honest(state));
     wait_for(
