@@ -19,6 +19,7 @@ pub mod service;
 pub mod slots;
 pub mod stage;
 pub mod supervisor;
+pub mod trust_chain;
 
 use turnout_proto::{CapabilitySet, Offer, SUPPORTED};
 

@@ -134,6 +134,16 @@ impl ApiError {
         }
     }
 
+    /// A 422: a signed document its verification refused (a trust rotation
+    /// or a policy without the signatures the rules need, or not newer).
+    pub fn rejected(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: 422,
+            code: ErrorCode::BadRequest,
+            message: message.into(),
+        }
+    }
+
     /// A 500: the coordinator failed (a file it could not write).
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError {
@@ -664,7 +674,14 @@ impl Coordinator {
         let mut policy = self.policy.lock().expect("not poisoned");
         let current = policy.as_ref().map(|p| &p.policy);
         turnout_proto::policy::accept(&trust, current, next)
-            .map_err(|err| ApiError::conflict(err.to_string()))?;
+            .map_err(|err| ApiError::rejected(err.to_string()))?;
+        if next.policy.expired(std::time::SystemTime::now()) {
+            return Err(ApiError::rejected(format!(
+                "policy version {} expired at {}: hosts would hold every install back at once; sign one that \
+                 expires later (`turnout policy set … --expires 90d`)",
+                next.policy.version, next.policy.expires
+            )));
+        }
         if current.is_some_and(|c| c.version == next.policy.version) {
             return Err(ApiError::conflict(format!(
                 "policy version {} is already in force: raise the version to change it",
@@ -689,7 +706,7 @@ impl Coordinator {
     pub fn rotate_trust(&self, file: &turnout_proto::trust::TrustFile) -> Result<u64, ApiError> {
         let mut trust = self.trust.lock().expect("not poisoned");
         trust.accept_rotation(file).map_err(|err| {
-            ApiError::conflict(format!(
+            ApiError::rejected(format!(
                 "the trust file is not a valid rotation of the coordinator's version {}: {err}",
                 trust.version()
             ))

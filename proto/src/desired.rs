@@ -302,6 +302,11 @@ pub fn retire_predecessors(known: &mut Vec<Director>, signer: &KeyId) -> Vec<Key
     dropped
 }
 
+/// The longest a host counts a desired state as valid, whatever its
+/// `expires_ms` says: a leaked director key cannot sign a document that
+/// never goes stale. `desired_expiry` may not exceed it.
+pub const MAX_VALIDITY_MS: u64 = 7 * 24 * 3600 * 1000;
+
 /// sha256 (hex) of a desired state's services: what must not change under one index.
 pub fn content_digest(state: &DesiredState) -> String {
     let bytes = serde_json::to_vec(&state.services).expect("services serialise");
@@ -359,7 +364,7 @@ pub fn accept(
         index: state.index,
         content,
         issued_at_ms,
-        expires_ms,
+        expires_ms: expires_ms.min(now_ms.saturating_add(MAX_VALIDITY_MS)),
     };
     // A record kept under a key this host no longer accepts (a new
     // enrollment) says nothing about this key's documents; one under a key
@@ -523,6 +528,16 @@ mod tests {
             check(&signed, 2_000, Some(&kept)),
             Err(DesiredRefusal::Undated { index: 6 })
         ));
+    }
+
+    #[test]
+    fn a_document_counts_as_valid_for_a_week_at_most() {
+        let mut forever = state(5, "2.0.0", 1_000);
+        forever.expires_ms = Some(u64::MAX);
+        let signed = SignedDesired::sign(&forever, &director());
+        let (_, kept) = check(&signed, 2_000, None).unwrap();
+        assert_eq!(kept.expires_ms, 2_000 + MAX_VALIDITY_MS);
+        assert!(kept.stale_since(2_000 + MAX_VALIDITY_MS).is_some());
     }
 
     #[test]

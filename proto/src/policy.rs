@@ -75,7 +75,7 @@ pub enum PolicyError {
     },
     /// Not newer than the one held.
     #[error(
-        "the policy has version {found}, but this host holds version {current}: a policy is \
+        "the policy has version {found}, but version {current} is in force: a policy is \
          replaced only by a higher version, so an old one cannot be replayed"
     )]
     NotNewer {

@@ -150,6 +150,11 @@ pub struct Link {
     policy_refused: Mutex<Option<String>>,
     /// Per service, the policy refusal already logged and recorded.
     policy_noted: Mutex<BTreeMap<String, String>>,
+    /// Why no desired state is taken at all: `director.json` or
+    /// `desired.json` is damaged (read at start).
+    damaged: Mutex<Option<String>>,
+    /// Why no install or rollback starts: `policy.json` is damaged.
+    policy_damaged: Mutex<Option<String>>,
 }
 
 /// How often a link, or an agent not enrolled, looks for a new enrollment.
@@ -252,12 +257,25 @@ impl Link {
         );
         let files = Mutex::new(identity.files);
         let state_dir = &agent.config().state_dir;
+        // A damaged record fails closed: no desired state (or no install)
+        // is taken until an operator acts, since the record is what keeps
+        // a forged or older one out.
+        let mut damaged = None;
         let directors = signed::load_directors(state_dir).unwrap_or_else(|err| {
-            tracing::error!("{err}; asking the coordinator for its director key again");
+            damaged = Some(signed::damaged_directors(&err));
             Vec::new()
         });
-        let accepted = signed::load_accepted(state_dir);
-        let held_policy = policy::load_policy(state_dir);
+        let accepted = signed::load_accepted(state_dir).unwrap_or_else(|why| {
+            damaged.get_or_insert(why);
+            None
+        });
+        let (held_policy, policy_damaged) = match policy::load_policy(state_dir) {
+            Ok(policy) => (policy, None),
+            Err(why) => (None, Some(why)),
+        };
+        for why in damaged.iter().chain(policy_damaged.iter()) {
+            tracing::error!("{why}");
+        }
         Link {
             agent,
             identity,
@@ -277,6 +295,8 @@ impl Link {
             policy: Mutex::new(held_policy),
             policy_refused: Mutex::new(None),
             policy_noted: Mutex::new(BTreeMap::new()),
+            damaged: Mutex::new(damaged),
+            policy_damaged: Mutex::new(policy_damaged),
         }
     }
 
@@ -383,13 +403,27 @@ impl Link {
         status.coordinator = Some(self.identity.coordinator.clone());
         status.state = state.to_owned();
         status.detail = detail;
-        status.proto = Some(self.version.lock().expect("not poisoned").get());
-        status.desired_expires_ms = self
-            .accepted
-            .lock()
-            .expect("not poisoned")
-            .as_ref()
-            .map(|a| a.expires_ms);
+        drop(status);
+        self.publish_desired();
+    }
+
+    /// Shows the signed desired state as it stands (protocol, expiry, the
+    /// last refusal) in `status`, after every answer and at every change of
+    /// the link: `status` never shows an old refusal or a staleness that
+    /// a newer document ended.
+    fn publish_desired(&self) {
+        let version = *self.version.lock().expect("not poisoned");
+        let mut status = self.status.lock().expect("not poisoned");
+        status.proto = Some(version.get());
+        status.desired_expires_ms = (version >= turnout_proto::ProtoVersion::V2)
+            .then(|| {
+                self.accepted
+                    .lock()
+                    .expect("not poisoned")
+                    .as_ref()
+                    .map(|a| a.expires_ms)
+            })
+            .flatten();
         status.desired_refused = self.desired_refused.lock().expect("not poisoned").clone();
     }
 
@@ -467,6 +501,10 @@ impl Link {
     /// desired state (a downgrade: an old or impersonated coordinator).
     async fn agreed(&self, version: turnout_proto::ProtoVersion) -> Result<(), LinkError> {
         *self.version.lock().expect("not poisoned") = version;
+        if let Some(why) = self.recheck_damaged() {
+            *self.desired_refused.lock().expect("not poisoned") = Some(why.clone());
+            return Err(LinkError::DesiredRefused(why));
+        }
         if version >= turnout_proto::ProtoVersion::V2 {
             return self.ensure_director().await;
         }
@@ -481,6 +519,29 @@ impl Link {
             return Err(LinkError::DesiredRefused(reason));
         }
         Ok(())
+    }
+
+    /// Reads a damaged `director.json` and `desired.json` again (an
+    /// operator may have removed or restored them): Some(why) while one is
+    /// still damaged; None, with both taken, once they read.
+    fn recheck_damaged(&self) -> Option<String> {
+        let mut damaged = self.damaged.lock().expect("not poisoned");
+        damaged.as_ref()?;
+        let state_dir = &self.agent.config().state_dir;
+        let directors = match signed::load_directors(state_dir) {
+            Ok(directors) => directors,
+            Err(err) => return Some(signed::damaged_directors(&err)),
+        };
+        let accepted = match signed::load_accepted(state_dir) {
+            Ok(accepted) => accepted,
+            Err(why) => return Some(why),
+        };
+        tracing::info!("the host's desired-state records read again: taking desired state");
+        *self.directors.lock().expect("not poisoned") = directors;
+        *self.accepted.lock().expect("not poisoned") = accepted;
+        *self.desired_refused.lock().expect("not poisoned") = None;
+        *damaged = None;
+        None
     }
 
     async fn hello(&self) -> Result<turnout_proto::Envelope<Welcome>, LinkError> {
@@ -908,11 +969,13 @@ impl Link {
                     {
                         tracing::info!("the coordinator's desired state verifies again");
                     }
+                    self.publish_desired();
                     Ok(state)
                 }
                 Err(refusal) => {
                     let text = refusal.to_string();
                     *self.desired_refused.lock().expect("not poisoned") = Some(text.clone());
+                    self.publish_desired();
                     Err(LinkError::DesiredRefused(text))
                 }
             };

@@ -15,17 +15,26 @@ use super::*;
 const POLICY_FILE: &str = "policy.json";
 
 /// The policy kept in `state_dir`, if any.
-pub(super) fn load_policy(state_dir: &Path) -> Option<Policy> {
-    let bytes = std::fs::read(state_dir.join(POLICY_FILE)).ok()?;
-    match PolicyFile::parse(&bytes, &turnout_proto::Limits::default()) {
-        Ok(file) => Some(file.policy),
-        Err(err) => {
-            tracing::error!(
-                "{POLICY_FILE} does not read ({err}); asking the coordinator for the policy again"
-            );
-            None
-        }
-    }
+pub(super) fn load_policy(state_dir: &Path) -> Result<Option<Policy>, String> {
+    let path = state_dir.join(POLICY_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(damaged(&path, &err.to_string())),
+    };
+    PolicyFile::parse(&bytes, &turnout_proto::Limits::default())
+        .map(|file| Some(file.policy))
+        .map_err(|err| damaged(&path, &err.to_string()))
+}
+
+/// Why a host with a damaged `policy.json` starts no install or rollback:
+/// the floors it held are unknown, and an older policy must not pass.
+fn damaged(path: &Path, err: &str) -> String {
+    format!(
+        "{} is damaged ({err}): the floors and revocations it held are unknown, so installs and rollbacks wait; \
+         remove the file to take the coordinator's current policy (signed by the release keys)",
+        path.display()
+    )
 }
 
 /// Why a release may not be installed or rolled back to under `policy`.
@@ -42,6 +51,20 @@ impl Link {
     /// Asks the coordinator for its release policy and takes it if the
     /// release keys signed it and it is newer; failures to ask only log.
     pub(super) async fn refresh_policy(&self) {
+        {
+            let mut damaged = self.policy_damaged.lock().expect("not poisoned");
+            if damaged.is_some() {
+                // Fails closed until the file reads again (or is removed).
+                match load_policy(&self.agent.config().state_dir) {
+                    Ok(held) => {
+                        tracing::info!("{POLICY_FILE} reads again");
+                        *self.policy.lock().expect("not poisoned") = held;
+                        *damaged = None;
+                    }
+                    Err(_) => return,
+                }
+            }
+        }
         let (status, body) = match self
             .call("GET", "/v1/agent/policy".into(), Vec::new())
             .await
@@ -133,6 +156,9 @@ impl Link {
         release: &ReleaseRef,
         install: bool,
     ) -> PolicyVerdict {
+        if let Some(why) = self.policy_damaged.lock().expect("not poisoned").as_ref() {
+            return PolicyVerdict::Stale(why.clone());
+        }
         let policy = self.policy.lock().expect("not poisoned");
         let Some(policy) = policy.as_ref() else {
             return PolicyVerdict::Allowed;

@@ -62,8 +62,27 @@ impl Link {
         };
         let (accepted, refusal) = apply_rotations(&current.trust, &offered);
         if let Some(next) = accepted {
-            let path = config.state_dir.join(crate::service::ROTATED_TRUST);
-            match turnout_rt::files::write_atomic(&path, &next.to_bytes(), 0o644) {
+            // Every step from the current trust to the newest accepted one:
+            // each is checked again from the one before whenever the trust
+            // is read.
+            let mut sorted: Vec<&TrustFile> = offered.iter().collect();
+            sorted.sort_by_key(|f| f.trust.version());
+            let mut steps: Vec<&TrustFile> = Vec::new();
+            let mut at = current.trust.clone();
+            for file in sorted {
+                if file.trust.version() <= at.version()
+                    || file.trust.version() > next.trust.version()
+                {
+                    continue;
+                }
+                if at.accept_rotation(file).is_err() {
+                    break;
+                }
+                at = file.trust.clone();
+                steps.push(file);
+            }
+            let path = config.state_dir.join(crate::trust_chain::ROTATIONS_DIR);
+            match crate::trust_chain::keep(config, &steps) {
                 Ok(()) => tracing::info!(
                     "applied the release trust rotation to version {} (from version {}): bundles must now be \
                      signed by {} of its {} key(s)",

@@ -77,15 +77,36 @@ pub(super) fn save_directors(state_dir: &Path, keys: &[Director]) -> std::io::Re
 /// The newest desired state this host accepted, if any (an unreadable
 /// file is no record: the coordinator's next answer makes a new one, and
 /// a replay still needs the director's signature on a fresh document).
-pub(super) fn load_accepted(state_dir: &Path) -> Option<Accepted> {
-    let bytes = std::fs::read(state_dir.join(ACCEPTED_FILE)).ok()?;
-    match serde_json::from_slice(&bytes) {
-        Ok(accepted) => Some(accepted),
-        Err(err) => {
-            tracing::warn!("{ACCEPTED_FILE} does not read ({err}); starting a new record");
-            None
-        }
-    }
+pub(super) fn load_accepted(state_dir: &Path) -> Result<Option<Accepted>, String> {
+    let path = state_dir.join(ACCEPTED_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(damaged_record(&path, &err.to_string())),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|err| damaged_record(&path, &err.to_string()))
+}
+
+/// Why a host with a damaged `desired.json` takes no desired state: it
+/// fails closed, since without the record an older document would pass.
+fn damaged_record(path: &Path, err: &str) -> String {
+    format!(
+        "{} is damaged ({err}): without it this host could be given an older desired state again, so it takes \
+         none; services keep running as they are. Remove the file to accept the coordinator's next signed \
+         desired state",
+        path.display()
+    )
+}
+
+/// Why a host with a damaged `director.json` takes no desired state.
+pub(super) fn damaged_directors(err: &LinkError) -> String {
+    format!(
+        "{DIRECTOR_FILE} is damaged: {err}: this host cannot tell its coordinator's desired state from a forgery, so it takes none; services \
+         keep running as they are. Enroll the host again (`turnout-agent enroll` with a join line from \
+         `turnout token create --enroll`) to trust the coordinator again"
+    )
 }
 
 /// A body that was not the signed desired state the agreed version calls for.

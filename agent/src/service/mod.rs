@@ -850,37 +850,9 @@ fn manifest_digest(bytes: &[u8]) -> Digest {
     Digest::from_bytes(Sha256::digest(bytes).into())
 }
 
-/// The file in `STATE_DIR` that holds a trust rotation the coordinator
-/// delivered and this host accepted (`/etc` is read-only to the agent).
-pub const ROTATED_TRUST: &str = "trust.json";
-
-/// The release trust this host applies: the operator's file (`trust` in the
-/// config), or the rotation kept in `STATE_DIR/trust.json` when that one is
-/// newer (it was accepted only after passing the rotation rules).
+/// The release trust this host applies ([`crate::trust_chain`]).
 pub fn current_trust(config: &crate::config::Config) -> Result<TrustFile, AgentError> {
-    let read = |path: &Path| -> Result<TrustFile, AgentError> {
-        let bytes = std::fs::read(path).map_err(|err| AgentError::Trust {
-            path: path.to_owned(),
-            detail: err.to_string(),
-        })?;
-        TrustFile::parse(&bytes, &Limits::default()).map_err(|err| AgentError::Trust {
-            path: path.to_owned(),
-            detail: err.to_string(),
-        })
-    };
-    let operator = read(&config.trust)?;
-    let rotated_path = config.state_dir.join(ROTATED_TRUST);
-    if !rotated_path.exists() {
-        return Ok(operator);
-    }
-    match read(&rotated_path) {
-        Ok(rotated) if rotated.trust.version() > operator.trust.version() => Ok(rotated),
-        Ok(_) => Ok(operator),
-        Err(err) => {
-            tracing::warn!("{err}; using {}", config.trust.display());
-            Ok(operator)
-        }
-    }
+    crate::trust_chain::current(config)
 }
 
 fn read_trust(path: &Path) -> Result<Trust, AgentError> {

@@ -135,6 +135,14 @@ pub fn run(command: Command) -> anyhow::Result<Exit> {
             out,
             remote,
         } => {
+            if sign_with.is_empty() && out.is_none() {
+                eprintln!(
+                    "turnout: a policy takes effect only when signed by the release keys: give --sign-with KEY.pem \
+                     (repeat up to the trust file's threshold), or --out FILE to have other key holders sign it \
+                     with `turnout policy sign`"
+                );
+                return Ok(Exit::Usage);
+            }
             let shown: Value = remote.client()?.get("/v1/policy")?;
             let current = shown["document"]
                 .as_str()

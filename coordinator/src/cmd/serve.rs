@@ -446,6 +446,17 @@ async fn shutdown() {
 /// not go stale between two answers.
 fn check_expiry(expiry: Duration, interval: Duration) -> Result<Duration, files::InputError> {
     let floor = interval * 3;
+    let ceiling = Duration::from_millis(turnout_proto::desired::MAX_VALIDITY_MS);
+    if expiry > ceiling {
+        return Err(files::InputError::Invalid {
+            path: "desired_expiry".into(),
+            detail: format!(
+                "{} is longer than hosts count any desired state as valid ({}); expected at most that",
+                humantime::format_duration(expiry),
+                humantime::format_duration(ceiling)
+            ),
+        });
+    }
     if expiry < floor {
         return Err(files::InputError::Invalid {
             path: "desired_expiry".into(),

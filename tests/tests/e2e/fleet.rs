@@ -580,3 +580,38 @@ fn a_host_still_baking_when_the_gate_trips_is_brought_back_and_verified() {
         "{events:#?}"
     );
 }
+
+/// A fleet at rest keeps its desired-state indexes: the reports of hosts
+/// that accepted exactly what the coordinator holds move nothing (a bug
+/// once moved the index at every report, so a host was never at rest).
+#[test]
+fn a_fleet_at_rest_keeps_its_desired_state_indexes() {
+    let fleet = Fleet::start(Options {
+        hosts: 2,
+        ..Options::default()
+    });
+    fleet.install_everywhere("1.0.0");
+    let snapshot = || -> Vec<(u64, u64)> {
+        let hosts: Vec<serde_json::Value> = fleet.client().get("/v1/hosts").unwrap();
+        hosts
+            .iter()
+            .map(|h| {
+                (
+                    h["desired_index"].as_u64().unwrap(),
+                    h["report"]["seq"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    };
+    let before = snapshot();
+    // A report's seq is its time in ms (strictly growing): three report
+    // intervals (500 ms here) later, every host has reported again.
+    wait_for("three more report intervals from every host", LONG, || {
+        let now = snapshot();
+        now.iter()
+            .zip(&before)
+            .all(|((_, seq), (_, seq_before))| *seq > seq_before + 1_500)
+    });
+    let indexes = |s: &[(u64, u64)]| s.iter().map(|(i, _)| *i).collect::<Vec<_>>();
+    assert_eq!(indexes(&snapshot()), indexes(&before));
+}

@@ -250,3 +250,103 @@ fn a_hostile_coordinator_cannot_pass_an_old_release_off_as_a_new_one() {
     assert_eq!(host.status()["committed"]["version"], "2.0.0");
     host.stop();
 }
+
+/// The records a host keeps against forged and older desired state fail
+/// closed: a damaged `desired.json` or `director.json` means no desired
+/// state is taken (and the status says what to do), a damaged
+/// `policy.json` means no install starts; the service keeps its process
+/// throughout, and removing the damaged file lets the host go on.
+#[test]
+fn damaged_records_fail_closed_and_say_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let release_key = SecretKey::from_seed([3; 32]);
+    let trust = dir.path().join("trust.json");
+    let trusted = Trust::new(1, 1, SystemTime::UNIX_EPOCH, vec![release_key.public()]).unwrap();
+    std::fs::write(&trust, TrustFile::unsigned(trusted).to_bytes()).unwrap();
+    let v1 = demo_bundle(dir.path(), "1.0.0", "healthy", &release_key);
+    let v2 = demo_bundle(dir.path(), "2.0.0", "healthy", &release_key);
+    let (one, two) = (release(&v1, "1.0.0"), release(&v2, "2.0.0"));
+    let double = Hostile::start(
+        SecretKey::from_seed([44; 32]),
+        Duration::from_secs(60),
+        Script::Honest(desired("host-00", 1, one.clone())),
+    );
+    double.serve_bundle(one.release.sha256.as_str(), v1);
+    double.serve_bundle(two.release.sha256.as_str(), v2);
+    let home = dir.path().join("host-00");
+    let mut host = Host::new("host-00", &home, &trust, "300ms");
+    host.enroll(&double.url, "tne_any", None);
+    host.start(&[]);
+    wait_for("web 1.0.0 to run", Duration::from_secs(40), || {
+        host.served().as_deref() == Some("1.0.0")
+            && double
+                .report("host-00")
+                .is_some_and(|r| r["desired_index"] == 1)
+    });
+    let state = home.join("state");
+    let refused = |what: &str| {
+        double.report("host-00").is_some_and(|r| {
+            r["desired_refused"]
+                .as_str()
+                .is_some_and(|t| t.contains(what))
+        })
+    };
+
+    for (file, says) in [
+        (
+            "desired.json",
+            "Remove the file to accept the coordinator's next signed desired state",
+        ),
+        ("director.json", "Enroll the host again"),
+    ] {
+        host.kill();
+        std::fs::write(state.join(file), b"{ damaged").unwrap();
+        double.script(Script::Honest(desired("host-00", 2, two.clone())));
+        host.start(&[]);
+        wait_for(
+            &format!("a damaged {file} to be refused"),
+            Duration::from_secs(30),
+            || refused(says),
+        );
+        // The agent's own restart starts its exec service afresh; from
+        // then on, while it refuses, the service keeps that process.
+        let pid = host.service_pid().unwrap();
+        let seq = double.report("host-00").unwrap()["seq"].as_u64().unwrap();
+        wait_for(
+            "more reports while refusing",
+            Duration::from_secs(30),
+            || {
+                double
+                    .report("host-00")
+                    .is_some_and(|r| r["seq"].as_u64().unwrap() > seq + 2 && refused(says))
+            },
+        );
+        let status = host.status_text();
+        assert!(status.contains(&format!("{file} is damaged")), "{status}");
+        assert_eq!(host.served().as_deref(), Some("1.0.0"), "{file}");
+        assert_eq!(
+            host.service_pid(),
+            Some(pid),
+            "{file}: the service was restarted"
+        );
+        // Put back as the operator is told to: the host goes on without a restart.
+        if file == "desired.json" {
+            std::fs::remove_file(state.join(file)).unwrap();
+            wait_for(
+                "the host to take desired state again",
+                Duration::from_secs(30),
+                || {
+                    double
+                        .report("host-00")
+                        .is_some_and(|r| r["desired_refused"].is_null())
+                        && host.served().as_deref() == Some("2.0.0")
+                },
+            );
+            double.script(Script::Honest(desired("host-00", 3, one.clone())));
+            wait_for("back on 1.0.0, at rest", Duration::from_secs(30), || {
+                host.served().as_deref() == Some("1.0.0") && host.status()["state"] == "idle"
+            });
+        }
+    }
+    host.stop();
+}

@@ -142,7 +142,14 @@ fn a_two_of_three_rotation_reaches_every_host_and_one_signed_by_one_old_key_is_r
     );
     for host in &fleet.hosts {
         assert_eq!(host.served().as_deref(), Some("4.0.0"), "{}", host.id);
-        let kept = std::fs::read(fleet.dir.path().join(&host.id).join("state/trust.json")).unwrap();
+        let kept = std::fs::read(
+            fleet
+                .dir
+                .path()
+                .join(&host.id)
+                .join("state/trust-rotations/2.json"),
+        )
+        .unwrap();
         let kept = TrustFile::parse(&kept, &Default::default()).unwrap();
         assert_eq!(kept.trust.version(), 2, "{}", host.id);
     }
