@@ -1007,6 +1007,24 @@ impl Coordinator {
                     host.id.to_string(),
                     format!("its agent does not manage service {}", spec.service),
                 );
+            } else if let Some(why) = host
+                .report
+                .as_ref()
+                .and_then(|r| r.desired_refused.as_ref())
+            {
+                // It would sit on the dispatch until the deadline.
+                excluded.insert(
+                    host.id.to_string(),
+                    format!("it refuses this coordinator's desired state: {why}"),
+                );
+            } else if let Some(since) = host.stale_since() {
+                excluded.insert(
+                    host.id.to_string(),
+                    format!(
+                        "its desired state has been stale since {} (it hears no valid answer); it starts nothing new",
+                        turnout_proto::desired::utc(since)
+                    ),
+                );
             } else {
                 eligible.push(host.id.clone());
             }

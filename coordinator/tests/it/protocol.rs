@@ -231,3 +231,45 @@ fn a_host_that_accepted_a_higher_index_than_the_store_holds_moves_the_index_past
         );
     }
 }
+
+#[test]
+fn a_rollout_leaves_out_hosts_that_refuse_or_are_stale_and_says_why() {
+    let server = Server::start(settings());
+    let first = server.push_release("1.0.0");
+    server.push_release("2.0.0");
+    let token = server.enroll_token(3);
+    let mut ok = FakeAgent::join(&server.url, "web-01", 1, &token, &first);
+    let mut refusing = FakeAgent::join(&server.url, "web-02", 2, &token, &first);
+    let mut stale = FakeAgent::join(&server.url, "web-03", 3, &token, &first);
+    assert_eq!(ok.report(None).status, 204);
+    assert_eq!(
+        refusing
+            .report_stale(None, Some("the desired state has index 3, below index 7"))
+            .status,
+        204
+    );
+    assert_eq!(stale.report_stale(Some(now_ms() - 1_000), None).status, 204);
+    let plan: Value = server
+        .client(Some(&server.admin))
+        .post(
+            "/v1/rollouts/plan",
+            &serde_json::json!({"spec": {"service": "web", "release": "web@2.0.0", "waves": ["100%"]}}),
+        )
+        .unwrap();
+    let text = plan.to_string();
+    assert!(text.contains("web-01"), "{text}");
+    assert!(
+        plan["excluded"]["web-02"]
+            .as_str()
+            .unwrap()
+            .contains("refuses this coordinator's desired state: the desired state has index 3"),
+        "{text}"
+    );
+    assert!(
+        plan["excluded"]["web-03"]
+            .as_str()
+            .unwrap()
+            .contains("stale since"),
+        "{text}"
+    );
+}
