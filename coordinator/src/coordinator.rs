@@ -1173,12 +1173,42 @@ impl Coordinator {
                 Ok(next) => next,
                 Err(refused) => return Ok(Err(ApiError::conflict(refused.to_string()))),
             };
+            // Hosts on protocol v1 (0.1.0) never fetch the release policy:
+            // the coordinator does not order them a release it forbids.
+            let policy = self.policy();
+            let forbidden_for_legacy = |host: &HostId, release: &ReleaseRef| -> Option<String> {
+                let rule = policy
+                    .as_ref()?
+                    .policy
+                    .check(rollout.spec.service.as_str(), release)
+                    .err()?;
+                let legacy = hosts
+                    .iter()
+                    .find(|h| &h.id == host)
+                    .is_some_and(HostRecord::legacy);
+                legacy.then_some(rule)
+            };
             store.atomically(|s| {
                 if command {
                     last_event = Some(s.log(now, actor, Some(id), None, &requested(&input))?);
                 }
                 for action in &actions {
                     match action {
+                        Action::SetDesired { host, release }
+                            if let Some(rule) = forbidden_for_legacy(host, release) =>
+                        {
+                            last_event = Some(s.log(
+                                now,
+                                "coordinator",
+                                Some(id),
+                                Some(host.as_str()),
+                                &format!(
+                                    "not told to move to {}: {rule}, and the host speaks protocol v1, which does not \
+                                     enforce the release policy; upgrade its agent",
+                                    release.version
+                                ),
+                            )?);
+                        }
                         Action::SetDesired { host, release } => {
                             let index = s.set_desired(
                                 host,

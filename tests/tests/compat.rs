@@ -207,3 +207,59 @@ fn a_half_upgraded_fleet_rolls_back_together_then_the_contract_step_refuses_the_
         );
     }
 }
+
+#[test]
+#[ignore = "needs the 0.1.0 build: tests/compat/run.sh"]
+fn a_0_1_0_agent_is_not_ordered_below_a_policy_floor_it_cannot_enforce() {
+    let old = release_0_1_0();
+    let fleet = Fleet::start(Options {
+        hosts: 2,
+        agent_bin: Box::new(move |_| Some(old.clone())),
+        ..Options::default()
+    });
+    fleet.install_everywhere("1.0.0");
+    let id = fleet.rollout(json!({"service": "web", "release": "web@2.0.0", "waves": ["100%"], "max_parallel": 2, "healthy_deadline": "5s"}));
+    fleet.wait_state(&id, "succeeded", LONG);
+    let key = fleet.dir.path().join("release.pem");
+    std::fs::write(
+        &key,
+        turnout_proto::keys::SecretKey::from_seed([3; 32]).to_pem(),
+    )
+    .unwrap();
+    let set = std::process::Command::new(turnout_tests::turnout_bin())
+        .args([
+            "policy",
+            "set",
+            "web",
+            "--min-version",
+            "2.0.0",
+            "--sign-with",
+        ])
+        .arg(&key)
+        .args(["--coordinator", &fleet.url, "--token", &fleet.admin, "--ca"])
+        .arg(fleet.dir.path().join("coordinator/tls/ca.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    fleet
+        .client()
+        .post::<Value>(&format!("/v1/rollouts/{id}/rollback"), &json!({}))
+        .unwrap();
+    fleet.wait_state(&id, "rolled_back", LONG);
+    let events = fleet.events(&id);
+    for host in &fleet.hosts {
+        assert_eq!(host.served().as_deref(), Some("2.0.0"), "{}", host.id);
+        assert!(
+            events.iter().any(
+                |e| e.starts_with(&format!("{} not told to move to 1.0.0", host.id))
+                    && e.contains("speaks protocol v1")
+            ),
+            "{}: {events:#?}",
+            host.id
+        );
+    }
+}

@@ -49,6 +49,14 @@ fn current(state_dir: &std::path::Path) -> anyhow::Result<Option<(PathBuf, Secre
 pub fn run(command: Command) -> anyhow::Result<Exit> {
     match command {
         Command::Rotate { state_dir } => {
+            // Two rotations at once would each hand over from the same key,
+            // and one handover would be lost: they take turns.
+            let lock = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(state_dir.join("director.lock"))?;
+            lock.lock()?;
             let Some((path, old)) = current(&state_dir)? else {
                 return Ok(Exit::Input);
             };

@@ -225,3 +225,39 @@ fn a_director_key_rotation_reaches_every_host_without_a_refusal_or_enrolling_aga
         );
     }
 }
+
+/// Two `turnout director rotate` at once take turns: both handovers are
+/// kept, as a chain, and the key in use is the end of it.
+#[test]
+fn concurrent_director_rotations_chain_instead_of_losing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("director.pem"),
+        SecretKey::from_seed([5; 32]).to_pem(),
+    )
+    .unwrap();
+    let rotate = || {
+        Command::new(turnout_bin())
+            .args(["director", "rotate", "--state-dir"])
+            .arg(dir.path())
+            .spawn()
+            .unwrap()
+    };
+    let (mut a, mut b) = (rotate(), rotate());
+    assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
+    let handovers: Vec<turnout_proto::desired::Handover> =
+        serde_json::from_slice(&std::fs::read(dir.path().join("director-handovers.json")).unwrap())
+            .unwrap();
+    assert_eq!(handovers.len(), 2);
+    let first = turnout_proto::keys::PublicKey::from_pem(&handovers[0].key).unwrap();
+    assert_eq!(
+        &handovers[1].by,
+        first.id(),
+        "the second hands over from the first's key"
+    );
+    let in_use =
+        SecretKey::from_pem(&std::fs::read_to_string(dir.path().join("director.pem")).unwrap())
+            .unwrap();
+    let last = turnout_proto::keys::PublicKey::from_pem(&handovers[1].key).unwrap();
+    assert_eq!(in_use.public().id(), last.id());
+}
