@@ -360,9 +360,7 @@ fn random_seed() -> anyhow::Result<[u8; 32]> {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(turnout_rt::net::free_port()?)
 }
 
 fn agent_config(home: &Path, trust: &Path, port: u16) -> String {

@@ -9,6 +9,7 @@ pub mod clock;
 pub mod files;
 pub mod hex;
 pub mod log;
+pub mod net;
 pub mod notify;
 pub mod shutdown;
 pub mod sqlite;

@@ -3,7 +3,6 @@
 //! built from files in memory.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -27,13 +26,10 @@ pub fn wait_for(what: &str, within: Duration, mut condition: impl FnMut() -> boo
     }
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1, outside the ephemeral range (see
+/// `turnout_rt::net`).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    turnout_rt::net::free_port().expect("a free port on 127.0.0.1")
 }
 
 /// A payload file: its path in the bundle, its mode, its bytes.
