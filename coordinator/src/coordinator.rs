@@ -562,7 +562,13 @@ impl Coordinator {
         let mut dated = state.clone();
         dated.issued_at_ms = Some(now);
         dated.expires_ms = Some(now + self.settings.desired_expiry.as_millis() as u64);
-        dated.policy_version = self.policy().map(|p| p.policy.version);
+        // Every answer: read the version under the lock, not a copy of the document.
+        dated.policy_version = self
+            .policy
+            .lock()
+            .expect("not poisoned")
+            .as_ref()
+            .map(|p| p.policy.version);
         turnout_proto::desired::SignedDesired::sign(
             &dated,
             &self.director.lock().expect("not poisoned"),

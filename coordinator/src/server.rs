@@ -1020,22 +1020,31 @@ async fn agent_policy(State(c): State<Shared>, _: SignedHost) -> Result<Response
     Ok(json(&serde_json::json!({"policy": policy})))
 }
 
+/// Every host's id, with what `fields` takes from its last report (an
+/// object; null fields for a host that never reported), queued reports
+/// written first.
+fn per_host(
+    c: &Coordinator,
+    fields: impl Fn(&Report) -> serde_json::Value,
+) -> Result<Vec<serde_json::Value>, ApiError> {
+    c.flush()?;
+    Ok(c.with_store(|s| s.hosts())?
+        .into_iter()
+        .map(|h| {
+            let mut value = h.report.as_ref().map_or(serde_json::json!({}), &fields);
+            value["id"] = serde_json::json!(h.id);
+            value
+        })
+        .collect())
+}
+
 /// The release policy in force, and the version each host holds.
 async fn show_policy(State(c): State<Shared>, _: Authorized<Viewer>) -> Result<Response, ApiError> {
     let policy = c.policy();
-    c.flush()?;
-    let hosts: Vec<serde_json::Value> = c
-        .with_store(|s| s.hosts())?
-        .into_iter()
-        .map(|h| {
-            let report = h.report.as_ref();
-            serde_json::json!({
-                "id": h.id,
-                "policy_version": report.and_then(|r| r.policy_version),
-                "policy_refused": report.and_then(|r| r.policy_refused.clone()),
-            })
-        })
-        .collect();
+    let hosts = per_host(
+        &c,
+        |r| serde_json::json!({"policy_version": r.policy_version, "policy_refused": r.policy_refused}),
+    )?;
     Ok(json(&serde_json::json!({
         "document": policy.as_ref().map(|p| String::from_utf8_lossy(&p.to_bytes()).into_owned()),
         "policy": policy.map(|p| p.policy),
@@ -1053,18 +1062,6 @@ async fn push_policy(
     let file = turnout_proto::policy::PolicyFile::parse(&body, &Limits::default())
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     c.set_policy(&file)?;
-    let rules: Vec<String> = file
-        .policy
-        .services
-        .iter()
-        .map(|(service, rules)| {
-            let floor = rules
-                .min_version
-                .as_ref()
-                .map_or("no floor".into(), |v| format!(">= {v}"));
-            format!("{service} {floor}, {} revoked", rules.revoked.len())
-        })
-        .collect();
     c.log(
         &actor(&caller),
         None,
@@ -1072,7 +1069,7 @@ async fn push_policy(
         &format!(
             "release policy v{} in force ({}); expires {}",
             file.policy.version,
-            rules.join("; "),
+            file.policy.rules_text(),
             file.policy.expires
         ),
     )?;
@@ -1083,19 +1080,10 @@ async fn push_policy(
 async fn show_trust(State(c): State<Shared>, _: Authorized<Viewer>) -> Result<Response, ApiError> {
     let trust = c.trust();
     let keys: Vec<String> = trust.keys().keys().map(ToString::to_string).collect();
-    c.flush()?;
-    let hosts: Vec<serde_json::Value> = c
-        .with_store(|s| s.hosts())?
-        .into_iter()
-        .map(|h| {
-            let report = h.report.as_ref();
-            serde_json::json!({
-                "id": h.id,
-                "trust_version": report.and_then(|r| r.trust_version),
-                "trust_refused": report.and_then(|r| r.trust_refused.clone()),
-            })
-        })
-        .collect();
+    let hosts = per_host(
+        &c,
+        |r| serde_json::json!({"trust_version": r.trust_version, "trust_refused": r.trust_refused}),
+    )?;
     Ok(json(&serde_json::json!({
         "version": trust.version(),
         "threshold": trust.threshold(),

@@ -29,12 +29,11 @@ use std::time::SystemTime;
 
 use semver::Version;
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
 use crate::limits::Limits;
 use crate::manifest::Timestamp;
 use crate::messages::ReleaseRef;
-use crate::signature::{SignatureEntry, SignatureError, check_threshold};
+use crate::signature::{SignatureEntry, SignatureError, SignedDocument, check_threshold};
 use crate::trust::Trust;
 
 /// The policy format this build reads.
@@ -113,14 +112,6 @@ pub struct Policy {
     pub services: BTreeMap<String, ServicePolicy>,
 }
 
-#[derive(Deserialize)]
-struct Document<'a> {
-    #[serde(borrow)]
-    signed: &'a RawValue,
-    #[serde(default)]
-    signatures: Vec<SignatureEntry>,
-}
-
 /// A policy document as read: its content and what its signatures cover.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyFile {
@@ -156,6 +147,26 @@ impl Policy {
         Ok(())
     }
 
+    /// The rules in a line, e.g. `web: floor 1.5.0, 1 revoked; api: no
+    /// floor, 0 revoked` (`no rules` when there are none): for logs, events
+    /// and the CLI alike.
+    pub fn rules_text(&self) -> String {
+        if self.services.is_empty() {
+            return "no rules".into();
+        }
+        self.services
+            .iter()
+            .map(|(service, rules)| {
+                let floor = rules
+                    .min_version
+                    .as_ref()
+                    .map_or("no floor".into(), |v| format!("floor {v}"));
+                format!("{service}: {floor}, {} revoked", rules.revoked.len())
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// Whether the policy is past its `expires` at `now`.
     pub fn expired(&self, now: SystemTime) -> bool {
         now >= self.expires.0
@@ -185,10 +196,7 @@ impl PolicyFile {
 
     /// The document's bytes: `signed` exactly as given, then the signatures.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let signed = std::str::from_utf8(&self.signed_bytes).expect("signed bytes are JSON text");
-        let signatures =
-            serde_json::to_string_pretty(&self.signatures).expect("signatures serialise");
-        format!("{{\n\"signed\": {signed},\n\"signatures\": {signatures}\n}}\n").into_bytes()
+        SignedDocument::join(&self.signed_bytes, &self.signatures)
     }
 
     /// Reads a policy document (signatures are checked by [`accept`]).
@@ -200,12 +208,9 @@ impl PolicyFile {
             });
         }
         let malformed = |path: String, detail: String| PolicyError::Malformed { path, detail };
-        let mut de = serde_json::Deserializer::from_slice(bytes);
-        let document: Document<'_> = serde_path_to_error::deserialize(&mut de)
-            .map_err(|err| malformed(err.path().to_string(), err.into_inner().to_string()))?;
-        de.end()
-            .map_err(|err| malformed(".".into(), err.to_string()))?;
-        let signed_bytes = document.signed.get().as_bytes().to_vec();
+        let document =
+            SignedDocument::split(bytes).map_err(|(path, detail)| malformed(path, detail))?;
+        let signed_bytes = document.signed_bytes;
         let policy: Policy = serde_path_to_error::deserialize(
             &mut serde_json::Deserializer::from_slice(&signed_bytes),
         )

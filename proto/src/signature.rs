@@ -22,6 +22,46 @@ pub struct SignatureEntry {
     pub sig: RawSignature,
 }
 
+/// A document signed over the exact bytes of its `signed` object, as trust
+/// files and release policies are: `{"signed": {…}, "signatures": [{…}]}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedDocument {
+    /// The exact bytes of `signed`: what the signatures cover.
+    pub signed_bytes: Vec<u8>,
+    /// The signatures as listed.
+    pub signatures: Vec<SignatureEntry>,
+}
+
+#[derive(Deserialize)]
+struct RawDocument<'a> {
+    #[serde(borrow)]
+    signed: &'a serde_json::value::RawValue,
+    #[serde(default)]
+    signatures: Vec<SignatureEntry>,
+}
+
+impl SignedDocument {
+    /// Splits `bytes` into the signed bytes and the signatures; the error is
+    /// the path of the fault and what was wrong.
+    pub fn split(bytes: &[u8]) -> Result<SignedDocument, (String, String)> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let document: RawDocument<'_> = serde_path_to_error::deserialize(&mut de)
+            .map_err(|err| (err.path().to_string(), err.into_inner().to_string()))?;
+        de.end().map_err(|err| (".".to_owned(), err.to_string()))?;
+        Ok(SignedDocument {
+            signed_bytes: document.signed.get().as_bytes().to_vec(),
+            signatures: document.signatures,
+        })
+    }
+
+    /// The document's bytes: `signed` exactly as given, then the signatures.
+    pub fn join(signed_bytes: &[u8], signatures: &[SignatureEntry]) -> Vec<u8> {
+        let signed = std::str::from_utf8(signed_bytes).expect("signed bytes are JSON text");
+        let signatures = serde_json::to_string_pretty(signatures).expect("signatures serialise");
+        format!("{{\n\"signed\": {signed},\n\"signatures\": {signatures}\n}}\n").into_bytes()
+    }
+}
+
 /// Too few valid signatures, with the most useful reason first.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {

@@ -19,12 +19,11 @@ use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
 use crate::keys::{KeyError, KeyId, PublicKey};
 use crate::limits::Limits;
 use crate::manifest::Timestamp;
-use crate::signature::{SignatureEntry, SignatureError, check_threshold};
+use crate::signature::{SignatureEntry, SignatureError, SignedDocument, check_threshold};
 
 /// The trust file format this build reads.
 pub const TRUST_FORMAT: u32 = 1;
@@ -136,14 +135,6 @@ struct SignedBody {
 struct KeyEntry {
     id: String,
     public_key: String,
-}
-
-#[derive(Deserialize)]
-struct Document<'a> {
-    #[serde(borrow)]
-    signed: &'a RawValue,
-    #[serde(default)]
-    signatures: Vec<SignatureEntry>,
 }
 
 /// A trust file as read: its content, and what its signatures are over.
@@ -289,12 +280,9 @@ impl TrustFile {
             });
         }
         let malformed = |path: String, detail: String| TrustError::Malformed { path, detail };
-        let mut de = serde_json::Deserializer::from_slice(bytes);
-        let document: Document<'_> = serde_path_to_error::deserialize(&mut de)
-            .map_err(|err| malformed(err.path().to_string(), err.into_inner().to_string()))?;
-        de.end()
-            .map_err(|err| malformed(".".into(), err.to_string()))?;
-        let signed_bytes = document.signed.get().as_bytes().to_vec();
+        let document =
+            SignedDocument::split(bytes).map_err(|(path, detail)| malformed(path, detail))?;
+        let signed_bytes = document.signed_bytes;
         let body: SignedBody = serde_path_to_error::deserialize(
             &mut serde_json::Deserializer::from_slice(&signed_bytes),
         )
@@ -344,10 +332,7 @@ impl TrustFile {
 
     /// The file's bytes: `signed` exactly as given, then the signatures.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let signed = std::str::from_utf8(&self.signed_bytes).expect("signed bytes are JSON text");
-        let signatures =
-            serde_json::to_string_pretty(&self.signatures).expect("signatures serialise");
-        format!("{{\n\"signed\": {signed},\n\"signatures\": {signatures}\n}}\n").into_bytes()
+        SignedDocument::join(&self.signed_bytes, &self.signatures)
     }
 
     /// A trust file for `trust` with no signatures yet.

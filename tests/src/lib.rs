@@ -405,6 +405,17 @@ impl Fleet {
         turnout_rt::tls::certificates_from_pem(&pem).unwrap()
     }
 
+    /// `turnout ARGS…` (this build's) as the admin, against this fleet's
+    /// coordinator and trusting its CA.
+    pub fn turnout(&self, args: &[&str]) -> std::process::Output {
+        Command::new(turnout_bin())
+            .args(args)
+            .args(["--coordinator", &self.url, "--token", &self.admin, "--ca"])
+            .arg(self.dir.path().join("coordinator/tls/ca.pem"))
+            .output()
+            .unwrap()
+    }
+
     /// An admin client, trusting the coordinator's CA.
     pub fn client(&self) -> Client {
         Client::with_ca(&self.url, Some(self.admin.clone()), &self.ca())

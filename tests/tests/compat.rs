@@ -161,19 +161,7 @@ fn a_half_upgraded_fleet_rolls_back_together_then_the_contract_step_refuses_the_
         assert!(why.contains("the agent speaks v1"), "{why}");
         assert!(why.contains("speaks v2"), "{why}");
     }
-    let text = std::process::Command::new(turnout_tests::turnout_bin())
-        .args([
-            "host",
-            "list",
-            "--coordinator",
-            &fleet.url,
-            "--token",
-            &fleet.admin,
-        ])
-        .arg("--ca")
-        .arg(fleet.dir.path().join("coordinator/tls/ca.pem"))
-        .output()
-        .unwrap();
+    let text = fleet.turnout(&["host", "list"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
         text.contains("refused: no common protocol version"),
@@ -226,20 +214,15 @@ fn a_0_1_0_agent_is_not_ordered_below_a_policy_floor_it_cannot_enforce() {
         turnout_proto::keys::SecretKey::from_seed([3; 32]).to_pem(),
     )
     .unwrap();
-    let set = std::process::Command::new(turnout_tests::turnout_bin())
-        .args([
-            "policy",
-            "set",
-            "web",
-            "--min-version",
-            "2.0.0",
-            "--sign-with",
-        ])
-        .arg(&key)
-        .args(["--coordinator", &fleet.url, "--token", &fleet.admin, "--ca"])
-        .arg(fleet.dir.path().join("coordinator/tls/ca.pem"))
-        .output()
-        .unwrap();
+    let set = fleet.turnout(&[
+        "policy",
+        "set",
+        "web",
+        "--min-version",
+        "2.0.0",
+        "--sign-with",
+        key.to_str().unwrap(),
+    ]);
     assert!(
         set.status.success(),
         "{}",

@@ -114,23 +114,7 @@ impl Link {
                 tracing::info!(
                     "release policy v{} in force (signed by the release keys): {}",
                     file.policy.version,
-                    file.policy
-                        .services
-                        .iter()
-                        .map(|(service, rules)| format!(
-                            "{service} {}{}",
-                            rules
-                                .min_version
-                                .as_ref()
-                                .map_or("no floor".into(), |v| format!(">= {v}")),
-                            if rules.revoked.is_empty() {
-                                String::new()
-                            } else {
-                                format!(", {} revoked", rules.revoked.len())
-                            }
-                        ))
-                        .collect::<Vec<_>>()
-                        .join("; ")
+                    file.policy.rules_text()
                 );
                 *self.policy.lock().expect("not poisoned") = Some(file.policy);
             }

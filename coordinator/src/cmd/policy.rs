@@ -76,25 +76,10 @@ pub enum Command {
 }
 
 fn describe(policy: &Policy) -> String {
-    let rules: Vec<String> = policy
-        .services
-        .iter()
-        .map(|(service, rules)| {
-            let floor = rules
-                .min_version
-                .as_ref()
-                .map_or("no floor".into(), |v| format!("floor {v}"));
-            format!("{service}: {floor}, {} revoked", rules.revoked.len())
-        })
-        .collect();
     format!(
         "policy v{} ({}), fresh until {}",
         policy.version,
-        if rules.is_empty() {
-            "no rules".to_owned()
-        } else {
-            rules.join("; ")
-        },
+        policy.rules_text(),
         policy.expires
     )
 }

@@ -29,8 +29,20 @@ fn release(path: &std::path::Path, version: &str) -> DesiredService {
     }
 }
 
-#[test]
-fn a_hostile_coordinator_is_refused_each_way_and_the_service_never_moves() {
+/// A host whose coordinator is a hostile double: web 1.0.0 and 2.0.0,
+/// signed by the release key the host trusts, are served by the double,
+/// whose first answer names 1.0.0 at `index`; the host is enrolled and its
+/// agent started.
+struct Setup {
+    dir: tempfile::TempDir,
+    release_key: SecretKey,
+    one: DesiredService,
+    two: DesiredService,
+    double: Hostile,
+    host: Host,
+}
+
+fn setup(expiry: Duration, index: u64) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let release_key = SecretKey::from_seed([3; 32]);
     let trust = dir.path().join("trust.json");
@@ -39,18 +51,37 @@ fn a_hostile_coordinator_is_refused_each_way_and_the_service_never_moves() {
     let v1 = demo_bundle(dir.path(), "1.0.0", "healthy", &release_key);
     let v2 = demo_bundle(dir.path(), "2.0.0", "healthy", &release_key);
     let (one, two) = (release(&v1, "1.0.0"), release(&v2, "2.0.0"));
-
     let double = Hostile::start(
         SecretKey::from_seed([44; 32]),
-        Duration::from_secs(4),
-        Script::Honest(desired("host-00", 5, one.clone())),
+        expiry,
+        Script::Honest(desired("host-00", index, one.clone())),
     );
     double.serve_bundle(one.release.sha256.as_str(), v1);
     double.serve_bundle(two.release.sha256.as_str(), v2);
-
     let mut host = Host::new("host-00", &dir.path().join("host-00"), &trust, "300ms");
     host.enroll(&double.url, "tne_any", None);
     host.start(&[]);
+    Setup {
+        dir,
+        release_key,
+        one,
+        two,
+        double,
+        host,
+    }
+}
+
+#[test]
+fn a_hostile_coordinator_is_refused_each_way_and_the_service_never_moves() {
+    let Setup {
+        one,
+        two,
+        double,
+        mut host,
+        // The directory lives as long as the test.
+        dir: _dir,
+        ..
+    } = setup(Duration::from_secs(4), 5);
     wait_for("web 1.0.0 to run", Duration::from_secs(40), || {
         host.served().as_deref() == Some("1.0.0")
             && double
@@ -161,24 +192,14 @@ fn a_hostile_coordinator_is_refused_each_way_and_the_service_never_moves() {
 /// nor an install below the floor.
 #[test]
 fn a_hostile_coordinator_cannot_pass_an_old_release_off_as_a_new_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let release_key = SecretKey::from_seed([3; 32]);
-    let trust = dir.path().join("trust.json");
-    let trusted = Trust::new(1, 1, SystemTime::UNIX_EPOCH, vec![release_key.public()]).unwrap();
-    std::fs::write(&trust, TrustFile::unsigned(trusted).to_bytes()).unwrap();
-    let v1 = demo_bundle(dir.path(), "1.0.0", "healthy", &release_key);
-    let v2 = demo_bundle(dir.path(), "2.0.0", "healthy", &release_key);
-    let (one, two) = (release(&v1, "1.0.0"), release(&v2, "2.0.0"));
-    let double = Hostile::start(
-        SecretKey::from_seed([44; 32]),
-        Duration::from_secs(60),
-        Script::Honest(desired("host-00", 1, one.clone())),
-    );
-    double.serve_bundle(one.release.sha256.as_str(), v1);
-    double.serve_bundle(two.release.sha256.as_str(), v2);
-    let mut host = Host::new("host-00", &dir.path().join("host-00"), &trust, "300ms");
-    host.enroll(&double.url, "tne_any", None);
-    host.start(&[]);
+    let Setup {
+        dir,
+        release_key,
+        one,
+        two,
+        double,
+        mut host,
+    } = setup(Duration::from_secs(60), 1);
     wait_for("web 1.0.0 to run", Duration::from_secs(40), || {
         host.served().as_deref() == Some("1.0.0")
     });
@@ -258,32 +279,21 @@ fn a_hostile_coordinator_cannot_pass_an_old_release_off_as_a_new_one() {
 /// throughout, and removing the damaged file lets the host go on.
 #[test]
 fn damaged_records_fail_closed_and_say_what_to_do() {
-    let dir = tempfile::tempdir().unwrap();
-    let release_key = SecretKey::from_seed([3; 32]);
-    let trust = dir.path().join("trust.json");
-    let trusted = Trust::new(1, 1, SystemTime::UNIX_EPOCH, vec![release_key.public()]).unwrap();
-    std::fs::write(&trust, TrustFile::unsigned(trusted).to_bytes()).unwrap();
-    let v1 = demo_bundle(dir.path(), "1.0.0", "healthy", &release_key);
-    let v2 = demo_bundle(dir.path(), "2.0.0", "healthy", &release_key);
-    let (one, two) = (release(&v1, "1.0.0"), release(&v2, "2.0.0"));
-    let double = Hostile::start(
-        SecretKey::from_seed([44; 32]),
-        Duration::from_secs(60),
-        Script::Honest(desired("host-00", 1, one.clone())),
-    );
-    double.serve_bundle(one.release.sha256.as_str(), v1);
-    double.serve_bundle(two.release.sha256.as_str(), v2);
-    let home = dir.path().join("host-00");
-    let mut host = Host::new("host-00", &home, &trust, "300ms");
-    host.enroll(&double.url, "tne_any", None);
-    host.start(&[]);
+    let Setup {
+        dir,
+        one,
+        two,
+        double,
+        mut host,
+        ..
+    } = setup(Duration::from_secs(60), 1);
     wait_for("web 1.0.0 to run", Duration::from_secs(40), || {
         host.served().as_deref() == Some("1.0.0")
             && double
                 .report("host-00")
                 .is_some_and(|r| r["desired_index"] == 1)
     });
-    let state = home.join("state");
+    let state = dir.path().join("host-00/state");
     let refused = |what: &str| {
         double.report("host-00").is_some_and(|r| {
             r["desired_refused"]

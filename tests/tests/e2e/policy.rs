@@ -5,7 +5,6 @@
 //! service moves, and a policy signed by a key the trust does not list is
 //! refused.
 
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -13,16 +12,6 @@ use turnout_proto::keys::SecretKey;
 use turnout_tests::{Fleet, Options, turnout_bin};
 
 const LONG: Duration = Duration::from_secs(45);
-
-fn policy_cli(fleet: &Fleet, args: &[&str]) -> std::process::Output {
-    Command::new(turnout_bin())
-        .arg("policy")
-        .args(args)
-        .args(["--coordinator", &fleet.url, "--token", &fleet.admin, "--ca"])
-        .arg(fleet.dir.path().join("coordinator/tls/ca.pem"))
-        .output()
-        .unwrap()
-}
 
 #[test]
 fn after_a_floor_is_set_a_rollback_below_it_is_refused_by_every_host_and_reported() {
@@ -35,17 +24,15 @@ fn after_a_floor_is_set_a_rollback_below_it_is_refused_by_every_host_and_reporte
 
     let key = fleet.dir.path().join("release.pem");
     std::fs::write(&key, SecretKey::from_seed([3; 32]).to_pem()).unwrap();
-    let set = policy_cli(
-        &fleet,
-        &[
-            "set",
-            "web",
-            "--min-version",
-            "2.0.0",
-            "--sign-with",
-            key.to_str().unwrap(),
-        ],
-    );
+    let set = fleet.turnout(&[
+        "policy",
+        "set",
+        "web",
+        "--min-version",
+        "2.0.0",
+        "--sign-with",
+        key.to_str().unwrap(),
+    ]);
     assert!(
         set.status.success(),
         "{}",
@@ -100,7 +87,7 @@ fn after_a_floor_is_set_a_rollback_below_it_is_refused_by_every_host_and_reporte
         events.iter().any(|e| e.contains("3 rollback failed")),
         "{events:#?}"
     );
-    let shown = policy_cli(&fleet, &["show"]);
+    let shown = fleet.turnout(&["policy", "show"]);
     let text = String::from_utf8_lossy(&shown.stdout);
     for host in &fleet.hosts {
         assert!(text.contains(&format!("{:<24} v1", host.id)), "{text}");
@@ -125,16 +112,14 @@ fn after_a_floor_is_set_a_rollback_below_it_is_refused_by_every_host_and_reporte
     // A policy signed by a key the trust does not list changes nothing.
     let stranger = fleet.dir.path().join("stranger.pem");
     std::fs::write(&stranger, SecretKey::from_seed([99; 32]).to_pem()).unwrap();
-    let forged = policy_cli(
-        &fleet,
-        &[
-            "set",
-            "web",
-            "--no-floor",
-            "--sign-with",
-            stranger.to_str().unwrap(),
-        ],
-    );
+    let forged = fleet.turnout(&[
+        "policy",
+        "set",
+        "web",
+        "--no-floor",
+        "--sign-with",
+        stranger.to_str().unwrap(),
+    ]);
     assert!(!forged.status.success());
     let stderr = String::from_utf8_lossy(&forged.stderr);
     assert!(
@@ -146,16 +131,14 @@ fn after_a_floor_is_set_a_rollback_below_it_is_refused_by_every_host_and_reporte
 
     // Lifted by the release keys, the floor no longer holds: the release
     // the hosts refused is taken again (a refusal is not a failure).
-    let lifted = policy_cli(
-        &fleet,
-        &[
-            "set",
-            "web",
-            "--no-floor",
-            "--sign-with",
-            key.to_str().unwrap(),
-        ],
-    );
+    let lifted = fleet.turnout(&[
+        "policy",
+        "set",
+        "web",
+        "--no-floor",
+        "--sign-with",
+        key.to_str().unwrap(),
+    ]);
     assert!(
         lifted.status.success(),
         "{}",

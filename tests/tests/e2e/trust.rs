@@ -38,17 +38,6 @@ fn rotation(
     file
 }
 
-/// `turnout trust ARGS…` against the fleet's coordinator.
-fn trust_cli(fleet: &Fleet, args: &[&str]) -> std::process::Output {
-    Command::new(turnout_bin())
-        .arg("trust")
-        .args(args)
-        .args(["--coordinator", &fleet.url, "--token", &fleet.admin, "--ca"])
-        .arg(fleet.dir.path().join("coordinator/tls/ca.pem"))
-        .output()
-        .unwrap()
-}
-
 fn host_trust(fleet: &Fleet) -> Vec<Value> {
     let status: Value = fleet.client().get("/v1/trust").unwrap();
     status["hosts"].as_array().unwrap().clone()
@@ -71,7 +60,7 @@ fn a_two_of_three_rotation_reaches_every_host_and_one_signed_by_one_old_key_is_r
     let v2 = rotation(2, 2, &[&a, &b, &c], &[&old, &a, &b]);
     let file = fleet.dir.path().join("trust-v2.json");
     std::fs::write(&file, v2.to_bytes()).unwrap();
-    let pushed = trust_cli(&fleet, &["push", file.to_str().unwrap()]);
+    let pushed = fleet.turnout(&["trust", "push", file.to_str().unwrap()]);
     assert!(
         pushed.status.success(),
         "{}",
@@ -108,7 +97,7 @@ fn a_two_of_three_rotation_reaches_every_host_and_one_signed_by_one_old_key_is_r
     let v3 = rotation(3, 1, &[&d], &[&a, &d]);
     let file = fleet.dir.path().join("trust-v3.json");
     std::fs::write(&file, v3.to_bytes()).unwrap();
-    let pushed = trust_cli(&fleet, &["push", file.to_str().unwrap()]);
+    let pushed = fleet.turnout(&["trust", "push", file.to_str().unwrap()]);
     assert!(!pushed.status.success());
     let stderr = String::from_utf8_lossy(&pushed.stderr);
     assert!(
@@ -133,7 +122,7 @@ fn a_two_of_three_rotation_reaches_every_host_and_one_signed_by_one_old_key_is_r
                     .is_some_and(|why| why.contains("not authorised by the current keys"))
         })
     });
-    let status = trust_cli(&fleet, &["status"]);
+    let status = fleet.turnout(&["trust", "status"]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("coordinator: trust version 2"), "{text}");
     assert!(
@@ -243,21 +232,47 @@ fn concurrent_director_rotations_chain_instead_of_losing_one() {
             .spawn()
             .unwrap()
     };
+    // While another holds the lock, a rotation waits: it neither writes a
+    // key nor finishes. (Without the lock it is done within milliseconds.)
+    let held = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.path().join("director.lock"))
+        .unwrap();
+    held.lock().unwrap();
+    let before = std::fs::read(dir.path().join("director.pem")).unwrap();
+    let mut waiting = rotate();
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < until {
+        assert!(
+            waiting.try_wait().unwrap().is_none(),
+            "a rotation finished while another held the lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        std::fs::read(dir.path().join("director.pem")).unwrap(),
+        before
+    );
+    held.unlock().unwrap();
+    assert!(waiting.wait().unwrap().success());
+
     let (mut a, mut b) = (rotate(), rotate());
     assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
     let handovers: Vec<turnout_proto::desired::Handover> =
         serde_json::from_slice(&std::fs::read(dir.path().join("director-handovers.json")).unwrap())
             .unwrap();
-    assert_eq!(handovers.len(), 2);
-    let first = turnout_proto::keys::PublicKey::from_pem(&handovers[0].key).unwrap();
+    assert_eq!(handovers.len(), 3);
+    let first = turnout_proto::keys::PublicKey::from_pem(&handovers[1].key).unwrap();
     assert_eq!(
-        &handovers[1].by,
+        &handovers[2].by,
         first.id(),
         "the second hands over from the first's key"
     );
     let in_use =
         SecretKey::from_pem(&std::fs::read_to_string(dir.path().join("director.pem")).unwrap())
             .unwrap();
-    let last = turnout_proto::keys::PublicKey::from_pem(&handovers[1].key).unwrap();
+    let last = turnout_proto::keys::PublicKey::from_pem(&handovers[2].key).unwrap();
     assert_eq!(in_use.public().id(), last.id());
 }
