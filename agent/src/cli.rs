@@ -118,6 +118,10 @@ pub enum Command {
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },
+    /// The agent's own releases: what runs, what ran, the switch in
+    /// flight, failed versions (see docs/operations.md).
+    #[command(subcommand)]
+    Upgrade(UpgradeCommand),
     /// Show this build's version, protocol versions and capabilities.
     Version {
         /// Print JSON instead of text.
@@ -135,6 +139,151 @@ pub enum Command {
         #[arg(long)]
         port: u16,
     },
+}
+
+/// `turnout-agent upgrade …`.
+#[derive(Debug, Subcommand)]
+pub enum UpgradeCommand {
+    /// Show the agent that runs, the one before it, a switch in flight and
+    /// the agent versions that failed here.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Allow an agent version that failed here to be tried again (the
+    /// coordinator's next desired state retries it).
+    Retry {
+        /// The version, e.g. 0.3.0.
+        version: String,
+    },
+    /// Run by the dead-man timer: put the previous agent back unless the
+    /// switch armed at `--armed` confirmed.
+    #[command(hide = true)]
+    Revert {
+        /// The switch's id (when it was armed, ms since the epoch).
+        #[arg(long)]
+        armed: u64,
+    },
+}
+
+/// The state directory a config names, read leniently: the launcher must
+/// find `current` even when this (older) binary cannot read all of a
+/// config that a newer agent understands.
+fn state_dir_of(path: &Path) -> PathBuf {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|t| t.get("state_dir")?.as_str().map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/var/lib/turnout"))
+}
+
+fn upgrade(command: UpgradeCommand, config: &Path) -> anyhow::Result<Exit> {
+    let state_dir = state_dir_of(config);
+    let layout = crate::upgrade::Layout::new(&state_dir);
+    match command {
+        UpgradeCommand::Revert { armed } => {
+            match crate::upgrade::switch::revert(&state_dir, armed) {
+                Ok(said) => {
+                    println!("{said}");
+                    Ok(Exit::Success)
+                }
+                Err(err) => anyhow::bail!("the dead-man switch could not revert: {err}"),
+            }
+        }
+        UpgradeCommand::Status { json } => {
+            let journal = crate::journal::Journal::open(&state_dir.join("agent.db"))?;
+            let history = journal.history(crate::upgrade::SELF_SERVICE, 10)?;
+            let current = layout.current();
+            let status = serde_json::json!({
+                "current": layout.agent_release(current.as_deref()),
+                "current_dir": current,
+                "previous": layout.previous(),
+                "installed": layout.installed(),
+                "handoff": layout.handoff().ok().flatten(),
+                "history": history.iter().map(|h| serde_json::json!({
+                    "kind": h.kind.as_str(), "release": h.release, "reason": h.reason, "at_ms": h.at_ms,
+                })).collect::<Vec<_>>(),
+            });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+                return Ok(Exit::Success);
+            }
+            let name = |dir: Option<&str>| match layout.agent_release(dir) {
+                Some(a) => format!(
+                    "{} ({})",
+                    a.release.version,
+                    dir.unwrap_or("the installed binary")
+                ),
+                None => dir.map_or("the installed binary".into(), |d| {
+                    format!("{d} (unreadable)")
+                }),
+            };
+            println!("current:  {}", name(current.as_deref()));
+            println!("previous: {}", name(layout.previous().as_deref()));
+            match layout.handoff() {
+                Ok(Some(h)) => println!(
+                    "switch:   {} -> {}: {:?}, deadline {}",
+                    h.from.release.version,
+                    h.to.release.version,
+                    h.phase,
+                    turnout_proto::desired::utc(h.deadline_ms)
+                ),
+                Ok(None) => println!("switch:   none in flight"),
+                Err(err) => println!("switch:   the record does not read: {err}"),
+            }
+            for h in &history {
+                println!(
+                    "{}  {:<11} {}  {}",
+                    turnout_proto::desired::utc(h.at_ms),
+                    h.kind.as_str(),
+                    h.release
+                        .as_ref()
+                        .map_or("-".into(), |r| r.version.to_string()),
+                    turnout_proto::text::clean_lines(&h.reason)
+                );
+            }
+            Ok(Exit::Success)
+        }
+        UpgradeCommand::Retry { version } => {
+            let mut journal = crate::journal::Journal::open(&state_dir.join("agent.db"))?;
+            let history = journal.history(
+                crate::upgrade::SELF_SERVICE,
+                crate::journal::HISTORY_KEPT as usize,
+            )?;
+            let failed = history.iter().find(|h| {
+                h.release
+                    .as_ref()
+                    .is_some_and(|r| r.version.to_string() == version)
+            });
+            let Some(failed) = failed.filter(|h| crate::converge::is_failure(&h.kind)) else {
+                eprintln!(
+                    "turnout-agent: agent {version} has not failed on this host (see `turnout-agent upgrade status`); nothing to retry"
+                );
+                return Ok(Exit::Refused);
+            };
+            let release = failed.release.clone().expect("found by its release");
+            let state = journal.state(crate::upgrade::SELF_SERVICE)?;
+            let now = crate::service::now_ms();
+            journal.persist(
+                crate::upgrade::SELF_SERVICE,
+                &state,
+                &[crate::journal::HistoryEntry {
+                    kind: turnout_proto::messages::OutcomeKind::Failed,
+                    release: Some(release),
+                    reason:
+                        "an operator allowed it to be tried again (`turnout-agent upgrade retry`)"
+                            .into(),
+                    at_ms: now,
+                }],
+                now,
+            )?;
+            println!(
+                "agent {version} may be tried again: the coordinator's next desired state naming it retries it"
+            );
+            Ok(Exit::Success)
+        }
+    }
 }
 
 /// Runs one command; the returned value is the process's exit status.
@@ -170,7 +319,15 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
             };
             verify(&bundle, &trust, unpack_to.as_deref())
         }
+        Command::Upgrade(command) => upgrade(command, &cli.config),
         Command::Run => {
+            use clap::ValueEnum as _;
+            let format = cli
+                .log_format
+                .to_possible_value()
+                .map_or("text".into(), |v| v.get_name().to_owned());
+            crate::upgrade::switch::launch(&state_dir_of(&cli.config), &cli.config, &format);
+            crate::upgrade::set_config_path(&cli.config);
             let config = Config::load(&cli.config)?;
             let _lock = daemon::lock(&config.state_dir)?;
             let agent = Arc::new(Agent::open(config)?);

@@ -10,6 +10,7 @@
 //! state_dir = "/var/lib/turnout"            # default
 //! trust = "/etc/turnout/trust.json"         # default
 //! labels = { region = "eu-1", role = "web" }
+//! upgrade_deadline = "3m"                   # a new agent not confirmed by then is reverted
 //!
 //! [[service]]
 //! name = "web"
@@ -61,7 +62,13 @@ pub struct Config {
     pub labels: BTreeMap<String, String>,
     /// The managed services.
     pub services: Vec<ServiceConfig>,
+    /// How long a new agent has, after the switch to it, to confirm itself
+    /// before the dead-man switch puts the previous one back.
+    pub upgrade_deadline: Duration,
 }
+
+/// [`Config::upgrade_deadline`] unless the config says otherwise.
+pub const DEFAULT_UPGRADE_DEADLINE: Duration = Duration::from_secs(180);
 
 /// One managed service.
 #[derive(Debug, Clone, PartialEq)]
@@ -530,10 +537,25 @@ fn read_config(root: &toml::Table, problems: &mut Vec<Problem>) -> Config {
             }
         }
     }
+    let upgrade_deadline = duration(
+        problems,
+        fields.get("upgrade_deadline"),
+        DEFAULT_UPGRADE_DEADLINE,
+    );
     let mut services = Vec::new();
     let mut names = BTreeSet::new();
     for (path, t) in tables(problems, fields.get("service")) {
         if let Some(service) = read_service(&path, t, problems) {
+            if service.name.as_str() == crate::upgrade::SELF_SERVICE {
+                problem(
+                    problems,
+                    &join(&path, "name"),
+                    format!(
+                        "{} is the agent itself (its own releases, see docs/operations.md); name the service otherwise",
+                        crate::upgrade::SELF_SERVICE
+                    ),
+                );
+            }
             if !names.insert(service.name.clone()) {
                 problem(
                     problems,
@@ -551,6 +573,7 @@ fn read_config(root: &toml::Table, problems: &mut Vec<Problem>) -> Config {
         trust,
         labels,
         services,
+        upgrade_deadline,
     }
 }
 

@@ -93,6 +93,20 @@ pub async fn run(
         agent.config().services.len(),
         socket.display()
     );
+    let state_dir = agent.config().state_dir.clone();
+    let me =
+        tokio::task::spawn_blocking(move || crate::upgrade::switch::identify(&state_dir)).await?;
+    tracing::info!(
+        "this agent is {} {}{}",
+        crate::upgrade::SELF_SERVICE,
+        me.release.version,
+        me.dir
+            .as_ref()
+            .map_or(" (the installed binary)".to_owned(), |d| format!(
+                " (release {d})"
+            ))
+    );
+    agent.set_myself(me);
     let link = tokio::spawn(crate::link::follow(Arc::clone(&agent)));
     let monitors: Vec<_> = agent
         .service_names()
@@ -105,10 +119,15 @@ pub async fn run(
     turnout_rt::notify::notify(&format!("READY=1\nSTATUS={}", agent.status_line()));
     let watchdog = tokio::spawn(turnout_rt::notify::keep_watchdog());
     let freeze = tokio::spawn(turnout_rt::notify::freeze_switch());
+    let settle = tokio::spawn(crate::upgrade::switch::settle(
+        Arc::clone(&agent),
+        std::time::Instant::now(),
+    ));
     control::serve(Arc::clone(&agent), listener, shutdown).await;
     turnout_rt::notify::notify("STOPPING=1\nSTATUS=stopping");
     watchdog.abort();
     freeze.abort();
+    settle.abort();
     monitors.iter().for_each(tokio::task::JoinHandle::abort);
     link.abort();
     tracing::info!("stopping");

@@ -20,11 +20,17 @@ pub mod slots;
 pub mod stage;
 pub mod supervisor;
 pub mod trust_chain;
+pub mod upgrade;
 
 use turnout_proto::{CapabilitySet, Offer, SUPPORTED};
 
-/// This build's software version.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// This build's software version: the package's, unless the build set
+/// `TURNOUT_BUILD_VERSION` (how tests make "the same code, a newer
+/// version" to upgrade agents to).
+pub const VERSION: &str = match option_env!("TURNOUT_BUILD_VERSION") {
+    Some(version) => version,
+    None => env!("CARGO_PKG_VERSION"),
+};
 
 /// What this agent build offers in its handshake.
 pub fn offer() -> Offer {

@@ -38,6 +38,7 @@ mod policy;
 mod rotation;
 mod signed;
 mod transport;
+mod upgrade;
 
 pub use identity::{EnrollTrust, Identity};
 use transport::{client, error_message, http, signing_time};
@@ -108,6 +109,9 @@ pub struct LinkStatus {
     /// Why the last desired state was refused, if it was.
     #[serde(default)]
     pub desired_refused: Option<String>,
+    /// When this process last reported to the coordinator (ms since the epoch).
+    #[serde(default)]
+    pub reported_ms: Option<u64>,
 }
 
 /// Every this many poll rounds (at least one report interval each), the
@@ -155,6 +159,8 @@ pub struct Link {
     damaged: Mutex<Option<String>>,
     /// Why no install or rollback starts: `policy.json` is damaged.
     policy_damaged: Mutex<Option<String>>,
+    /// The agent release this agent is switching to, once the switch began.
+    switching: Mutex<Option<ReleaseRef>>,
 }
 
 /// How often a link, or an agent not enrolled, looks for a new enrollment.
@@ -297,6 +303,7 @@ impl Link {
             policy_noted: Mutex::new(BTreeMap::new()),
             damaged: Mutex::new(damaged),
             policy_damaged: Mutex::new(policy_damaged),
+            switching: Mutex::new(None),
         }
     }
 
@@ -647,6 +654,9 @@ impl Link {
         converged: u64,
     ) -> Result<Converged, LinkError> {
         let name = desired.service.as_str();
+        if name == crate::upgrade::SELF_SERVICE {
+            return self.converge_self(desired, capabilities).await;
+        }
         let Some(status) = self.status_of(name).await else {
             return Ok(Converged::Settled);
         };
@@ -1074,10 +1084,13 @@ impl Link {
             desired_index: converged,
             services: {
                 let refusals = self.refusals.lock().expect("not poisoned");
-                statuses
+                let mut services: Vec<ServiceReport> = statuses
                     .iter()
                     .map(|s| service_report(s, refusals.get(&s.service)))
-                    .collect()
+                    .collect();
+                drop(refusals);
+                services.extend(self.self_report());
+                services
             },
             stale_since_ms: self.stale_since(),
             desired_refused: self.desired_refused.lock().expect("not poisoned").clone(),
@@ -1121,6 +1134,7 @@ impl Link {
                 message: error_message(&body),
             });
         }
+        self.status.lock().expect("not poisoned").reported_ms = Some(now_ms());
         Ok(())
     }
 }

@@ -248,6 +248,8 @@ pub struct Agent {
     clock: Arc<dyn Clock>,
     /// Bumped at every change of a service's state or judged health.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Which agent this is (set once the daemon identified itself).
+    myself: std::sync::OnceLock<crate::upgrade::AgentRelease>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -321,6 +323,62 @@ impl Agent {
             journal_error: Mutex::new(None),
             clock,
             changes: tokio::sync::watch::channel(0).0,
+            myself: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Which agent runs, once identified ([`crate::upgrade::switch::identify`]).
+    pub fn myself(&self) -> Option<&crate::upgrade::AgentRelease> {
+        self.myself.get()
+    }
+
+    /// Records which agent runs (once).
+    pub fn set_myself(&self, me: crate::upgrade::AgentRelease) {
+        let _ = self.myself.set(me);
+    }
+
+    /// Records an outcome of the agent's own releases (service
+    /// [`SELF_SERVICE`](crate::upgrade::SELF_SERVICE)) in the journal.
+    pub fn record_self(
+        &self,
+        kind: OutcomeKind,
+        release: ReleaseRef,
+        reason: String,
+    ) -> Result<(), AgentError> {
+        let now = self.clock.now_ms();
+        let state = State::Idle {
+            committed: self.myself().map(|m| m.release.clone()),
+        };
+        let record = HistoryEntry {
+            kind,
+            release: Some(release),
+            reason,
+            at_ms: now,
+        };
+        self.journal.lock().expect("not poisoned").persist(
+            crate::upgrade::SELF_SERVICE,
+            &state,
+            &[record],
+            now,
+        )?;
+        self.changed();
+        Ok(())
+    }
+
+    /// The newest `limit` outcomes of the agent's own releases, newest first.
+    pub fn self_history(&self, limit: usize) -> Result<Vec<HistoryEntry>, AgentError> {
+        Ok(self
+            .journal
+            .lock()
+            .expect("not poisoned")
+            .history(crate::upgrade::SELF_SERVICE, limit)?)
+    }
+
+    /// Whether no managed service has an install or revert in flight.
+    pub fn all_idle(&self) -> bool {
+        self.services.keys().all(|name| {
+            self.state(name)
+                .is_ok_and(|s| matches!(s, State::Idle { .. }))
         })
     }
 
@@ -663,6 +721,9 @@ impl Agent {
         release: ReleaseRef,
         reason: String,
     ) -> Result<(), AgentError> {
+        if name == crate::upgrade::SELF_SERVICE {
+            return self.record_self(kind, release, reason);
+        }
         self.service(name)?;
         let state = self.state(name)?;
         let now = self.clock.now_ms();
