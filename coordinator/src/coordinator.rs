@@ -177,6 +177,28 @@ pub struct PlanView {
     pub waves: Vec<Vec<HostId>>,
     /// Hosts the selector matched but that cannot take part, and why.
     pub excluded: BTreeMap<String, String>,
+    /// What the operator should know before starting it (an agent upgrade
+    /// whose agents could not talk to this coordinator afterwards).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// The agent's own releases go by this service name.
+pub const AGENT_SERVICE: &str = "turnout-agent";
+
+/// The protocol range a `turnout-agent` bundle declares it speaks, from its
+/// manifest's `provides` (`turnout-proto/1-2`, which `turnout pack` adds).
+pub fn declared_proto(provides: &[String]) -> Option<turnout_proto::ProtoRange> {
+    provides.iter().find_map(|p| {
+        let (min, max) = p.strip_prefix("turnout-proto/")?.split_once('-')?;
+        let version = |s: &str| {
+            s.trim_start_matches('v')
+                .parse::<u16>()
+                .ok()
+                .and_then(ProtoVersion::new)
+        };
+        turnout_proto::ProtoRange::new(version(min)?, version(max)?)
+    })
 }
 
 /// A host that reports it is reverting from a release has failed on it,
@@ -1008,6 +1030,15 @@ impl Coordinator {
                 .is_some_and(|r| r.services.iter().any(|s| s.service == spec.service));
             if let Some(why) = &host.incompatible {
                 excluded.insert(host.id.to_string(), format!("incompatible: {why}"));
+            } else if !runs_service && spec.service.as_str() == AGENT_SERVICE {
+                excluded.insert(
+                    host.id.to_string(),
+                    format!(
+                        "its agent ({}) cannot upgrade itself (it does not report service {AGENT_SERVICE}): \
+                         upgrade it once by hand, see docs/operations.md",
+                        host.agent_version.as_deref().unwrap_or("unknown version")
+                    ),
+                );
             } else if !runs_service {
                 excluded.insert(
                     host.id.to_string(),
@@ -1080,13 +1111,53 @@ impl Coordinator {
                 ),
             );
         }
+        let warnings = if spec.service.as_str() == AGENT_SERVICE {
+            self.agent_upgrade_warnings(&target, &waves)
+        } else {
+            Vec::new()
+        };
         Ok(PlanView {
             id,
             spec,
             target,
             waves,
             excluded,
+            warnings,
         })
+    }
+
+    /// What to know before upgrading the agents of `waves` to `target`:
+    /// whether the new agent speaks a protocol this coordinator accepts.
+    fn agent_upgrade_warnings(&self, target: &ReleaseRef, waves: &[Vec<HostId>]) -> Vec<String> {
+        let path = self.bundle_path(target.sha256.as_str());
+        let head = std::fs::File::open(&path).ok().and_then(|f| {
+            turnout_proto::bundle::read_head(std::io::BufReader::new(f), &Default::default()).ok()
+        });
+        let accepted = self.offer().range;
+        let hosts: Vec<&str> = waves.iter().flatten().map(HostId::as_str).collect();
+        let shown = if hosts.len() > 10 {
+            format!("{} and {} more", hosts[..10].join(", "), hosts.len() - 10)
+        } else {
+            hosts.join(", ")
+        };
+        match head
+            .as_ref()
+            .and_then(|h| declared_proto(&h.manifest.provides))
+        {
+            None => vec![format!(
+                "{} {} does not say which protocol versions it speaks (its manifest has no \
+                 `turnout-proto/MIN-MAX` in provides; `turnout pack --name {AGENT_SERVICE}` adds it): \
+                 this plan cannot check that the upgraded agents will still talk to this coordinator ({accepted})",
+                target.name, target.version
+            )],
+            Some(range) if range.intersect(accepted).is_none() => vec![format!(
+                "{} {} speaks protocol {range}, which does not overlap what this coordinator accepts ({accepted}): \
+                 after the upgrade, hosts {shown} could not report, and their dead-man switches would put the \
+                 old agent back",
+                target.name, target.version
+            )],
+            Some(_) => Vec::new(),
+        }
     }
 
     /// Starts a rollout (one active rollout per service).

@@ -259,7 +259,8 @@ pub struct Fleet {
     pub pin: String,
     /// Extra arguments of `turnout serve` at the next (re)start.
     pub coordinator_args: Vec<String>,
-    coordinator_bin: PathBuf,
+    /// The `turnout` binary the coordinator runs at the next (re)start.
+    pub coordinator_bin: PathBuf,
     port: u16,
     coordinator: Option<Child>,
     /// The hosts.

@@ -17,10 +17,19 @@ for tool in systemd-nspawn debootstrap nsenter socat curl; do
 done
 N=${HOSTS:-3}
 started=$SECONDS
-BIN=${CARGO_TARGET_DIR:-$(pwd)/target}/debug/turnout
-# The freeze switch below is a test hook: only a fault-injection build has it.
-cargo build --quiet -p turnout --bin turnout --features fault-injection
+TARGET=${CARGO_TARGET_DIR:-$(pwd)/target}/debug
+BIN=$TARGET/turnout
 W=$(mktemp -d /tmp/turnout-systemd.XXXXXX)
+# The agent upgrade checks need a newer agent: the same code built with a
+# newer version (TURNOUT_BUILD_VERSION), first, then this build. The freeze
+# switch below is a test hook: only a fault-injection build has it.
+AGENT_NEW=0.2.1-e2e
+mkdir -p "$W/agent-new/bin"
+TURNOUT_BUILD_VERSION=$AGENT_NEW cargo build --quiet -p turnout-agent --bin turnout-agent --features fault-injection
+cp "$TARGET/turnout-agent" "$W/agent-new/bin/turnout-agent"
+cargo build --quiet -p turnout-agent --bin turnout-agent --features fault-injection
+cargo build --quiet -p turnout --bin turnout --features fault-injection
+cp "$TARGET/turnout-agent" "$W/turnout-agent"
 declare -a NSPAWN LEADER PROXY PORT PPORT
 
 cleanup() {
@@ -72,6 +81,20 @@ for spec in 1.0.0:healthy 2.0.0:healthy 3.0.0:unhealthy 4.0.0:healthy 5.0.0:heal
     printf 'version = "%s"\nmode = "%s"\n' "$v" "$mode" > "$W/src-$v/behaviour.toml"
     "$BIN" pack "$W/src-$v" --name web --version "$v" --entry bin/web --key "$W/release.key.pem" --out "$W/web-$v.tnt" >/dev/null
 done
+# Agent releases: the newer build, and three broken ones (fault-injection
+# wrappers around the installed binary): one exits when run (its `version`
+# still answers, so the pre-flight check passes), one wedges its main loop,
+# one offers a protocol no coordinator speaks, so it can never hello.
+"$BIN" pack "$W/agent-new" --name turnout-agent --version "$AGENT_NEW" --entry bin/turnout-agent --key "$W/release.key.pem" --out "$W/agent-new.tnt" >/dev/null
+broken() { # NAME VERSION SCRIPT
+    mkdir -p "$W/agent-$1/bin"
+    printf '#!/bin/sh\n%s\n' "$3" > "$W/agent-$1/bin/turnout-agent"
+    chmod 755 "$W/agent-$1/bin/turnout-agent"
+    "$BIN" pack "$W/agent-$1" --name turnout-agent --version "$2" --entry bin/turnout-agent --provides turnout-proto/1-2 --key "$W/release.key.pem" --out "$W/agent-$1.tnt" >/dev/null 2>&1
+}
+broken exits 0.9.1-exits 'case "$1" in version) exec /usr/local/bin/turnout-agent "$@";; esac; echo "broken build: exits at start" >&2; exit 1'
+broken wedges 0.9.2-wedges 'TURNOUT_TEST_FREEZE=/ exec /usr/local/bin/turnout-agent "$@"'
+broken nohello 0.9.3-nohello 'TURNOUT_AGENT_TEST_PROTO=9-9 exec /usr/local/bin/turnout-agent "$@"'
 
 CPORT=$(free_port)
 "$BIN" serve --listen "127.0.0.1:$CPORT" --state-dir "$W/coordinator" --trust "$W/trust.json" --report-interval 1s --init --profile "$W/profile.toml" > "$W/serve.out" 2> "$W/serve.log" &
@@ -80,23 +103,25 @@ wait_until 20 "the coordinator" 'curl -s --cacert "$W/coordinator/tls/ca.pem" -o
 TOKEN=$(grep -o 'tnt_[A-Za-z0-9_-]*' "$W/serve.out")
 export TURNOUT_COORDINATOR="https://127.0.0.1:$CPORT" TURNOUT_TOKEN=$TOKEN TURNOUT_CA="$W/coordinator/tls/ca.pem"
 for v in 1.0.0 2.0.0 3.0.0 4.0.0 5.0.0 6.0.0; do "$BIN" bundle push "$W/web-$v.tnt" >/dev/null; done
+for b in new exits wedges nohello; do "$BIN" bundle push "$W/agent-$b.tnt" >/dev/null; done
 ENROLL_JSON=$("$BIN" token create --enroll --uses "$N" --json)
 ENROLL=$(printf '%s' "$ENROLL_JSON" | grep -o 'tne_[A-Za-z0-9_-]*' | head -n 1)
 PIN=$(printf '%s' "$ENROLL_JSON" | grep -o 'sha256:[0-9a-f]\{64\}' | head -n 1)
 
-# The agent's unit as shipped, run from the `turnout` binary, with a short
-# watchdog and the test-only freeze switch for these checks.
+# The agent's unit as shipped (ExecStart=/usr/local/bin/turnout-agent, this
+# build), with a short watchdog and the test-only freeze switch for these checks.
 mkdir -p "$W/units"
-sed 's#/usr/local/bin/turnout-agent run#/usr/local/bin/turnout agent run#' systemd/turnout-agent.service > "$W/units/turnout-agent.service"
+cp systemd/turnout-agent.service "$W/units/turnout-agent.service"
 printf '[Service]\nWatchdogSec=3s\nRestartSec=1s\nEnvironment=TURNOUT_TEST_FREEZE=/run/turnout-freeze\n' > "$W/units/override.conf"
 
-start_proxy() { socat "TCP-LISTEN:${PPORT[$1]},bind=127.0.0.1,fork,reuseaddr" "TCP:127.0.0.1:$CPORT" & PROXY[$1]=$!; }
+start_proxy() { socat "TCP-LISTEN:${PPORT[$1]},bind=127.0.0.1,fork,reuseaddr" "TCP:127.0.0.1:$CPORT" 2>/dev/null & PROXY[$1]=$!; }
 stop_proxy() { kill "${PROXY[$1]}" 2>/dev/null; pkill -f "TCP-LISTEN:${PPORT[$1]}," 2>/dev/null || true; }
 
 boot() {
     local i=$1
     systemd-nspawn --quiet --boot --register=no --keep-unit -D "$ROOTFS" --volatile=overlay --machine="tnt-h$i" \
         --bind-ro="$BIN:/usr/local/bin/turnout" \
+        --bind-ro="$W/turnout-agent:/usr/local/bin/turnout-agent" \
         --bind="$W/h$i/lib:/var/lib/turnout" --bind="$W/h$i/etc:/etc/turnout" \
         --bind-ro="$W/units/turnout-agent.service:/etc/systemd/system/turnout-agent.service" \
         --bind-ro="$W/units/override.conf:/etc/systemd/system/turnout-agent.service.d/override.conf" \
@@ -118,6 +143,7 @@ for i in $(seq 1 "$N"); do
 state_dir = "/var/lib/turnout"
 trust = "/etc/turnout/trust.json"
 labels = { role = "web" }
+upgrade_deadline = "20s"
 [[service]]
 name = "web"
 supervisor = "systemd"
@@ -217,5 +243,69 @@ wait_until 60 "the rebooted host to settle" 'test "$(agent_field "$canary" '\''s
 committed=$(agent_field "$canary" 's["committed"]["version"]')
 wait_until 30 "the rebooted host to serve its committed release" 'test "$(served "$canary")" = "$committed"'
 ok "host $canary rebooted mid-bake: back on committed $committed ($(agent_field "$canary" 's["last_outcome"]["kind"]'))"
+
+# 7. The agents upgrade themselves, in waves; the coordinator is stopped
+#    while the last wave switches: nobody reverts, all finish once it is back.
+agent_version() { api /v1/hosts | python3 -c "import json,sys; print(next(h['agent_version'] for h in json.load(sys.stdin) if h['id'] == 'h$1'))"; }
+web_pid() { inside "$1" systemctl show -p MainPID --value web.service; }
+agent_pid() { inside "$1" systemctl show -p MainPID --value turnout-agent; }
+handoff() { inside "$1" cat /var/lib/turnout/agent/handoff.json 2>/dev/null; }
+# Past the switch's first deadline, still armed on the new agent (no revert).
+outlived_deadline() { handoff "$1" | python3 -c 'import json,sys,time; h=json.load(sys.stdin); sys.exit(0 if h["phase"] == "armed" and time.time()*1000 > h["armed_ms"] + h["window_ms"] + 2000 else 1)'; }
+serve_again() {
+    "$BIN" serve --listen "127.0.0.1:$CPORT" --state-dir "$W/coordinator" --trust "$W/trust.json" --report-interval 1s >> "$W/serve.out" 2>> "$W/serve.log" &
+    COORD=$!
+    wait_until 20 "the coordinator to start again" 'curl -s --cacert "$W/coordinator/tls/ca.pem" -o /dev/null "https://127.0.0.1:$CPORT/v1/hosts"'
+}
+declare -a WEBPID
+for i in $(seq 1 "$N"); do WEBPID[$i]=$(web_pid "$i"); done
+old_agent=$(agent_version 1)
+"$BIN" rollout plan --service turnout-agent --release "turnout-agent@$AGENT_NEW" --waves 1,100% > "$W/plan.txt"
+grep -q warning "$W/plan.txt" && fail "the agent plan warns: $(cat "$W/plan.txt")"
+id=$("$BIN" rollout start --service turnout-agent --release "turnout-agent@$AGENT_NEW" --waves 1,100% --max-parallel 2 --healthy-deadline 3m --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+last=$(api "/v1/rollouts/$id" | python3 -c 'import json,sys; print(json.load(sys.stdin)["waves"][1][0][1:])')
+wait_until 120 "host $last to start switching its agent" 'handoff "$last" >/dev/null'
+kill "$COORD"; wait "$COORD" 2>/dev/null || true
+wait_until 60 "host $last to outlive its first deadline with the coordinator down" 'outlived_deadline "$last"'
+inside "$last" cat /var/lib/turnout/agent/progress | grep -q unreachable || fail "host $last's new agent does not say it waits for the coordinator"
+ok "coordinator down mid-upgrade: host $last's new agent outlived its deadline, not reverted"
+serve_again
+wait_until 120 "the agent rollout to succeed" 'test "$(rollout_state "$id")" = succeeded'
+for i in $(seq 1 "$N"); do
+    [ "$(agent_version "$i")" = "$AGENT_NEW" ] || fail "host $i's agent is $(agent_version "$i"), not $AGENT_NEW"
+    [ "$(web_pid "$i")" = "${WEBPID[$i]}" ] || fail "host $i's web.service restarted during the agent upgrade"
+    handoff "$i" >/dev/null && fail "host $i still has a switch in flight"
+done
+ok "agents $old_agent -> $AGENT_NEW in waves; every web.service MainPID unchanged"
+
+# 8. Three broken agents, each to the canary: back on the previous agent by
+#    itself, the gate trips, nothing else moves, and it is never retried.
+for b in exits:0.9.1-exits wedges:0.9.2-wedges nohello:0.9.3-nohello; do
+    kind=${b%%:*} v=${b##*:}
+    t0=$SECONDS
+    id=$("$BIN" rollout start --service turnout-agent --release "turnout-agent@$v" --waves 1,100% --healthy-deadline 3m --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+    canary=$(api "/v1/rollouts/$id" | python3 -c 'import json,sys; print(json.load(sys.stdin)["waves"][0][0][1:])')
+    wait_until 120 "the $kind agent's rollout to roll back" 'test "$(rollout_state "$id")" = rolled_back'
+    took=$((SECONDS - t0))
+    # The deadline is 20 s: dispatch, download and switch, plus restarts and a report, within a minute.
+    [ "$took" -le 60 ] || fail "the $kind agent took ${took}s to be reverted and reported"
+    [ "$(agent_version "$canary")" = "$AGENT_NEW" ] || fail "canary $canary runs agent $(agent_version "$canary") after the $kind revert"
+    "$BIN" rollout status "$id" > "$W/status.txt"
+    grep -q "agent upgrade to $v failed" "$W/status.txt" || fail "rollout status does not say why: $(cat "$W/status.txt")"
+    for i in $(seq 1 "$N"); do
+        [ "$(web_pid "$i")" = "${WEBPID[$i]}" ] || fail "host $i's web.service restarted during the $kind agent"
+        [ "$i" = "$canary" ] && continue
+        [ "$(agent_version "$i")" = "$AGENT_NEW" ] || fail "host $i moved during the $kind canary"
+    done
+    # Not retried: the same rollout again trips at once, and the canary's agent does not restart.
+    pid=$(agent_pid "$canary")
+    id=$("$BIN" rollout start --service turnout-agent --release "turnout-agent@$v" --waves 1,100% --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+    wait_until 60 "the retried $kind rollout to roll back" 'test "$(rollout_state "$id")" = rolled_back'
+    [ "$(agent_pid "$canary")" = "$pid" ] || fail "canary $canary tried the failed $kind agent again"
+    ok "$kind agent: canary $canary back on $AGENT_NEW in ${took}s, gate tripped, not retried"
+    grep "agent upgrade to $v failed" "$W/status.txt" | head -n 1 | cut -c1-240
+done
+reason=$(inside "$canary" /usr/local/bin/turnout-agent upgrade status | grep -c 'reverted')
+[ "$reason" -ge 1 ] || fail "turnout-agent upgrade status shows no reverted agent"
 
 echo "all systemd checks passed in $((SECONDS - started))s"

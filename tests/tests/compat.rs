@@ -246,3 +246,108 @@ fn a_0_1_0_agent_is_not_ordered_below_a_policy_floor_it_cannot_enforce() {
         );
     }
 }
+
+/// The coordinator upgrade as docs/operations.md describes it: stop the
+/// 0.1.0 coordinator mid-rollout, start this build on the same state
+/// directory; the agents reconnect (now in v2) and the rollout carries on
+/// from where it stood, to the end.
+#[test]
+#[ignore = "needs the 0.1.0 build: tests/compat/run.sh"]
+fn the_0_1_0_coordinator_is_replaced_mid_rollout_and_the_rollout_finishes() {
+    let mut fleet = Fleet::start(Options {
+        hosts: 3,
+        coordinator_bin: Some(release_0_1_0()),
+        ..Options::default()
+    });
+    fleet.install_everywhere("1.0.0");
+    let id = fleet.rollout(json!({"service": "web", "release": "web@2.0.0", "waves": ["1", "100%"], "promote": "manual", "max_parallel": 3}));
+    wait_for("the canary wave to wait for promotion", LONG, || {
+        let rollout: Value = fleet.client().get(&format!("/v1/rollouts/{id}")).unwrap();
+        rollout["state"]["awaiting_promotion"] == true
+    });
+    let canary = fleet.get(&id).waves[0][0].to_string();
+
+    // Stop, replace, start.
+    fleet.kill_coordinator();
+    fleet.coordinator_bin = turnout_tests::turnout_bin();
+    fleet.start_coordinator(false);
+    wait_for("every agent to say hello in v2", LONG, || {
+        hosts(&fleet)
+            .iter()
+            .all(|h| h["proto"] == 2 && h["state"] == "online")
+    });
+    let rollout: Value = fleet.client().get(&format!("/v1/rollouts/{id}")).unwrap();
+    assert_eq!(rollout["state"]["awaiting_promotion"], true, "{rollout}");
+    for host in &fleet.hosts {
+        let want = if host.id == canary { "2.0.0" } else { "1.0.0" };
+        assert_eq!(host.served().as_deref(), Some(want), "{}", host.id);
+    }
+    let promoted = fleet.turnout(&["rollout", "promote", &id]);
+    assert!(
+        promoted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&promoted.stderr)
+    );
+    fleet.wait_state(&id, "succeeded", LONG);
+    all_serve(&fleet, "2.0.0");
+}
+
+/// A 0.1.0 agent cannot upgrade itself (it has no switch): planning an
+/// agent rollout says so, host by host, instead of dispatching to it.
+#[test]
+#[ignore = "needs the 0.1.0 build: tests/compat/run.sh"]
+fn a_0_1_0_agent_is_left_out_of_agent_rollouts_with_the_manual_step_named() {
+    let old = release_0_1_0();
+    let fleet = Fleet::start(Options {
+        hosts: 2,
+        agent_bin: Box::new(move |i| (i == 0).then(|| old.clone())),
+        ..Options::default()
+    });
+    let src = fleet.dir.path().join("agent-src");
+    std::fs::create_dir_all(src.join("bin")).unwrap();
+    std::fs::write(src.join("bin/turnout-agent"), "#!/bin/sh\nexit 1\n").unwrap();
+    std::fs::set_permissions(
+        src.join("bin/turnout-agent"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let key = fleet.dir.path().join("release.pem");
+    std::fs::write(
+        &key,
+        turnout_proto::keys::SecretKey::from_seed([3; 32]).to_pem(),
+    )
+    .unwrap();
+    let bundle = fleet.dir.path().join("agent.tnt");
+    let packed = std::process::Command::new(turnout_tests::turnout_bin())
+        .arg("pack")
+        .arg(&src)
+        .args(["--name", "turnout-agent", "--version", "9.0.0"])
+        .args([
+            "--entry",
+            "bin/turnout-agent",
+            "--provides",
+            "turnout-proto/1-2",
+        ])
+        .arg("--key")
+        .arg(&key)
+        .arg("--out")
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(packed.status.success(), "{packed:?}");
+    fleet.push(&bundle);
+    let plan: Value = fleet
+        .client()
+        .post(
+            "/v1/rollouts/plan",
+            &json!({"spec": {"service": "turnout-agent", "release": "turnout-agent@9.0.0", "waves": ["100%"]}}),
+        )
+        .unwrap();
+    let why = plan["excluded"]["host-00"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("its agent (0.1.0) cannot upgrade itself")
+            && why.contains("upgrade it once by hand"),
+        "{plan}"
+    );
+    assert_eq!(plan["waves"], json!([["host-01"]]), "{plan}");
+}

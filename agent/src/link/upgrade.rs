@@ -133,7 +133,11 @@ impl Link {
             }
             converge::Decision::Rollback | converge::Decision::Install => {}
         }
-        let Some(unit) = switch::own_unit() else {
+        let unit = tokio::task::spawn_blocking(switch::own_unit)
+            .await
+            .ok()
+            .flatten();
+        let Some(unit) = unit else {
             self.refuse_self(
                 format!(
                     "agent {} not installed: this agent does not run as a systemd service of its own, so it \

@@ -179,14 +179,24 @@ pub fn boot_id() -> Option<String> {
         .map(|s| s.trim().to_owned())
 }
 
-/// The agent's own systemd unit, from `/proc/self/cgroup`; `None` when it
-/// does not run as a service of its own.
+/// The agent's own systemd unit: the service of its cgroup
+/// (`/proc/self/cgroup`) whose main process it is. `None` when it does not
+/// run as a service of its own: started from a shell, or as a child of
+/// another service, whose unit it must never restart.
 pub fn own_unit() -> Option<String> {
     let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    text.lines()
+    let unit = text
+        .lines()
         .filter_map(|line| line.rsplit('/').next())
-        .find(|last| last.ends_with(".service"))
-        .map(str::to_owned)
+        .find(|last| last.ends_with(".service"))?
+        .to_owned();
+    let out = std::process::Command::new("systemctl")
+        .args(["show", "-p", "MainPID", "--value", &unit])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let main: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+    (main == std::process::id()).then_some(unit)
 }
 
 /// Runs a command, waiting at most 30 s; `Err` has its output.
@@ -352,6 +362,17 @@ pub fn revert(state_dir: &Path, armed_ms: u64) -> Result<String, String> {
     let handoff = handoff.expect("on_deadline needs a record");
     let reason = diagnose(&layout, &handoff);
     revert_links(&layout, &handoff, &reason).map_err(|e| format!("flipping back: {e}"))?;
+    // The unconfirmed agent may be wedged: a stop would wait out its
+    // TimeoutStopSec on a process that no longer handles SIGTERM.
+    let _ = run(
+        "systemctl",
+        &[
+            "kill".into(),
+            "--kill-who=main".into(),
+            "--signal=SIGKILL".into(),
+            handoff.unit.clone(),
+        ],
+    );
     let _ = run("systemctl", &["reset-failed".into(), handoff.unit.clone()]);
     run("systemctl", &["restart".into(), handoff.unit.clone()])?;
     Ok(format!(
@@ -415,14 +436,14 @@ pub async fn settle(agent: Arc<Agent>, started: Instant) {
                 h.to.release.version,
                 turnout_proto::desired::utc(h.armed_ms)
             );
-            disarm(&h.deadman);
+            disarm_off_thread(&h.deadman).await;
             let _ = layout.remove_handoff();
         }
         AtStart::RecordReverted(reason) => {
             let h = handoff.expect("a record");
             let text = format!("agent upgrade to {} failed: {reason}", h.to.release.version);
             tracing::error!("{text}; running {} again", me.release.version);
-            disarm(&h.deadman);
+            disarm_off_thread(&h.deadman).await;
             if agent
                 .record_self(OutcomeKind::Reverted, h.to.release, text)
                 .is_ok()
@@ -430,7 +451,9 @@ pub async fn settle(agent: Arc<Agent>, started: Instant) {
                 let _ = layout.remove_handoff();
             }
         }
-        AtStart::FinishConfirmed => finish_confirmed(&agent, &layout, &handoff.expect("a record")),
+        AtStart::FinishConfirmed => {
+            finish_confirmed(&agent, &layout, &handoff.expect("a record")).await;
+        }
         AtStart::Confirm => {
             let h = handoff.expect("a record");
             confirm(&agent, &layout, h, started).await;
@@ -476,8 +499,14 @@ async fn extend(layout: &Layout, h: &mut Handoff, deadline: u64) {
     }
 }
 
-fn finish_confirmed(agent: &Agent, layout: &Layout, h: &Handoff) {
-    disarm(&h.deadman);
+/// [`disarm`], off the agent's only runtime thread.
+async fn disarm_off_thread(deadman: &str) {
+    let deadman = deadman.to_owned();
+    let _ = tokio::task::spawn_blocking(move || disarm(&deadman)).await;
+}
+
+async fn finish_confirmed(agent: &Agent, layout: &Layout, h: &Handoff) {
+    disarm_off_thread(&h.deadman).await;
     let text = format!(
         "agent {} confirmed itself (from {})",
         h.to.release.version, h.from.release.version
@@ -535,5 +564,5 @@ async fn confirm(agent: &Agent, layout: &Layout, mut h: Handoff, started: Instan
         tracing::error!("confirming the upgrade: {err}; the dead-man switch will revert it");
         return;
     }
-    finish_confirmed(agent, layout, &h);
+    finish_confirmed(agent, layout, &h).await;
 }

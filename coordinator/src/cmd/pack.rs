@@ -187,6 +187,42 @@ pub fn run(args: &Args) -> anyhow::Result<Exit> {
     Ok(Exit::Success)
 }
 
+/// `args.provides`, and for an agent bundle (`--name turnout-agent`) the
+/// protocol range its entry says it speaks (`turnout-proto/1-2`, from
+/// `ENTRY version --json`), so that `turnout rollout plan` can warn before
+/// agents are upgraded to one that could not talk to the coordinator.
+fn with_agent_proto(args: &Args) -> Vec<String> {
+    let mut provides = args.provides.clone();
+    if args.name.as_str() != crate::coordinator::AGENT_SERVICE
+        || provides.iter().any(|p| p.starts_with("turnout-proto/"))
+    {
+        return provides;
+    }
+    let entry = args.dir.join(args.entry.as_str());
+    let asked = std::process::Command::new(&entry)
+        .args(["version", "--json"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output();
+    let range = asked.ok().filter(|o| o.status.success()).and_then(|o| {
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        serde_json::from_value::<turnout_proto::ProtoRange>(v.get("range")?.clone()).ok()
+    });
+    match range {
+        Some(range) => provides.push(format!(
+            "turnout-proto/{}-{}",
+            range.min().get(),
+            range.max().get()
+        )),
+        None => eprintln!(
+            "turnout: warning: could not run `{} version --json` to learn which protocol versions this agent \
+             speaks; add --provides turnout-proto/MIN-MAX so that `turnout rollout plan` can check it",
+            entry.display()
+        ),
+    }
+    provides
+}
+
 /// Packs `args.dir` into a bundle signed by `keys`; returns the manifest,
 /// where the bundle went, and how many signatures it has.
 pub fn pack(
@@ -213,7 +249,7 @@ pub fn pack(
         entry: args.entry.clone(),
         files: Vec::new(),
         links: Vec::new(),
-        provides: args.provides.clone(),
+        provides: with_agent_proto(args),
         requires: args.requires.clone(),
         extra: BTreeMap::new(),
     };

@@ -212,6 +212,9 @@ pub fn run(command: Command) -> anyhow::Result<Exit> {
                 for (host, why) in plan["excluded"].as_object().into_iter().flatten() {
                     println!("  excluded {host}: {}", why.as_str().unwrap_or_default());
                 }
+                for warning in plan["warnings"].as_array().into_iter().flatten() {
+                    println!("  warning: {}", warning.as_str().unwrap_or_default());
+                }
             }
             Ok(Exit::Success)
         }

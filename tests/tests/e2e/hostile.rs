@@ -360,3 +360,63 @@ fn damaged_records_fail_closed_and_say_what_to_do() {
     }
     host.stop();
 }
+
+/// Expiry never stops a running agent: an agent restarted while the only
+/// desired state it holds has expired (a coordinator frozen on an old
+/// answer) starts, says it is stale, keeps its service on the committed
+/// release, and starts nothing new.
+#[test]
+fn an_agent_that_starts_on_expired_desired_state_keeps_running() {
+    let Setup {
+        one,
+        two,
+        double,
+        mut host,
+        dir: _dir,
+        ..
+    } = setup(Duration::from_secs(2), 5);
+    wait_for("web 1.0.0 to run", Duration::from_secs(40), || {
+        host.served().as_deref() == Some("1.0.0")
+    });
+    // Frozen on one signed answer; it expires within 2 s.
+    double.script(Script::Fixed(double.signed(&desired("host-00", 5, one))));
+    wait_for("the host to report stale", Duration::from_secs(30), || {
+        double
+            .report("host-00")
+            .is_some_and(|r| r["stale_since_ms"].as_u64().is_some())
+    });
+    host.stop();
+    // Meanwhile the frozen coordinator would name 2.0.0, in a document
+    // that is already past its expiry.
+    let mut late = desired("host-00", 9, two);
+    late.issued_at_ms = Some(now_ms() - 120_000);
+    late.expires_ms = Some(now_ms() - 60_000);
+    double.script(Script::Fixed(double.signed_as_is(&late)));
+    host.start(&[]);
+    wait_for(
+        "the restarted agent to report",
+        Duration::from_secs(30),
+        || {
+            double.report("host-00").is_some_and(|r| {
+                r["desired_refused"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("expired at"))
+            })
+        },
+    );
+    let status = host.status_text();
+    assert!(status.contains("desired state stale since"), "{status}");
+    assert_eq!(host.served().as_deref(), Some("1.0.0"));
+    // Still running, a while later: expiry blocks installs, never the agent.
+    wait_for("a few more reports", Duration::from_secs(30), || {
+        double
+            .report("host-00")
+            .is_some_and(|r| r["seq"].as_u64().unwrap_or(0) > now_ms() - 1_000)
+    });
+    assert!(
+        host.status_text().contains("web"),
+        "the agent stopped answering"
+    );
+    assert_eq!(host.served().as_deref(), Some("1.0.0"));
+    host.stop();
+}

@@ -7,6 +7,7 @@ mod fleet;
 mod handshake;
 mod hostile;
 mod policy;
+mod self_upgrade;
 mod tls;
 mod trust;
 mod units;
