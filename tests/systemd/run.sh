@@ -280,8 +280,8 @@ ok "agents $old_agent -> $AGENT_NEW in waves; every web.service MainPID unchange
 
 # 8. Three broken agents, each to the canary: back on the previous agent by
 #    itself, the gate trips, nothing else moves, and it is never retried.
-for b in exits:0.9.1-exits wedges:0.9.2-wedges nohello:0.9.3-nohello; do
-    kind=${b%%:*} v=${b##*:}
+for b in "exits:0.9.1-exits:it exited with status 1" "wedges:0.9.2-wedges:watchdog killed it" "nohello:0.9.3-nohello:no successful hello and report (refused"; do
+    IFS=: read -r kind v why <<< "$b"
     t0=$SECONDS
     id=$("$BIN" rollout start --service turnout-agent --release "turnout-agent@$v" --waves 1,100% --healthy-deadline 3m --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
     canary=$(api "/v1/rollouts/$id" | python3 -c 'import json,sys; print(json.load(sys.stdin)["waves"][0][0][1:])')
@@ -292,6 +292,7 @@ for b in exits:0.9.1-exits wedges:0.9.2-wedges nohello:0.9.3-nohello; do
     [ "$(agent_version "$canary")" = "$AGENT_NEW" ] || fail "canary $canary runs agent $(agent_version "$canary") after the $kind revert"
     "$BIN" rollout status "$id" > "$W/status.txt"
     grep -q "agent upgrade to $v failed" "$W/status.txt" || fail "rollout status does not say why: $(cat "$W/status.txt")"
+    grep -qF "$why" "$W/status.txt" || fail "the $kind agent's reason does not say \"$why\": $(cat "$W/status.txt")"
     for i in $(seq 1 "$N"); do
         [ "$(web_pid "$i")" = "${WEBPID[$i]}" ] || fail "host $i's web.service restarted during the $kind agent"
         [ "$i" = "$canary" ] && continue

@@ -210,8 +210,16 @@ impl Link {
         let staged = layout
             .release_of(&dir)
             .is_ok_and(|r| r.release.sha256 == want.sha256);
-        if !staged && let Err(reason) = self.unpack_self(layout, &bundle, want, &dir).await {
-            self.refuse_self(reason, Some((OutcomeKind::Rejected, want)));
+        if !staged && let Err((kind, reason)) = self.unpack_self(layout, &bundle, want, &dir).await
+        {
+            if kind == OutcomeKind::Rejected {
+                self.refuse_self(reason, Some((kind, want)));
+            } else {
+                // A full disk or an I/O error: no verdict on the release.
+                let reason = format!("{reason}; tried again at the next poll");
+                tracing::warn!(service = SELF_SERVICE, "{reason}");
+                let _ = self.agent.record_self(kind, want.clone(), reason);
+            }
             return Ok(None);
         }
         let entry = layout.entry_of(&dir).map_err(|source| LinkError::Io {
@@ -234,26 +242,30 @@ impl Link {
 
     /// Verifies the bundle against the trust held and unpacks it as
     /// `releases/DIR` (through a partial directory, renamed when complete).
+    /// `Err` says whether the release was rejected (a verdict) or the
+    /// unpacking failed (`failed`: tried again).
     async fn unpack_self(
         &self,
         layout: &Layout,
         bundle: &std::path::Path,
         want: &ReleaseRef,
         dir: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), (OutcomeKind, String)> {
+        let failed = |text: String| (OutcomeKind::Failed, text);
         let trust = crate::service::current_trust(self.agent.config())
-            .map_err(|e| e.to_string())?
+            .map_err(|e| failed(e.to_string()))?
             .trust;
         let (bundle, want) = (bundle.to_owned(), want.clone());
         let final_dir = layout.release_dir(dir);
         let partial = layout.release_dir(&format!(".{dir}.partial"));
         tokio::task::spawn_blocking(move || {
+            let failed = |text: String| (OutcomeKind::Failed, text);
             std::fs::create_dir_all(partial.parent().expect("under releases"))
-                .map_err(|e| format!("creating the releases directory: {e}"))?;
+                .map_err(|e| failed(format!("creating the releases directory: {e}")))?;
             let _ = std::fs::remove_dir_all(&partial);
             let _ = std::fs::remove_dir_all(&final_dir);
             let file = std::fs::File::open(&bundle)
-                .map_err(|e| format!("reading {}: {e}", bundle.display()))?;
+                .map_err(|e| failed(format!("reading {}: {e}", bundle.display())))?;
             let (verified, sink) = crate::stage::unpack(
                 std::io::BufReader::new(file),
                 &trust,
@@ -261,12 +273,21 @@ impl Link {
                 &turnout_proto::Limits::default(),
                 &partial,
             )
-            .map_err(|e| format!("agent {} rejected: {e}", want.version))?;
+            .map_err(|e| match e {
+                crate::stage::StageError::Bundle(err) if err.is_refusal() => (
+                    OutcomeKind::Rejected,
+                    format!("agent {} rejected: {err}", want.version),
+                ),
+                other => failed(format!("unpacking agent {}: {other}", want.version)),
+            })?;
             if verified.manifest.name.as_str() != SELF_SERVICE {
                 let _ = std::fs::remove_dir_all(&partial);
-                return Err(format!(
-                    "the bundle is release {} {}, not {SELF_SERVICE}; not installed as the agent",
-                    verified.manifest.name, verified.manifest.version
+                return Err((
+                    OutcomeKind::Rejected,
+                    format!(
+                        "the bundle is release {} {}, not {SELF_SERVICE}; not installed as the agent",
+                        verified.manifest.name, verified.manifest.version
+                    ),
                 ));
             }
             let record = SlotRelease {
@@ -287,10 +308,10 @@ impl Link {
                 std::fs::rename(&partial, &final_dir)?;
                 turnout_rt::files::sync_dir(turnout_rt::files::parent(&final_dir))
             };
-            write().map_err(|e| format!("unpacking agent {}: {e}", want.version))
+            write().map_err(|e| failed(format!("unpacking agent {}: {e}", want.version)))
         })
         .await
-        .map_err(|e| format!("unpacking panicked: {e}"))?
+        .map_err(|e| (OutcomeKind::Failed, format!("unpacking panicked: {e}")))?
     }
 
     /// Runs `ENTRY version --json`: the new agent must start, say it is

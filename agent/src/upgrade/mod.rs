@@ -451,6 +451,27 @@ impl Layout {
         }
     }
 
+    /// Removes every release but `current` and `previous` (and any partial
+    /// unpacking): what a host keeps of its agents is two of them. Returns
+    /// what it removed.
+    pub fn prune(&self) -> Vec<String> {
+        let keep = [self.current(), self.previous()];
+        let Ok(entries) = std::fs::read_dir(self.root.join("releases")) else {
+            return Vec::new();
+        };
+        let mut removed = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if keep.iter().flatten().any(|k| *k == name) {
+                continue;
+            }
+            if std::fs::remove_dir_all(entry.path()).is_ok() {
+                removed.push(name);
+            }
+        }
+        removed
+    }
+
     /// The new agent's last word about its confirmation.
     pub fn progress_path(&self) -> PathBuf {
         self.root.join("progress")

@@ -318,14 +318,37 @@ fn unit_facts(unit: &str) -> Option<std::collections::BTreeMap<String, String>> 
     )
 }
 
+/// How often systemd's watchdog killed `unit` since `since_ms`, from the
+/// journal (0 when it cannot be read).
+fn watchdog_kills(unit: &str, since_ms: u64) -> usize {
+    let out = std::process::Command::new("journalctl")
+        .args(["-u", unit, "-o", "cat", "--no-pager", "--since"])
+        .arg(format!("@{}", since_ms / 1000))
+        .stderr(std::process::Stdio::null())
+        .output();
+    out.map(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.contains("Watchdog timeout"))
+            .count()
+    })
+    .unwrap_or(0)
+}
+
 /// Why the new agent did not confirm, from systemd and its own last word.
 fn diagnose(layout: &Layout, handoff: &Handoff) -> String {
     let secs = handoff.deadline_ms.saturating_sub(handoff.armed_ms) / 1000;
     let mut why = format!("it did not confirm itself within {secs}s");
+    let watchdog = watchdog_kills(&handoff.unit, handoff.armed_ms);
+    if watchdog > 0 {
+        why.push_str(&format!(
+            "; systemd's watchdog killed it {watchdog} time(s) (its main loop stopped)"
+        ));
+    }
     if let Some(facts) = unit_facts(&handoff.unit) {
         let get = |k: &str| facts.get(k).map_or("", String::as_str);
         let restarts: u64 = get("NRestarts").parse().unwrap_or(0);
-        if get("Result") == "watchdog" {
+        if get("Result") == "watchdog" && watchdog == 0 {
             why.push_str("; systemd's watchdog killed it (its main loop stopped)");
         } else if get("ActiveState") != "active" || restarts > 0 {
             let status = get("ExecMainStatus");
@@ -518,6 +541,10 @@ async fn finish_confirmed(agent: &Agent, layout: &Layout, h: &Handoff) {
         let _ = layout.remove_handoff();
         let _ = std::fs::remove_file(layout.progress_path());
         tracing::info!("{text}");
+        let removed = layout.prune();
+        if !removed.is_empty() {
+            tracing::info!("removed older agent releases: {}", removed.join(", "));
+        }
     }
 }
 

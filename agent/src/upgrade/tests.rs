@@ -512,6 +512,13 @@ fn a_dead_man_for_another_or_a_confirmed_switch_does_nothing() {
     // The record survives a round trip through its file, phase and all.
     layout.save_handoff(&confirmed).unwrap();
     assert_eq!(layout.handoff().unwrap(), Some(confirmed));
+    // Pruning keeps `current` and `previous` only.
+    let third = stage(&layout, &release("0.1.0", 1));
+    layout.point("current", new.dir.as_deref()).unwrap();
+    layout.point("previous", old.dir.as_deref()).unwrap();
+    assert_eq!(layout.prune(), [third.dir.unwrap()]);
+    assert!(layout.release_of(new.dir.as_deref().unwrap()).is_ok());
+    assert!(layout.release_of(old.dir.as_deref().unwrap()).is_ok());
     // A record that does not read is an error, never a guess.
     std::fs::write(layout.root().join("handoff.json"), b"{").unwrap();
     assert!(layout.handoff().is_err());
