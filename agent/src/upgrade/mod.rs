@@ -175,7 +175,7 @@ pub fn launch_decision(
                 } else {
                     h.deadline_ms.saturating_sub(h.armed_ms)
                 };
-                return Launch::NewBoot(now_ms + window);
+                return Launch::NewBoot(now_ms.saturating_add(window));
             }
             Phase::Armed if now_ms >= h.deadline_ms => {
                 return Launch::RevertFirst(format!(
@@ -280,7 +280,7 @@ pub fn probation(
 pub fn extended(deadline_ms: u64, now_ms: u64, window: Duration) -> u64 {
     let window = window.as_millis() as u64;
     if deadline_ms.saturating_sub(now_ms) < window / 2 {
-        now_ms + window
+        now_ms.saturating_add(window)
     } else {
         deadline_ms
     }

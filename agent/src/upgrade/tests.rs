@@ -523,3 +523,115 @@ fn a_dead_man_for_another_or_a_confirmed_switch_does_nothing() {
     std::fs::write(layout.root().join("handoff.json"), b"{").unwrap();
     assert!(layout.handoff().is_err());
 }
+
+mod fuzz {
+    //! `handoff.json`, which one agent build writes and another reads,
+    //! against arbitrary and mutated bytes: a record that does not read is
+    //! an error, one that reads drives every decision without a panic.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn cases() -> u32 {
+        std::env::var("FUZZ_CASES")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(256)
+    }
+
+    fn example() -> Vec<u8> {
+        let h = Handoff {
+            format: HANDOFF_FORMAT,
+            from: AgentRelease {
+                release: release("0.2.0", 2),
+                dir: None,
+            },
+            to: AgentRelease {
+                release: release("0.3.0", 3),
+                dir: Some("0.3.0-030303030303".into()),
+            },
+            armed_ms: 1_000,
+            deadline_ms: 61_000,
+            needs_hello: true,
+            unit: "turnout-agent.service".into(),
+            deadman: "turnout-agent-deadman-1000".into(),
+            boot_id: Some("b".into()),
+            window_ms: 60_000,
+            phase: Phase::Reverted {
+                at_ms: 2_000,
+                reason: "it exited".into(),
+            },
+        };
+        serde_json::to_vec_pretty(&h).unwrap()
+    }
+
+    fn decide_all(bytes: &[u8]) {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::new(tmp.path());
+        std::fs::create_dir_all(layout.root()).unwrap();
+        std::fs::write(layout.root().join("handoff.json"), bytes).unwrap();
+        let Ok(Some(h)) = layout.handoff() else {
+            return;
+        };
+        for current in [None, Some("0.3.0-030303030303"), h.to.dir.as_deref()] {
+            for boot in [None, Some("b"), Some("c")] {
+                let _ = launch_decision(Some(&h), current, boot, 30_000);
+            }
+            let _ = on_deadline(Some(&h), h.armed_ms, current, u64::MAX);
+        }
+        // Numbers from the file are never trusted to be small.
+        let huge = Handoff {
+            window_ms: u64::MAX,
+            deadline_ms: u64::MAX,
+            armed_ms: u64::MAX,
+            phase: Phase::Armed,
+            ..h.clone()
+        };
+        let _ = launch_decision(Some(&huge), huge.to.dir.as_deref(), Some("z"), u64::MAX);
+        let _ = at_start(Some(&h), &h.from);
+        let _ = at_start(Some(&h), &h.to);
+        let _ = Layout::new_boot(&h, u64::MAX, None);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_are_an_error_not_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            decide_all(&bytes);
+        }
+
+        #[test]
+        fn mutated_records_are_an_error_or_a_decision_not_a_panic(
+            edits in proptest::collection::vec((any::<proptest::sample::Index>(), proptest::collection::vec(any::<u8>(), 0..8), 0usize..16), 1..6),
+        ) {
+            let mut bytes = example();
+            for (at, insert, remove) in edits {
+                let i = at.index(bytes.len().max(1)).min(bytes.len());
+                let end = (i + remove).min(bytes.len());
+                bytes.splice(i..end, insert);
+            }
+            decide_all(&bytes);
+        }
+    }
+
+    #[test]
+    fn the_example_reads_back_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::new(tmp.path());
+        std::fs::create_dir_all(layout.root()).unwrap();
+        std::fs::write(layout.root().join("handoff.json"), example()).unwrap();
+        let h = layout.handoff().unwrap().unwrap();
+        assert_eq!(serde_json::to_vec_pretty(&h).unwrap(), example());
+        // A reader tolerates what it does not know (a newer build's field).
+        let mut value: serde_json::Value = serde_json::from_slice(&example()).unwrap();
+        value["from_a_newer_build"] = serde_json::json!(1);
+        std::fs::write(
+            layout.root().join("handoff.json"),
+            serde_json::to_vec(&value).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(layout.handoff().unwrap(), Some(h));
+    }
+}
