@@ -192,8 +192,13 @@ fn upgrade(command: UpgradeCommand, config: &Path) -> anyhow::Result<Exit> {
             }
         }
         UpgradeCommand::Status { json } => {
-            let journal = crate::journal::Journal::open(&state_dir.join("agent.db"))?;
-            let history = journal.history(crate::upgrade::SELF_SERVICE, 10)?;
+            // Read, never made: a host with no journal has no history yet.
+            let history = if state_dir.join("agent.db").exists() {
+                crate::journal::Journal::open(&state_dir.join("agent.db"))?
+                    .history(crate::upgrade::SELF_SERVICE, 10)?
+            } else {
+                Vec::new()
+            };
             let current = layout.current();
             let status = serde_json::json!({
                 "current": layout.agent_release(current.as_deref()),
@@ -201,6 +206,7 @@ fn upgrade(command: UpgradeCommand, config: &Path) -> anyhow::Result<Exit> {
                 "previous": layout.previous(),
                 "installed": layout.installed(),
                 "handoff": layout.handoff().ok().flatten(),
+                "handoff_error": layout.handoff().err().map(|e| e.to_string()),
                 "history": history.iter().map(|h| serde_json::json!({
                     "kind": h.kind.as_str(), "release": h.release, "reason": h.reason, "at_ms": h.at_ms,
                 })).collect::<Vec<_>>(),
@@ -246,6 +252,13 @@ fn upgrade(command: UpgradeCommand, config: &Path) -> anyhow::Result<Exit> {
             Ok(Exit::Success)
         }
         UpgradeCommand::Retry { version } => {
+            if !state_dir.join("agent.db").exists() {
+                eprintln!(
+                    "turnout-agent: no agent has run with the state directory {} (no agent.db); nothing to retry",
+                    state_dir.display()
+                );
+                return Ok(Exit::Refused);
+            }
             let mut journal = crate::journal::Journal::open(&state_dir.join("agent.db"))?;
             let history = journal.history(
                 crate::upgrade::SELF_SERVICE,
@@ -263,23 +276,13 @@ fn upgrade(command: UpgradeCommand, config: &Path) -> anyhow::Result<Exit> {
                 return Ok(Exit::Refused);
             };
             let release = failed.release.clone().expect("found by its release");
-            let state = journal.state(crate::upgrade::SELF_SERVICE)?;
-            let now = crate::service::now_ms();
-            journal.persist(
-                crate::upgrade::SELF_SERVICE,
-                &state,
-                &[crate::journal::HistoryEntry {
-                    kind: turnout_proto::messages::OutcomeKind::Failed,
-                    release: Some(release),
-                    reason:
-                        "an operator allowed it to be tried again (`turnout-agent upgrade retry`)"
-                            .into(),
-                    at_ms: now,
-                }],
-                now,
-            )?;
+            // Forgotten, not overwritten: an outcome for it would read as a
+            // new failure to the coordinator's next rollout of it.
+            let forgotten =
+                journal.forget(crate::upgrade::SELF_SERVICE, release.sha256.as_str())?;
             println!(
-                "agent {version} may be tried again: the coordinator's next desired state naming it retries it"
+                "agent {version} may be tried again ({forgotten} outcome(s) forgotten): the coordinator's next \
+                 desired state naming it retries it"
             );
             Ok(Exit::Success)
         }
@@ -391,7 +394,15 @@ pub fn run(cli: Cli) -> anyhow::Result<Exit> {
                 config.services.len(),
                 trust.keys().len(),
                 trust.threshold(),
-                config.coordinator.as_deref().unwrap_or("none (standalone)")
+                // The enrollment (`coordinator.json`) is what the daemon follows.
+                match crate::link::Identity::load(&config.state_dir) {
+                    Ok(Some(identity)) =>
+                        format!("{} (enrolled as {})", identity.coordinator, identity.host),
+                    _ => config
+                        .coordinator
+                        .clone()
+                        .unwrap_or_else(|| "none (standalone: not enrolled)".into()),
+                }
             );
             Ok(Exit::Success)
         }

@@ -69,6 +69,8 @@ pub struct Config {
 
 /// [`Config::upgrade_deadline`] unless the config says otherwise.
 pub const DEFAULT_UPGRADE_DEADLINE: Duration = Duration::from_secs(180);
+/// The shortest [`Config::upgrade_deadline`] accepted.
+pub const MIN_UPGRADE_DEADLINE: Duration = Duration::from_secs(15);
 
 /// One managed service.
 #[derive(Debug, Clone, PartialEq)]
@@ -537,11 +539,23 @@ fn read_config(root: &toml::Table, problems: &mut Vec<Problem>) -> Config {
             }
         }
     }
-    let upgrade_deadline = duration(
-        problems,
-        fields.get("upgrade_deadline"),
-        DEFAULT_UPGRADE_DEADLINE,
-    );
+    let deadline_field = fields.get("upgrade_deadline");
+    let deadline_path = deadline_field.as_ref().map(|(path, _)| path.clone());
+    let upgrade_deadline = duration(problems, deadline_field, DEFAULT_UPGRADE_DEADLINE);
+    if upgrade_deadline < MIN_UPGRADE_DEADLINE
+        && let Some(path) = deadline_path
+    {
+        problem(
+            problems,
+            &path,
+            format!(
+                "expected at least {}s: a new agent needs two watchdog timeouts up and a hello to the coordinator \
+                 before it confirms itself, or every agent upgrade is reverted (default {}s)",
+                MIN_UPGRADE_DEADLINE.as_secs(),
+                DEFAULT_UPGRADE_DEADLINE.as_secs()
+            ),
+        );
+    }
     let mut services = Vec::new();
     let mut names = BTreeSet::new();
     for (path, t) in tables(problems, fields.get("service")) {
@@ -1045,6 +1059,33 @@ pub fn health_url(url: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upgrade_deadline_that_would_revert_every_agent_and_the_agents_own_name_are_refused() {
+        let err =
+            Config::parse("upgrade_deadline = \"4s\"\n[[service]]\nname = \"turnout-agent\"\n")
+                .unwrap_err();
+        let ParseError::Invalid(problems) = err else {
+            panic!("{err:?}")
+        };
+        let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert!(
+            text.iter()
+                .any(|p| p.starts_with("upgrade_deadline") && p.contains("expected at least 15s")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter().any(|p| p.starts_with("service[0].name")
+                && p.contains("turnout-agent is the agent itself")),
+            "{text:?}"
+        );
+        let config = Config::parse("upgrade_deadline = \"5m\"\n").unwrap();
+        assert_eq!(config.upgrade_deadline, Duration::from_secs(300));
+        assert_eq!(
+            Config::parse("").unwrap().upgrade_deadline,
+            DEFAULT_UPGRADE_DEADLINE
+        );
+    }
 
     #[test]
     fn the_design_example_parses() {

@@ -276,6 +276,28 @@ impl Journal {
         Ok(())
     }
 
+    /// Writes a consistent copy of the journal to `path` (which must not
+    /// exist): kept before an agent switch, put back if it is reverted.
+    pub fn snapshot_to(&self, path: &Path) -> Result<(), JournalError> {
+        self.conn
+            .execute("VACUUM INTO ?1", [path.to_string_lossy()])
+            .map(|_| ())
+            .map_err(|e| self.sqlite(e))
+    }
+
+    /// Forgets every outcome of `service` concerning the release with
+    /// bundle digest `sha256`: how an operator lets a release that failed
+    /// be tried again, without an outcome a coordinator would read as a
+    /// new failure. Returns how many were forgotten.
+    pub fn forget(&mut self, service: &str, sha256: &str) -> Result<usize, JournalError> {
+        self.conn
+            .execute(
+                "DELETE FROM history WHERE service = ?1 AND json_extract(release, '$.sha256') = ?2",
+                params![service, sha256],
+            )
+            .map_err(|e| self.sqlite(e))
+    }
+
     /// The newest `limit` outcomes of `service`, newest first.
     pub fn history(&self, service: &str, limit: usize) -> Result<Vec<HistoryEntry>, JournalError> {
         let mut statement = self

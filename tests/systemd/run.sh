@@ -95,6 +95,8 @@ broken() { # NAME VERSION SCRIPT
 broken exits 0.9.1-exits 'case "$1" in version) exec /usr/local/bin/turnout-agent "$@";; esac; echo "broken build: exits at start" >&2; exit 1'
 broken wedges 0.9.2-wedges 'TURNOUT_TEST_FREEZE=/ exec /usr/local/bin/turnout-agent "$@"'
 broken nohello 0.9.3-nohello 'TURNOUT_AGENT_TEST_PROTO=9-9 exec /usr/local/bin/turnout-agent "$@"'
+# Says hello and reports, then dies 3 s after each start: before its hold.
+broken dies 0.9.4-dies 'case "$1" in version) exec /usr/local/bin/turnout-agent "$@";; esac; (sleep 3; kill -9 $$) & exec /usr/local/bin/turnout-agent "$@"'
 
 CPORT=$(free_port)
 "$BIN" serve --listen "127.0.0.1:$CPORT" --state-dir "$W/coordinator" --trust "$W/trust.json" --report-interval 1s --init --profile "$W/profile.toml" > "$W/serve.out" 2> "$W/serve.log" &
@@ -103,7 +105,7 @@ wait_until 20 "the coordinator" 'curl -s --cacert "$W/coordinator/tls/ca.pem" -o
 TOKEN=$(grep -o 'tnt_[A-Za-z0-9_-]*' "$W/serve.out")
 export TURNOUT_COORDINATOR="https://127.0.0.1:$CPORT" TURNOUT_TOKEN=$TOKEN TURNOUT_CA="$W/coordinator/tls/ca.pem"
 for v in 1.0.0 2.0.0 3.0.0 4.0.0 5.0.0 6.0.0; do "$BIN" bundle push "$W/web-$v.tnt" >/dev/null; done
-for b in new exits wedges nohello; do "$BIN" bundle push "$W/agent-$b.tnt" >/dev/null; done
+for b in new exits wedges nohello dies; do "$BIN" bundle push "$W/agent-$b.tnt" >/dev/null; done
 ENROLL_JSON=$("$BIN" token create --enroll --uses "$N" --json)
 ENROLL=$(printf '%s' "$ENROLL_JSON" | grep -o 'tne_[A-Za-z0-9_-]*' | head -n 1)
 PIN=$(printf '%s' "$ENROLL_JSON" | grep -o 'sha256:[0-9a-f]\{64\}' | head -n 1)
@@ -263,7 +265,13 @@ old_agent=$(agent_version 1)
 "$BIN" rollout plan --service turnout-agent --release "turnout-agent@$AGENT_NEW" --waves 1,100% > "$W/plan.txt"
 grep -q warning "$W/plan.txt" && fail "the agent plan warns: $(cat "$W/plan.txt")"
 id=$("$BIN" rollout start --service turnout-agent --release "turnout-agent@$AGENT_NEW" --waves 1,100% --max-parallel 2 --healthy-deadline 3m --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+first=$(api "/v1/rollouts/$id" | python3 -c 'import json,sys; print(json.load(sys.stdin)["waves"][0][0][1:])')
 last=$(api "/v1/rollouts/$id" | python3 -c 'import json,sys; print(json.load(sys.stdin)["waves"][1][0][1:])')
+# A new agent on probation is judged only once it confirmed: meanwhile the
+# canary wave holds (the hold alone is 6 s).
+wait_until 120 "canary $first to start its probation" 'handoff "$first" | grep -q armed'
+phase=$(api "/v1/rollouts/$id" | python3 -c "import json,sys; print(json.load(sys.stdin)['hosts']['h$last']['phase']['phase'])")
+[ "$phase" = waiting ] || fail "host $last is $phase while canary $first is still on probation"
 wait_until 120 "host $last to start switching its agent" 'handoff "$last" >/dev/null'
 kill "$COORD"; wait "$COORD" 2>/dev/null || true
 wait_until 60 "host $last to outlive its first deadline with the coordinator down" 'outlived_deadline "$last"'
@@ -280,7 +288,7 @@ ok "agents $old_agent -> $AGENT_NEW in waves; every web.service MainPID unchange
 
 # 8. Three broken agents, each to the canary: back on the previous agent by
 #    itself, the gate trips, nothing else moves, and it is never retried.
-for b in "exits:0.9.1-exits:it exited with status 1" "wedges:0.9.2-wedges:watchdog killed it" "nohello:0.9.3-nohello:no successful hello and report (refused"; do
+for b in "exits:0.9.1-exits:it exited with status 1" "wedges:0.9.2-wedges:watchdog killed it" "nohello:0.9.3-nohello:no successful hello and report (refused" "dies:0.9.4-dies:killed by signal 9"; do
     IFS=: read -r kind v why <<< "$b"
     t0=$SECONDS
     id=$("$BIN" rollout start --service turnout-agent --release "turnout-agent@$v" --waves 1,100% --healthy-deadline 3m --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
@@ -308,5 +316,32 @@ for b in "exits:0.9.1-exits:it exited with status 1" "wedges:0.9.2-wedges:watchd
 done
 reason=$(inside "$canary" /usr/local/bin/turnout-agent upgrade status | grep -c 'reverted')
 [ "$reason" -ge 1 ] || fail "turnout-agent upgrade status shows no reverted agent"
+
+# 9. An operator allows a failed version again: it is tried (and fails) again.
+inside "$canary" /usr/local/bin/turnout-agent upgrade retry 0.9.4-dies >/dev/null
+"$BIN" host label "h$canary" "n=h$canary" >/dev/null
+pid=$(agent_pid "$canary")
+id=$("$BIN" rollout start --service turnout-agent --release turnout-agent@0.9.4-dies --waves 1,100% --selector "n=h$canary" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+wait_until 120 "the retried version to be tried and rolled back" 'test "$(rollout_state "$id")" = rolled_back'
+[ "$(agent_pid "$canary")" != "$pid" ] || fail "canary $canary did not try 0.9.4-dies again after upgrade retry"
+[ "$(agent_version "$canary")" = "$AGENT_NEW" ] || fail "canary $canary runs $(agent_version "$canary") after the retry"
+ok "upgrade retry: host $canary tried 0.9.4-dies again, and was put back again"
+
+# 10. The agent rollout rolled back (to the installed agent), with the
+#     canary rebooted during its probation: the new boot gives it a whole
+#     window, and it confirms.
+ok_id=$("$BIN" rollout list --json | python3 -c "import json,sys; print(next(r['id'] for r in json.load(sys.stdin) if r['target']['version'] == '$AGENT_NEW' and r['state']['state'] == 'succeeded'))")
+"$BIN" rollout rollback "$ok_id" >/dev/null
+back=$(api "/v1/rollouts/$ok_id" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["switch_order"][-1][1:])')
+wait_until 120 "host $back to start its probation on the way back" 'handoff "$back" | grep -q armed'
+inside "$back" systemctl reboot || true
+wait "${NSPAWN[$back]}" 2>/dev/null || true
+boot "$back"
+wait_until 180 "the agent rollout to roll back" 'test "$(rollout_state "$ok_id")" = rolled_back'
+for i in $(seq 1 "$N"); do
+    [ "$(agent_version "$i")" = "$old_agent" ] || fail "host $i runs agent $(agent_version "$i") after the rollback, not $old_agent"
+done
+inside "$back" /usr/local/bin/turnout-agent upgrade status | grep -q 'current:  .*the installed binary' || fail "host $back does not run the installed agent"
+ok "agent rollout rolled back to $old_agent; host $back rebooted on probation and confirmed in its new boot"
 
 echo "all systemd checks passed in $((SECONDS - started))s"

@@ -657,6 +657,11 @@ impl Link {
         if name == crate::upgrade::SELF_SERVICE {
             return self.converge_self(desired, capabilities).await;
         }
+        if self.on_probation() {
+            // One change at a time: nothing starts until this agent is
+            // confirmed (or reverted, with the host as the switch left it).
+            return Ok(Converged::Waiting);
+        }
         let Some(status) = self.status_of(name).await else {
             return Ok(Converged::Settled);
         };

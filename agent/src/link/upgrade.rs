@@ -39,23 +39,47 @@ impl Link {
         }
     }
 
-    /// The agent's own entry in reports.
+    /// Whether this agent is on probation (its switch not yet confirmed):
+    /// then it starts nothing, so that a revert finds the host as the
+    /// switch left it.
+    pub(super) fn on_probation(&self) -> bool {
+        let Some(me) = self.agent.myself() else {
+            return false;
+        };
+        let layout = Layout::new(&self.agent.config().state_dir);
+        crate::upgrade::reported(me, layout.handoff().ok().flatten().as_ref()).0
+    }
+
+    /// The agent's own entry in reports. On probation it is `baking`, its
+    /// committed release still the one it falls back to: a coordinator
+    /// judges it once it confirmed itself, never before.
     pub(super) fn self_report(&self) -> Option<ServiceReport> {
         let me = self.agent.myself()?.clone();
         let layout = Layout::new(&self.agent.config().state_dir);
         let last = self.agent.self_history(1).ok()?.into_iter().next();
         let switching = self.switching.lock().expect("not poisoned").clone();
+        let handoff = layout.handoff();
+        let (probation, committed, target) =
+            crate::upgrade::reported(&me, handoff.as_ref().ok().and_then(Option::as_ref));
+        let damaged = handoff.err().map(|err| {
+            format!(
+                "{} does not read ({err}): no agent upgrade is taken until it is removed",
+                layout.root().join("handoff.json").display()
+            )
+        });
         Some(ServiceReport {
             service: SELF_SERVICE.parse().expect("a valid name"),
             state: if switching.is_some() {
                 ServiceState::Switching
+            } else if probation {
+                ServiceState::Baking
             } else {
                 ServiceState::Idle
             },
             active_slot: None,
-            committed: Some(me.release.clone()),
+            committed: Some(committed),
             other: self.self_other(&layout, &me).map(|o| o.release),
-            target: switching,
+            target: switching.or(target),
             health: Health::Healthy,
             last_outcome: last.and_then(|o| {
                 Some(Outcome {
@@ -65,12 +89,13 @@ impl Link {
                     at_ms: o.at_ms,
                 })
             }),
-            last_error: self
-                .refusals
-                .lock()
-                .expect("not poisoned")
-                .get(SELF_SERVICE)
-                .cloned(),
+            last_error: damaged.or_else(|| {
+                self.refusals
+                    .lock()
+                    .expect("not poisoned")
+                    .get(SELF_SERVICE)
+                    .cloned()
+            }),
         })
     }
 
@@ -103,7 +128,20 @@ impl Link {
             .agent
             .self_history(crate::journal::HISTORY_KEPT as usize)
             .unwrap_or_default();
-        let in_flight = !matches!(layout.handoff(), Ok(None));
+        let in_flight = match layout.handoff() {
+            Ok(h) => h.is_some(),
+            Err(err) => {
+                self.refuse_self(
+                    format!(
+                        "{} does not read ({err}); no agent upgrade is taken until it is removed \
+                         (`turnout-agent upgrade status` shows what runs)",
+                        layout.root().join("handoff.json").display()
+                    ),
+                    None,
+                );
+                return Ok(Converged::Settled);
+            }
+        };
         let local = converge::Local {
             idle: !in_flight,
             committed: Some(&me.release),
@@ -144,13 +182,17 @@ impl Link {
                      cannot restart itself safely; upgrade it by hand (docs/operations.md)",
                     want.version
                 ),
-                Some((OutcomeKind::Rejected, want)),
+                // No verdict on the release: tried again once the agent
+                // runs under systemd.
+                Some((OutcomeKind::Refused, want)),
             );
             return Ok(Converged::Settled);
         };
-        let target = match decision {
-            converge::Decision::Rollback => other.expect("a rollback has another agent"),
-            _ => match self.stage_self(desired, capabilities, &layout).await? {
+        // Still on this host (the previous agent, the installed binary, or a
+        // release unpacked before): no download. Otherwise fetched and staged.
+        let target = match layout.find(&want.sha256) {
+            Some(target) => target,
+            None => match self.stage_self(desired, capabilities, &layout).await? {
                 Some(target) => target,
                 None => return Ok(Converged::Acted),
             },
@@ -362,7 +404,19 @@ impl Link {
         unit: String,
     ) -> Result<Converged, LinkError> {
         let now = now_ms();
-        let deadline = self.agent.config().upgrade_deadline;
+        // The new agent needs its hold and a hello within the window: a
+        // window shorter than that would revert every agent.
+        let hold = crate::upgrade::hold(turnout_rt::notify::watchdog_interval());
+        let configured = self.agent.config().upgrade_deadline;
+        let deadline = configured.max(hold * 2 + Duration::from_secs(10));
+        if deadline != configured {
+            tracing::warn!(
+                "upgrade_deadline ({}) is shorter than the new agent's hold ({}s) allows: using {}s",
+                humantime::format_duration(configured),
+                hold.as_secs(),
+                deadline.as_secs()
+            );
+        }
         let handoff = Handoff {
             format: HANDOFF_FORMAT,
             from: me.clone(),
@@ -374,6 +428,7 @@ impl Link {
             deadman: format!("turnout-agent-deadman-{now}"),
             boot_id: switch::boot_id(),
             window_ms: deadline.as_millis() as u64,
+            previous_before: layout.previous(),
             phase: Phase::Armed,
         };
         let fail = |reason: String| {
@@ -386,6 +441,15 @@ impl Link {
         let layout_for = layout.clone();
         let h = handoff.clone();
         let config = config_path();
+        // The journal as it is now: a revert puts it back, so that the old
+        // agent never finds one the new agent migrated.
+        if let Err(err) = self.agent.snapshot_journal(&layout.journal_snapshot()) {
+            return fail(format!(
+                "agent {} not switched to: cannot keep a copy of the journal: {err}; tried again at the next poll",
+                target.release.version
+            ));
+        }
+        let _ = std::fs::remove_file(layout.progress_path());
         let armed = tokio::task::spawn_blocking(move || -> Result<(), String> {
             if h.from.dir.is_none() {
                 layout_for
@@ -432,7 +496,8 @@ impl Link {
             .await
             .unwrap_or_else(|e| Err(format!("panicked: {e}")));
         if let Err(err) = restarted {
-            let _ = switch::revert_links(layout, &handoff, "the restart could not be started");
+            let _ =
+                switch::revert_links(layout, &handoff, "the restart could not be started", false);
             switch::disarm(&handoff.deadman);
             let _ = layout.remove_handoff();
             *self.switching.lock().expect("not poisoned") = None;

@@ -365,6 +365,16 @@ impl Agent {
         Ok(())
     }
 
+    /// Keeps a copy of the journal at `path` (replacing one there).
+    pub fn snapshot_journal(&self, path: &Path) -> Result<(), AgentError> {
+        let _ = std::fs::remove_file(path);
+        Ok(self
+            .journal
+            .lock()
+            .expect("not poisoned")
+            .snapshot_to(path)?)
+    }
+
     /// The newest `limit` outcomes of the agent's own releases, newest first.
     pub fn self_history(&self, limit: usize) -> Result<Vec<HistoryEntry>, AgentError> {
         Ok(self

@@ -106,7 +106,18 @@ pub enum Phase {
         at_ms: u64,
         /// Why, as the host reports it.
         reason: String,
+        /// Whether this is a verdict on the new agent (it crashed, wedged,
+        /// or could not talk to a coordinator that answered), which keeps
+        /// it from being tried again; not when nothing was proven against
+        /// it (an operator stopped it, the coordinator could not be
+        /// verified: that may be the network).
+        #[serde(default = "verdict_by_default")]
+        verdict: bool,
     },
+}
+
+fn verdict_by_default() -> bool {
+    true
 }
 
 /// `handoff.json`: the switch in flight, written by the old agent before
@@ -140,6 +151,11 @@ pub struct Handoff {
     /// How long the new agent has (the agent's `upgrade_deadline`), ms.
     #[serde(default)]
     pub window_ms: u64,
+    /// Where `previous` pointed before the switch (`None`: the installed
+    /// binary), put back by a revert: a failed agent never becomes the one
+    /// a host would roll back to.
+    #[serde(default)]
+    pub previous_before: Option<String>,
     /// Where the switch is.
     #[serde(flatten)]
     pub phase: Phase,
@@ -205,8 +221,14 @@ pub enum AtStart {
     /// finished: record the commit and remove the record.
     FinishConfirmed,
     /// This is the old agent, put back: record the failure of the new one
-    /// (`agent upgrade to X failed: reason`) and remove the record.
-    RecordReverted(String),
+    /// (`agent upgrade to X failed: reason`: `reverted` when a verdict,
+    /// else `failed`, which is tried again) and remove the record.
+    RecordReverted {
+        /// Why.
+        reason: String,
+        /// Whether it is held against the new agent.
+        verdict: bool,
+    },
     /// The switch never happened (the old agent stopped between writing the
     /// record and flipping `current`): disarm, remove, nothing failed.
     Abandoned,
@@ -222,10 +244,88 @@ pub fn at_start(handoff: Option<&Handoff>, me: &AgentRelease) -> AtStart {
         Phase::Armed if is(&h.to) => AtStart::Confirm,
         Phase::Armed if is(&h.from) => AtStart::Abandoned,
         Phase::Confirmed { .. } if is(&h.to) => AtStart::FinishConfirmed,
-        Phase::Reverted { reason, .. } if is(&h.from) => AtStart::RecordReverted(reason.clone()),
+        Phase::Reverted {
+            reason, verdict, ..
+        } if is(&h.from) => AtStart::RecordReverted {
+            reason: reason.clone(),
+            verdict: *verdict,
+        },
         // Someone else's record (an operator moved `current` by hand):
         // nothing this agent can finish; dropped with a warning.
         _ => AtStart::Abandoned,
+    }
+}
+
+/// What the dead-man switch does, by what systemd says of the unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revert {
+    /// Put the old agent back and start it.
+    AndRestart,
+    /// An operator stopped the agent during its probation: put the old agent
+    /// back for the next start, and leave the unit stopped. No verdict.
+    AndLeaveStopped,
+}
+
+/// [`Revert`] for a unit whose `ActiveState` is `active_state`: `inactive`
+/// is a stop someone asked for (a crash is `failed`, a restart pending is
+/// `activating`).
+pub fn revert_for(active_state: &str) -> Revert {
+    if active_state == "inactive" {
+        Revert::AndLeaveStopped
+    } else {
+        Revert::AndRestart
+    }
+}
+
+/// Whether a revert whose new agent's last link state was `link_state` is a
+/// verdict on it: not when its coordinator could not be verified, which
+/// proves nothing (a network that intercepts TLS looks just like that).
+pub fn is_verdict(link_state: Option<&str>) -> bool {
+    link_state != Some("untrusted")
+}
+
+/// How a main process ended, from systemd's `ExecMainCode` (1 exited,
+/// 2 killed, 3 dumped core) and `ExecMainStatus` (the status or signal).
+pub fn ended(code: &str, status: &str) -> Option<String> {
+    match (code, status) {
+        (_, "" | "0") | ("", _) => None,
+        ("1", status) => Some(format!("it exited with status {status}")),
+        ("2", signal) => Some(format!("it was killed by signal {signal}")),
+        ("3", signal) => Some(format!("it dumped core on signal {signal}")),
+        (_, status) => Some(format!("it ended with status {status}")),
+    }
+}
+
+/// The new agent's last word (`progress`), for the dead-man switch: for
+/// which switch, what it waited for, and its link's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The switch ([`Handoff::armed_ms`]).
+    pub armed_ms: u64,
+    /// What it waited for.
+    pub waiting: String,
+    /// Its link's state (`refused`, `untrusted`, `unreachable`, …).
+    #[serde(default)]
+    pub link: Option<String>,
+}
+
+/// What the new agent reports about itself while its switch is in flight:
+/// on probation it is `baking` and has committed nothing new yet (its
+/// committed release is the one it falls back to), so a coordinator judges
+/// it only once it confirmed itself.
+pub fn reported(
+    me: &AgentRelease,
+    handoff: Option<&Handoff>,
+) -> (bool, ReleaseRef, Option<ReleaseRef>) {
+    match handoff {
+        Some(h)
+            if h.phase == Phase::Armed
+                && h.to.dir == me.dir
+                && h.to.release.sha256 == me.release.sha256 =>
+        {
+            (true, h.from.release.clone(), Some(me.release.clone()))
+        }
+        _ => (false, me.release.clone(), None),
     }
 }
 
@@ -475,6 +575,65 @@ impl Layout {
     /// The new agent's last word about its confirmation.
     pub fn progress_path(&self) -> PathBuf {
         self.root.join("progress")
+    }
+
+    /// The new agent's last word about the switch armed at `armed_ms`
+    /// (another switch's is no word about this one).
+    pub fn progress(&self, armed_ms: u64) -> Option<Progress> {
+        let bytes = std::fs::read(self.progress_path()).ok()?;
+        serde_json::from_slice::<Progress>(&bytes)
+            .ok()
+            .filter(|p| p.armed_ms == armed_ms)
+    }
+
+    /// Where the journal is kept as it was before a switch: put back by a
+    /// revert, so that an old agent never finds a journal a newer one migrated.
+    pub fn journal_snapshot(&self) -> PathBuf {
+        self.root.join("journal-before-switch.db")
+    }
+
+    /// Puts the journal kept before the switch back in place of
+    /// `STATE_DIR/agent.db` (with its WAL files gone), when there is one.
+    /// Only while no agent runs. Returns whether it did.
+    pub fn restore_journal(&self) -> std::io::Result<bool> {
+        let snapshot = self.journal_snapshot();
+        if !snapshot.exists() {
+            return Ok(false);
+        }
+        let state_dir = turnout_rt::files::parent(&self.root);
+        let journal = state_dir.join("agent.db");
+        let tmp = state_dir.join(".agent.db.restoring");
+        std::fs::copy(&snapshot, &tmp)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        for suffix in ["-wal", "-shm"] {
+            let mut side = journal.clone().into_os_string();
+            side.push(suffix);
+            match std::fs::remove_file(&side) {
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
+                _ => {}
+            }
+        }
+        std::fs::rename(&tmp, &journal)?;
+        turnout_rt::files::sync_dir(state_dir)?;
+        Ok(true)
+    }
+
+    /// The agent release with bundle digest `sha256` still on this host:
+    /// the installed binary (as recorded) or an unpacked release. A rollback
+    /// to it needs no download.
+    pub fn find(&self, sha256: &turnout_proto::Digest) -> Option<AgentRelease> {
+        if let Some(installed) = self.installed().filter(|i| &i.release.sha256 == sha256) {
+            return Some(installed);
+        }
+        let entries = std::fs::read_dir(self.root.join("releases")).ok()?;
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|name| !name.starts_with('.'))
+            .find_map(|name| {
+                self.agent_release(Some(&name))
+                    .filter(|a| &a.release.sha256 == sha256)
+            })
     }
 
     /// The release `dir` as an [`AgentRelease`] (`None`: the installed binary,

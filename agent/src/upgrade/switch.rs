@@ -55,11 +55,14 @@ pub fn launch(state_dir: &Path, config: &Path, log_format: &str) {
         let handoff = match layout.handoff() {
             Ok(h) => h,
             Err(err) => {
+                // `current` is what to run; the record only says whether a
+                // switch is on probation, and a damaged one is never guessed at.
                 tracing::error!(
-                    "{}: {err}; starting the installed agent, not `current`",
+                    "{} does not read ({err}): starting `current` as it is; the agent reports the damage \
+                     and takes no agent upgrade until the file is removed",
                     layout.root().join("handoff.json").display()
                 );
-                return;
+                None
             }
         };
         let current = layout.current();
@@ -96,7 +99,9 @@ pub fn launch(state_dir: &Path, config: &Path, log_format: &str) {
                     h.to.release.version,
                     h.from.release.version
                 );
-                if let Err(err) = revert_links(&layout, &h, &reason) {
+                let verdict =
+                    super::is_verdict(layout.progress(h.armed_ms).and_then(|p| p.link).as_deref());
+                if let Err(err) = revert_links(&layout, &h, &reason, verdict) {
                     tracing::error!("putting the previous agent back: {err}");
                 }
                 continue;
@@ -106,10 +111,12 @@ pub fn launch(state_dir: &Path, config: &Path, log_format: &str) {
             return;
         };
         // On probation: the dead-man timer must run. A reboot loses a
-        // transient timer; arming one that exists fails, harmlessly.
+        // transient timer; arming one that exists fails, harmlessly. (Only
+        // as a unit's main process: never a timer for a unit not our own.)
         if let Some(h) = handoff
             .as_ref()
             .filter(|h| h.phase == Phase::Armed && h.to.dir.as_deref() == Some(dir.as_str()))
+            && own_unit().is_some()
             && arm(h, config).is_ok()
         {
             tracing::warn!(
@@ -145,7 +152,7 @@ pub fn launch(state_dir: &Path, config: &Path, log_format: &str) {
         match layout.handoff() {
             Ok(Some(h)) if h.phase == Phase::Armed && h.to.dir.as_deref() == Some(&dir) => {
                 let reason = format!("it cannot be started: {err}");
-                if let Err(err) = revert_links(&layout, &h, &reason) {
+                if let Err(err) = revert_links(&layout, &h, &reason, true) {
                     tracing::error!("putting the previous agent back: {err}");
                 }
             }
@@ -157,26 +164,47 @@ pub fn launch(state_dir: &Path, config: &Path, log_format: &str) {
     }
 }
 
-/// Marks the switch reverted (durably, first) and points `current` back at
-/// the old agent, `previous` at the new one.
-pub fn revert_links(layout: &Layout, handoff: &Handoff, reason: &str) -> std::io::Result<()> {
+/// Marks the switch reverted (durably, first), points `current` back at
+/// the old agent and `previous` at the new one, and puts back the journal
+/// as it was before the switch. Only while no agent runs.
+pub fn revert_links(
+    layout: &Layout,
+    handoff: &Handoff,
+    reason: &str,
+    verdict: bool,
+) -> std::io::Result<()> {
     let mut reverted = handoff.clone();
     if let Phase::Armed = reverted.phase {
         reverted.phase = Phase::Reverted {
             at_ms: now_ms(),
             reason: reason.to_owned(),
+            verdict,
         };
         layout.save_handoff(&reverted)?;
     }
-    layout.point("previous", handoff.to.dir.as_deref())?;
-    layout.point("current", handoff.from.dir.as_deref())
+    layout.point("current", handoff.from.dir.as_deref())?;
+    layout.point("previous", handoff.previous_before.as_deref())?;
+    if layout.restore_journal()? {
+        tracing::info!("the journal is back as it was before the switch");
+    }
+    Ok(())
 }
 
-/// This boot's id.
+/// This boot: the kernel's boot id and when PID 1 started. The kernel's id
+/// alone does not change when a container reboots (and the agent's unit,
+/// with `ProtectKernelTunables=`, reads the host kernel's even where the
+/// container has its own); PID 1 of a rebooted container is a new process.
 pub fn boot_id() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .ok()
-        .map(|s| s.trim().to_owned())
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let init = std::fs::read_to_string("/proc/1/stat").ok()?;
+    // Field 22, counted after the command name in parentheses.
+    let started = init
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .to_owned();
+    Some(format!("{}/{started}", kernel.trim()))
 }
 
 /// The agent's own systemd unit: the service of its cgroup
@@ -336,7 +364,7 @@ fn watchdog_kills(unit: &str, since_ms: u64) -> usize {
 }
 
 /// Why the new agent did not confirm, from systemd and its own last word.
-fn diagnose(layout: &Layout, handoff: &Handoff) -> String {
+fn diagnose(layout: &Layout, handoff: &Handoff) -> (String, bool) {
     let secs = handoff.deadline_ms.saturating_sub(handoff.armed_ms) / 1000;
     let mut why = format!("it did not confirm itself within {secs}s");
     let watchdog = watchdog_kills(&handoff.unit, handoff.armed_ms);
@@ -351,22 +379,27 @@ fn diagnose(layout: &Layout, handoff: &Handoff) -> String {
         if get("Result") == "watchdog" && watchdog == 0 {
             why.push_str("; systemd's watchdog killed it (its main loop stopped)");
         } else if get("ActiveState") != "active" || restarts > 0 {
-            let status = get("ExecMainStatus");
-            if !status.is_empty() && status != "0" {
-                why.push_str(&format!("; it exited with status {status}"));
+            why.push(';');
+            if let Some(ended) = super::ended(get("ExecMainCode"), get("ExecMainStatus")) {
+                why.push_str(&format!(" {ended},"));
             }
             if restarts > 0 {
-                why.push_str(&format!(", restarted {restarts} time(s)"));
+                why.push_str(&format!(" restarted {restarts} time(s)"));
             }
             why.push_str(&format!(" (unit {})", get("ActiveState")));
         }
     }
-    if let Ok(word) = std::fs::read_to_string(layout.progress_path())
-        && !word.trim().is_empty()
-    {
-        why.push_str(&format!("; its last word: {}", word.trim()));
+    let word = layout.progress(handoff.armed_ms);
+    if let Some(word) = &word {
+        why.push_str(&format!("; its last word: {}", word.waiting));
     }
-    why
+    let verdict = super::is_verdict(word.as_ref().and_then(|w| w.link.as_deref()));
+    if !verdict {
+        why.push_str(
+            "; not held against it: the coordinator could not be verified, which may be the network",
+        );
+    }
+    (why, verdict)
 }
 
 /// `turnout-agent upgrade revert --armed MS`, run by the dead-man timer:
@@ -383,21 +416,38 @@ pub fn revert(state_dir: &Path, armed_ms: u64) -> Result<String, String> {
         return Ok("the upgrade confirmed, or is no longer in flight: nothing to revert".into());
     }
     let handoff = handoff.expect("on_deadline needs a record");
-    let reason = diagnose(&layout, &handoff);
-    revert_links(&layout, &handoff, &reason).map_err(|e| format!("flipping back: {e}"))?;
-    // The unconfirmed agent may be wedged: a stop would wait out its
-    // TimeoutStopSec on a process that no longer handles SIGTERM.
+    let unit = handoff.unit.clone();
+    let state = unit_facts(&unit)
+        .and_then(|f| f.get("ActiveState").cloned())
+        .unwrap_or_default();
+    let plan = super::revert_for(&state);
+    let (reason, verdict) = match plan {
+        super::Revert::AndRestart => diagnose(&layout, &handoff),
+        super::Revert::AndLeaveStopped => (
+            "the agent was stopped during its probation (by an operator?): the previous agent is put back \
+             for the next start, and the unit is left stopped"
+                .to_owned(),
+            false,
+        ),
+    };
+    // Nothing runs while the links and the journal change: the unconfirmed
+    // agent is killed (it may be wedged: a stop would wait out its
+    // TimeoutStopSec), and the stop cancels a restart systemd has pending.
     let _ = run(
         "systemctl",
         &[
             "kill".into(),
             "--kill-who=main".into(),
             "--signal=SIGKILL".into(),
-            handoff.unit.clone(),
+            unit.clone(),
         ],
     );
-    let _ = run("systemctl", &["reset-failed".into(), handoff.unit.clone()]);
-    run("systemctl", &["restart".into(), handoff.unit.clone()])?;
+    let _ = run("systemctl", &["stop".into(), unit.clone()]);
+    revert_links(&layout, &handoff, &reason, verdict).map_err(|e| format!("flipping back: {e}"))?;
+    if plan == super::Revert::AndRestart {
+        let _ = run("systemctl", &["reset-failed".into(), unit.clone()]);
+        run("systemctl", &["start".into(), unit])?;
+    }
     Ok(format!(
         "reverted the agent upgrade to {}: {reason}",
         handoff.to.release.version
@@ -460,18 +510,26 @@ pub async fn settle(agent: Arc<Agent>, started: Instant) {
                 turnout_proto::desired::utc(h.armed_ms)
             );
             disarm_off_thread(&h.deadman).await;
+            // `previous` may have moved before the old agent stopped.
+            let _ = layout.point("previous", h.previous_before.as_deref());
             let _ = layout.remove_handoff();
         }
-        AtStart::RecordReverted(reason) => {
+        AtStart::RecordReverted { reason, verdict } => {
             let h = handoff.expect("a record");
             let text = format!("agent upgrade to {} failed: {reason}", h.to.release.version);
             tracing::error!("{text}; running {} again", me.release.version);
             disarm_off_thread(&h.deadman).await;
-            if agent
-                .record_self(OutcomeKind::Reverted, h.to.release, text)
-                .is_ok()
-            {
+            // A verdict keeps the version from being tried again; otherwise
+            // it is `failed`, tried again when the coordinator asks.
+            let kind = if verdict {
+                OutcomeKind::Reverted
+            } else {
+                OutcomeKind::Failed
+            };
+            if agent.record_self(kind, h.to.release, text).is_ok() {
                 let _ = layout.remove_handoff();
+                let _ = std::fs::remove_file(layout.journal_snapshot());
+                let _ = std::fs::remove_file(layout.progress_path());
             }
         }
         AtStart::FinishConfirmed => {
@@ -540,6 +598,7 @@ async fn finish_confirmed(agent: &Agent, layout: &Layout, h: &Handoff) {
     {
         let _ = layout.remove_handoff();
         let _ = std::fs::remove_file(layout.progress_path());
+        let _ = std::fs::remove_file(layout.journal_snapshot());
         tracing::info!("{text}");
         let removed = layout.prune();
         if !removed.is_empty() {
@@ -580,9 +639,16 @@ async fn confirm(agent: &Agent, layout: &Layout, mut h: Handoff, started: Instan
                 waiting
             }
         };
-        if waiting != said {
-            let _ = std::fs::write(layout.progress_path(), &waiting);
-            said = waiting;
+        let word = super::Progress {
+            armed_ms: h.armed_ms,
+            waiting,
+            link: Some(link.state.clone()),
+        };
+        let text = serde_json::to_string(&word).expect("progress serialises");
+        if text != said {
+            let _ =
+                turnout_rt::files::write_atomic(&layout.progress_path(), text.as_bytes(), 0o644);
+            said = text;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

@@ -36,6 +36,8 @@ enum Kind {
     ExitsAtStart,
     Wedges,
     CannotHello,
+    /// Its coordinator cannot be verified (a network intercepting TLS).
+    Intercepted,
 }
 
 fn release(version: &str, fill: u8) -> ReleaseRef {
@@ -94,6 +96,8 @@ struct Host {
     late_revert: bool,
     rebooted: bool,
     boots: u32,
+    /// The new agent's last link state (its `progress`).
+    last_link: Option<String>,
     trace: Vec<String>,
 }
 
@@ -121,7 +125,9 @@ impl Host {
                     self.late_revert |= self.rebooted;
                     self.trace
                         .push(format!("{}: launcher reverts: {reason}", self.now));
-                    switch::revert_links(&self.layout, handoff.as_ref().unwrap(), &reason).unwrap();
+                    let verdict = is_verdict(self.last_link.as_deref());
+                    switch::revert_links(&self.layout, handoff.as_ref().unwrap(), &reason, verdict)
+                        .unwrap();
                 }
             }
         };
@@ -148,11 +154,17 @@ impl Host {
         let handoff = self.layout.handoff().unwrap();
         match at_start(handoff.as_ref(), &me) {
             AtStart::Nothing | AtStart::Confirm => {}
-            AtStart::Abandoned => self.layout.remove_handoff().unwrap(),
-            AtStart::RecordReverted(_) => {
+            AtStart::Abandoned => {
                 let h = handoff.unwrap();
-                self.history
-                    .push(("reverted", h.to.release.version.to_string()));
+                self.layout
+                    .point("previous", h.previous_before.as_deref())
+                    .unwrap();
+                self.layout.remove_handoff().unwrap();
+            }
+            AtStart::RecordReverted { verdict, .. } => {
+                let h = handoff.unwrap();
+                let kind = if verdict { "reverted" } else { "failed" };
+                self.history.push((kind, h.to.release.version.to_string()));
                 self.timer = None;
                 self.layout.remove_handoff().unwrap();
             }
@@ -179,6 +191,7 @@ impl Host {
             deadman: format!("turnout-agent-deadman-{}", self.now),
             boot_id: Some(format!("boot-{}", self.boots)),
             window_ms: DEADLINE,
+            previous_before: self.layout.previous(),
             phase: Phase::Armed,
         };
         let steps: [&dyn Fn(&mut Host); 5] = [
@@ -219,8 +232,14 @@ impl Host {
             let current = self.layout.current();
             if on_deadline(handoff.as_ref(), armed, current.as_deref(), self.now) {
                 self.trace.push(format!("{}: dead-man reverts", self.now));
-                switch::revert_links(&self.layout, handoff.as_ref().unwrap(), "unconfirmed")
-                    .unwrap();
+                let verdict = is_verdict(self.last_link.as_deref());
+                switch::revert_links(
+                    &self.layout,
+                    handoff.as_ref().unwrap(),
+                    "unconfirmed",
+                    verdict,
+                )
+                .unwrap();
                 self.running = None;
                 self.start_at = Some(self.now);
             }
@@ -245,7 +264,7 @@ impl Host {
                 self.start_at = Some(self.now + RESTART_DELAY);
             }
             Kind::Wedges | Kind::ExitsAtStart => {}
-            Kind::Good | Kind::CannotHello => {
+            Kind::Good | Kind::CannotHello | Kind::Intercepted => {
                 let Ok(Some(h)) = self.layout.handoff() else {
                     return;
                 };
@@ -257,11 +276,13 @@ impl Host {
                     state: match (self.kind, up_now) {
                         (_, false) => "unreachable".into(),
                         (Kind::CannotHello, true) => "refused".into(),
+                        (Kind::Intercepted, true) => "untrusted".into(),
                         _ => "connected".into(),
                     },
                     reported_ms: (self.kind == Kind::Good && up_now).then_some(self.now),
                     ..LinkStatus::default()
                 };
+                self.last_link = Some(link.state.clone());
                 match probation(Duration::from_millis(up), HOLD, h.needs_hello, &link) {
                     Probation::Confirm => {
                         let mut confirmed = h.clone();
@@ -330,6 +351,7 @@ fn simulate(seed: u64, kind: Kind) {
         late_revert: false,
         rebooted: false,
         boots: 0,
+        last_link: None,
         trace: Vec::new(),
     };
     // The coordinator is down from the switch on, for up to three deadlines.
@@ -380,14 +402,28 @@ fn simulate(seed: u64, kind: Kind) {
         assert_eq!(running, old.dir, "a broken agent runs at rest: {context}");
         assert_eq!(host.layout.current(), old.dir, "{context}");
         assert_eq!(
+            host.layout.previous(),
+            None,
+            "a failed agent became the one to roll back to: {context}"
+        );
+        // Held against the new agent only when something was proven: an
+        // intercepted link proves nothing, and is tried again.
+        let kind = if kind == Kind::Intercepted {
+            "failed"
+        } else {
+            "reverted"
+        };
+        assert_eq!(
             host.history,
-            [("reverted", "0.3.0".to_owned())],
+            [(kind, "0.3.0".to_owned())],
             "the failure is recorded once: {context}"
         );
     } else {
-        // Died before `current` moved: the old agent runs, nothing failed.
+        // Died before `current` moved: the old agent runs, nothing failed,
+        // and the links are as they were.
         assert_eq!(running, old.dir, "{context}");
         assert!(host.history.is_empty(), "{context}");
+        assert_eq!(host.layout.previous(), None, "{context}");
     }
     if running == new.dir {
         assert_eq!(host.layout.previous(), old.dir, "{context}");
@@ -405,6 +441,7 @@ fn every_switch_ends_on_a_working_agent_with_nothing_in_flight() {
         Kind::ExitsAtStart,
         Kind::Wedges,
         Kind::CannotHello,
+        Kind::Intercepted,
     ] {
         for seed in 0..seeds {
             simulate(seed * 7919 + kind as u64, kind);
@@ -488,6 +525,7 @@ fn a_dead_man_for_another_or_a_confirmed_switch_does_nothing() {
         deadman: "d".into(),
         boot_id: None,
         window_ms: 5,
+        previous_before: None,
         phase: Phase::Armed,
     };
     assert!(on_deadline(Some(&h), 5, new.dir.as_deref(), 10));
@@ -558,9 +596,11 @@ mod fuzz {
             deadman: "turnout-agent-deadman-1000".into(),
             boot_id: Some("b".into()),
             window_ms: 60_000,
+            previous_before: None,
             phase: Phase::Reverted {
                 at_ms: 2_000,
                 reason: "it exited".into(),
+                verdict: true,
             },
         };
         serde_json::to_vec_pretty(&h).unwrap()
@@ -583,6 +623,7 @@ mod fuzz {
         // Numbers from the file are never trusted to be small.
         let huge = Handoff {
             window_ms: u64::MAX,
+            previous_before: None,
             deadline_ms: u64::MAX,
             armed_ms: u64::MAX,
             phase: Phase::Armed,
@@ -634,4 +675,170 @@ mod fuzz {
         .unwrap();
         assert_eq!(layout.handoff().unwrap(), Some(h));
     }
+}
+
+#[test]
+fn on_probation_an_agent_reports_what_it_falls_back_to_not_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = Layout::new(tmp.path());
+    let (old, new) = (
+        stage(&layout, &release("0.2.0", 2)),
+        stage(&layout, &release("0.3.0", 3)),
+    );
+    let mut h = Handoff {
+        format: HANDOFF_FORMAT,
+        from: old.clone(),
+        to: new.clone(),
+        armed_ms: 5,
+        deadline_ms: 10,
+        needs_hello: true,
+        unit: "turnout-agent.service".into(),
+        deadman: "d".into(),
+        boot_id: None,
+        window_ms: 5,
+        previous_before: None,
+        phase: Phase::Armed,
+    };
+    // Armed, this is the new agent: baking, committed is the old one.
+    assert_eq!(
+        reported(&new, Some(&h)),
+        (true, old.release.clone(), Some(new.release.clone()))
+    );
+    // The old agent, or anyone once confirmed, reports itself.
+    assert_eq!(reported(&old, Some(&h)), (false, old.release.clone(), None));
+    h.phase = Phase::Confirmed { at_ms: 7 };
+    assert_eq!(reported(&new, Some(&h)), (false, new.release.clone(), None));
+    assert_eq!(reported(&new, None), (false, new.release, None));
+}
+
+#[test]
+fn the_dead_man_reads_systemd_and_the_last_word_of_this_switch_only() {
+    // An operator's stop is left stopped; a crash or a pending restart is restarted.
+    assert_eq!(revert_for("inactive"), Revert::AndLeaveStopped);
+    for state in ["failed", "active", "activating", "deactivating", ""] {
+        assert_eq!(revert_for(state), Revert::AndRestart, "{state}");
+    }
+    assert_eq!(ended("1", "3").unwrap(), "it exited with status 3");
+    assert_eq!(ended("2", "9").unwrap(), "it was killed by signal 9");
+    assert_eq!(ended("3", "11").unwrap(), "it dumped core on signal 11");
+    assert_eq!(ended("1", "0"), None);
+    assert_eq!(ended("", ""), None);
+    assert!(is_verdict(Some("refused")));
+    assert!(is_verdict(None));
+    assert!(!is_verdict(Some("untrusted")));
+    // Another switch's last word is no word about this one.
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = Layout::new(tmp.path());
+    std::fs::create_dir_all(layout.root()).unwrap();
+    let word = Progress {
+        armed_ms: 5,
+        waiting: "up for 2s of the 6s hold".into(),
+        link: Some("connected".into()),
+    };
+    std::fs::write(layout.progress_path(), serde_json::to_vec(&word).unwrap()).unwrap();
+    assert_eq!(layout.progress(5), Some(word));
+    assert_eq!(layout.progress(6), None);
+    std::fs::write(
+        layout.progress_path(),
+        b"up for 2s (an older build's plain text)",
+    )
+    .unwrap();
+    assert_eq!(layout.progress(5), None);
+}
+
+#[test]
+fn a_revert_puts_back_the_journal_a_newer_agent_migrated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = Layout::new(tmp.path());
+    let (old, new) = (
+        stage(&layout, &release("0.2.0", 2)),
+        stage(&layout, &release("0.3.0", 3)),
+    );
+    let path = tmp.path().join("agent.db");
+    {
+        let mut journal = crate::journal::Journal::open(&path).unwrap();
+        let state = crate::machine::State::Idle {
+            committed: Some(old.release.clone()),
+        };
+        journal.persist("web", &state, &[], 1).unwrap();
+        journal.snapshot_to(&layout.journal_snapshot()).unwrap();
+    }
+    // The new agent migrates the journal to a schema the old one refuses.
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        conn.execute("CREATE TABLE from_the_future (x)", [])
+            .unwrap();
+    }
+    assert!(matches!(
+        crate::journal::Journal::open(&path),
+        Err(crate::journal::JournalError::Newer { .. })
+    ));
+    let h = Handoff {
+        format: HANDOFF_FORMAT,
+        from: old.clone(),
+        to: new.clone(),
+        armed_ms: 5,
+        deadline_ms: 10,
+        needs_hello: true,
+        unit: "turnout-agent.service".into(),
+        deadman: "d".into(),
+        boot_id: None,
+        window_ms: 5,
+        previous_before: None,
+        phase: Phase::Armed,
+    };
+    layout.point("current", new.dir.as_deref()).unwrap();
+    switch::revert_links(&layout, &h, "it exited", true).unwrap();
+    assert_eq!(layout.current(), old.dir);
+    // `previous` is what it was before the switch: never the failed agent.
+    assert_eq!(layout.previous(), None);
+    // The old agent opens its journal as it left it.
+    let journal = crate::journal::Journal::open(&path).unwrap();
+    assert_eq!(
+        journal.state("web").unwrap(),
+        crate::machine::State::Idle {
+            committed: Some(old.release)
+        }
+    );
+    assert!(matches!(
+        layout.handoff().unwrap().unwrap().phase,
+        Phase::Reverted { verdict: true, .. }
+    ));
+}
+
+#[test]
+fn forgetting_a_failure_leaves_no_outcome_a_coordinator_would_read_as_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut journal = crate::journal::Journal::open(&tmp.path().join("agent.db")).unwrap();
+    let (good, bad) = (release("0.2.0", 2), release("0.3.0", 3));
+    let state = crate::machine::State::Idle {
+        committed: Some(good.clone()),
+    };
+    let entry = |kind, r: &ReleaseRef| crate::journal::HistoryEntry {
+        kind,
+        release: Some(r.clone()),
+        reason: "x".into(),
+        at_ms: 1,
+    };
+    use turnout_proto::messages::OutcomeKind;
+    journal
+        .persist(
+            SELF_SERVICE,
+            &state,
+            &[
+                entry(OutcomeKind::Committed, &good),
+                entry(OutcomeKind::Reverted, &bad),
+            ],
+            1,
+        )
+        .unwrap();
+    assert_eq!(
+        journal.forget(SELF_SERVICE, bad.sha256.as_str()).unwrap(),
+        1
+    );
+    let history = journal.history(SELF_SERVICE, 10).unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].kind, OutcomeKind::Committed);
+    assert!(crate::converge::failed_here(&bad, &history).is_none());
 }

@@ -7,4 +7,5 @@ mod faults;
 mod harness;
 mod hostile_bundles;
 mod in_process;
+mod launcher;
 mod upgrade;

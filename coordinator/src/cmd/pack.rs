@@ -204,10 +204,26 @@ fn with_agent_proto(args: &Args) -> Vec<String> {
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .output();
-    let range = asked.ok().filter(|o| o.status.success()).and_then(|o| {
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+    let said: Option<serde_json::Value> = asked
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| serde_json::from_slice(&o.stdout).ok());
+    let range = said.as_ref().and_then(|v| {
         serde_json::from_value::<turnout_proto::ProtoRange>(v.get("range")?.clone()).ok()
     });
+    // The release's version is what the fleet sees in rollouts; the
+    // binary's own is what it says in its hello. Two numbers for one agent
+    // confuse everyone: say so.
+    if let Some(software) = said.as_ref().and_then(|v| v.get("software")?.as_str())
+        && software != format!("turnout-agent {}", args.version)
+    {
+        eprintln!(
+            "turnout: warning: the entry says it is {software:?}, but this release is version {}: hosts will \
+             report {} as the release and the binary's own version in their hello; build the agent with the \
+             version you pack it as",
+            args.version, args.version
+        );
+    }
     match range {
         Some(range) => provides.push(format!(
             "turnout-proto/{}-{}",

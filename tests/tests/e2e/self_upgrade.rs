@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use turnout_proto::keys::SecretKey;
-use turnout_tests::{Fleet, Options, turnout_bin, wait_for};
+use turnout_tests::{Fleet, Options, turnout_bin};
 
 /// Packs an agent release whose entry only answers `version --json` with
 /// protocol range `min`-`max`, with `turnout pack` as an operator would.
@@ -153,23 +153,29 @@ fn agent_releases_are_planned_with_their_protocol_checked_and_refused_outside_sy
         let status = host.status_text();
         assert!(status.contains("connected"), "{}: {status}", host.id);
     }
-    // Not retried: still refused by the same verdict, without a new attempt.
-    wait_for(
-        "the refusal to be reported",
-        Duration::from_secs(30),
-        || {
-            let hosts: Vec<Value> = fleet.client().get("/v1/hosts").unwrap();
-            hosts.iter().any(|h| {
-                h["report"]["services"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|s| {
-                        s["service"] == "turnout-agent"
-                            && s["last_outcome"]["kind"] == "rejected"
-                            && s["last_outcome"]["release"]["version"] == "9.0.0"
-                    })
-            })
-        },
+    // The refusal is recorded as `refused`: it says nothing against the
+    // release, so a later rollout of it is judged again (and refused again
+    // here, for the same reason, not as a release that failed).
+    let hosts: Vec<Value> = fleet.client().get("/v1/hosts").unwrap();
+    let outcome = hosts
+        .iter()
+        .flat_map(|h| {
+            h["report"]["services"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .find(|s| s["service"] == "turnout-agent" && !s["last_outcome"].is_null())
+        .map(|s| s["last_outcome"].clone())
+        .expect("the canary reports its refusal");
+    assert_eq!(outcome["kind"], "refused", "{outcome}");
+    assert_eq!(outcome["release"]["version"], "9.0.0", "{outcome}");
+    let again = fleet.rollout(json!({"service": "turnout-agent", "release": "turnout-agent@9.0.0", "waves": ["1", "100%"]}));
+    let rollout = fleet.wait_state(&again, "rolled_back", Duration::from_secs(60));
+    let shown = serde_json::to_string(&rollout).unwrap();
+    assert!(
+        shown.contains("does not run as a systemd service of its own"),
+        "{shown}"
     );
+    assert!(!shown.contains("not tried again"), "{shown}");
 }
