@@ -270,7 +270,7 @@ last=$(api "/v1/rollouts/$id" | python3 -c 'import json,sys; print(json.load(sys
 # A new agent on probation is judged only once it confirmed: meanwhile the
 # canary wave holds (the hold alone is 6 s).
 wait_until 120 "canary $first to start its probation" 'handoff "$first" | grep -q armed'
-phase=$(api "/v1/rollouts/$id" | python3 -c "import json,sys; print(json.load(sys.stdin)['hosts']['h$last']['phase']['phase'])")
+phase=$(api "/v1/rollouts/$id" | python3 -c "import json,sys; print(json.load(sys.stdin)['hosts']['h$last']['phase'])")
 [ "$phase" = waiting ] || fail "host $last is $phase while canary $first is still on probation"
 wait_until 120 "host $last to start switching its agent" 'handoff "$last" >/dev/null'
 kill "$COORD"; wait "$COORD" 2>/dev/null || true
@@ -288,7 +288,7 @@ ok "agents $old_agent -> $AGENT_NEW in waves; every web.service MainPID unchange
 
 # 8. Three broken agents, each to the canary: back on the previous agent by
 #    itself, the gate trips, nothing else moves, and it is never retried.
-for b in "exits:0.9.1-exits:it exited with status 1" "wedges:0.9.2-wedges:watchdog killed it" "nohello:0.9.3-nohello:no successful hello and report (refused" "dies:0.9.4-dies:killed by signal 9"; do
+for b in "exits:0.9.1-exits:it exited with status 1" "wedges:0.9.2-wedges:watchdog killed it" "nohello:0.9.3-nohello:no successful hello and report (refused" "dies:0.9.4-dies:last ended with code=killed, status=9/KILL"; do
     IFS=: read -r kind v why <<< "$b"
     t0=$SECONDS
     id=$("$BIN" rollout start --service turnout-agent --release "turnout-agent@$v" --waves 1,100% --healthy-deadline 3m --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')

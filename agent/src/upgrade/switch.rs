@@ -346,28 +346,40 @@ fn unit_facts(unit: &str) -> Option<std::collections::BTreeMap<String, String>> 
     )
 }
 
-/// How often systemd's watchdog killed `unit` since `since_ms`, from the
-/// journal (0 when it cannot be read).
-fn watchdog_kills(unit: &str, since_ms: u64) -> usize {
+/// What systemd logged about `unit` since `since_ms`: how often its
+/// watchdog killed it, and how its main process last ended
+/// (`code=killed, status=9/KILL`), from the journal.
+fn journal_facts(unit: &str, since_ms: u64) -> (usize, Option<String>) {
     let out = std::process::Command::new("journalctl")
         .args(["-u", unit, "-o", "cat", "--no-pager", "--since"])
         .arg(format!("@{}", since_ms / 1000))
         .stderr(std::process::Stdio::null())
         .output();
-    out.map(|o| {
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter(|l| l.contains("Watchdog timeout"))
-            .count()
-    })
-    .unwrap_or(0)
+    let Ok(out) = out else {
+        return (0, None);
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let watchdog = text
+        .lines()
+        .filter(|l| l.contains("Watchdog timeout"))
+        .count();
+    let ended = text
+        .lines()
+        .rev()
+        .filter_map(|l| {
+            l.split_once("Main process exited, ")
+                .map(|(_, how)| how.trim_end_matches('.'))
+        })
+        .next()
+        .map(str::to_owned);
+    (watchdog, ended)
 }
 
 /// Why the new agent did not confirm, from systemd and its own last word.
 fn diagnose(layout: &Layout, handoff: &Handoff) -> (String, bool) {
     let secs = handoff.deadline_ms.saturating_sub(handoff.armed_ms) / 1000;
     let mut why = format!("it did not confirm itself within {secs}s");
-    let watchdog = watchdog_kills(&handoff.unit, handoff.armed_ms);
+    let (watchdog, last_end) = journal_facts(&handoff.unit, handoff.armed_ms);
     if watchdog > 0 {
         why.push_str(&format!(
             "; systemd's watchdog killed it {watchdog} time(s) (its main loop stopped)"
@@ -387,6 +399,9 @@ fn diagnose(layout: &Layout, handoff: &Handoff) -> (String, bool) {
                 why.push_str(&format!(" restarted {restarts} time(s)"));
             }
             why.push_str(&format!(" (unit {})", get("ActiveState")));
+            if let Some(how) = last_end.filter(|_| watchdog == 0) {
+                why.push_str(&format!(", last ended with {how}"));
+            }
         }
     }
     let word = layout.progress(handoff.armed_ms);
