@@ -286,51 +286,10 @@ for i in $(seq 1 "$N"); do
 done
 ok "agents $old_agent -> $AGENT_NEW in waves; every web.service MainPID unchanged"
 
-# 8. Three broken agents, each to the canary: back on the previous agent by
-#    itself, the gate trips, nothing else moves, and it is never retried.
-for b in "exits:0.9.1-exits:it exited with status 1" "wedges:0.9.2-wedges:watchdog killed it" "nohello:0.9.3-nohello:no successful hello and report (refused" "dies:0.9.4-dies:last ended with code=killed, status=9/KILL"; do
-    IFS=: read -r kind v why <<< "$b"
-    t0=$SECONDS
-    id=$("$BIN" rollout start --service turnout-agent --release "turnout-agent@$v" --waves 1,100% --healthy-deadline 3m --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-    canary=$(api "/v1/rollouts/$id" | python3 -c 'import json,sys; print(json.load(sys.stdin)["waves"][0][0][1:])')
-    wait_until 120 "the $kind agent's rollout to roll back" 'test "$(rollout_state "$id")" = rolled_back'
-    took=$((SECONDS - t0))
-    # The deadline is 20 s: dispatch, download and switch, plus restarts and a report, within a minute.
-    [ "$took" -le 60 ] || fail "the $kind agent took ${took}s to be reverted and reported"
-    [ "$(agent_version "$canary")" = "$AGENT_NEW" ] || fail "canary $canary runs agent $(agent_version "$canary") after the $kind revert"
-    "$BIN" rollout status "$id" > "$W/status.txt"
-    grep -q "agent upgrade to $v failed" "$W/status.txt" || fail "rollout status does not say why: $(cat "$W/status.txt")"
-    grep -qF "$why" "$W/status.txt" || fail "the $kind agent's reason does not say \"$why\": $(cat "$W/status.txt")"
-    for i in $(seq 1 "$N"); do
-        [ "$(web_pid "$i")" = "${WEBPID[$i]}" ] || fail "host $i's web.service restarted during the $kind agent"
-        [ "$i" = "$canary" ] && continue
-        [ "$(agent_version "$i")" = "$AGENT_NEW" ] || fail "host $i moved during the $kind canary"
-    done
-    # Not retried: the same rollout again trips at once, and the canary's agent does not restart.
-    pid=$(agent_pid "$canary")
-    id=$("$BIN" rollout start --service turnout-agent --release "turnout-agent@$v" --waves 1,100% --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-    wait_until 60 "the retried $kind rollout to roll back" 'test "$(rollout_state "$id")" = rolled_back'
-    [ "$(agent_pid "$canary")" = "$pid" ] || fail "canary $canary tried the failed $kind agent again"
-    ok "$kind agent: canary $canary back on $AGENT_NEW in ${took}s, gate tripped, not retried"
-    grep "agent upgrade to $v failed" "$W/status.txt" | head -n 1 | cut -c1-240
-done
-reason=$(inside "$canary" /usr/local/bin/turnout-agent upgrade status | grep -c 'reverted')
-[ "$reason" -ge 1 ] || fail "turnout-agent upgrade status shows no reverted agent"
-
-# 9. An operator allows a failed version again: it is tried (and fails) again.
-inside "$canary" /usr/local/bin/turnout-agent upgrade retry 0.9.4-dies >/dev/null
-"$BIN" host label "h$canary" "n=h$canary" >/dev/null
-pid=$(agent_pid "$canary")
-id=$("$BIN" rollout start --service turnout-agent --release turnout-agent@0.9.4-dies --waves 1,100% --selector "n=h$canary" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-wait_until 120 "the retried version to be tried and rolled back" 'test "$(rollout_state "$id")" = rolled_back'
-[ "$(agent_pid "$canary")" != "$pid" ] || fail "canary $canary did not try 0.9.4-dies again after upgrade retry"
-[ "$(agent_version "$canary")" = "$AGENT_NEW" ] || fail "canary $canary runs $(agent_version "$canary") after the retry"
-ok "upgrade retry: host $canary tried 0.9.4-dies again, and was put back again"
-
-# 10. The agent rollout rolled back (to the installed agent), with the
+# 8. The agent rollout rolled back (to the installed agent), with the
 #     canary rebooted during its probation: the new boot gives it a whole
 #     window, and it confirms.
-ok_id=$("$BIN" rollout list --json | python3 -c "import json,sys; print(next(r['id'] for r in json.load(sys.stdin) if r['target']['version'] == '$AGENT_NEW' and r['state']['state'] == 'succeeded'))")
+ok_id=$id
 "$BIN" rollout rollback "$ok_id" >/dev/null
 back=$(api "/v1/rollouts/$ok_id" | python3 -c 'import json,sys; r=json.load(sys.stdin); print(r["switch_order"][-1][1:])')
 wait_until 120 "host $back to start its probation on the way back" 'handoff "$back" | grep -q armed'
@@ -342,6 +301,53 @@ for i in $(seq 1 "$N"); do
     [ "$(agent_version "$i")" = "$old_agent" ] || fail "host $i runs agent $(agent_version "$i") after the rollback, not $old_agent"
 done
 inside "$back" /usr/local/bin/turnout-agent upgrade status | grep -q 'current:  .*the installed binary' || fail "host $back does not run the installed agent"
+for i in $(seq 1 "$N"); do
+    [ "$i" = "$back" ] && continue
+    [ "$(web_pid "$i")" = "${WEBPID[$i]}" ] || fail "host $i's web.service restarted during the agent rollback"
+done
 ok "agent rollout rolled back to $old_agent; host $back rebooted on probation and confirmed in its new boot"
+# The rebooted host's web.service is a new process since its boot.
+WEBPID[$back]=$(web_pid "$back")
+
+# 9. Broken agents, each to the canary: back on the previous agent by
+#    itself, the gate trips, nothing else moves, and it is never retried.
+for b in "exits:0.9.1-exits:it exited with status 1" "wedges:0.9.2-wedges:watchdog killed it" "nohello:0.9.3-nohello:no successful hello and report (refused" "dies:0.9.4-dies:last ended with code=killed, status=9/KILL"; do
+    IFS=: read -r kind v why <<< "$b"
+    t0=$SECONDS
+    id=$("$BIN" rollout start --service turnout-agent --release "turnout-agent@$v" --waves 1,100% --healthy-deadline 3m --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+    canary=$(api "/v1/rollouts/$id" | python3 -c 'import json,sys; print(json.load(sys.stdin)["waves"][0][0][1:])')
+    wait_until 120 "the $kind agent's rollout to roll back" 'test "$(rollout_state "$id")" = rolled_back'
+    took=$((SECONDS - t0))
+    # The deadline is 20 s: dispatch, download and switch, plus restarts and a report, within a minute.
+    [ "$took" -le 60 ] || fail "the $kind agent took ${took}s to be reverted and reported"
+    [ "$(agent_version "$canary")" = "$old_agent" ] || fail "canary $canary runs agent $(agent_version "$canary") after the $kind revert"
+    "$BIN" rollout status "$id" > "$W/status.txt"
+    grep -q "agent upgrade to $v failed" "$W/status.txt" || fail "rollout status does not say why: $(cat "$W/status.txt")"
+    grep -qF "$why" "$W/status.txt" || fail "the $kind agent's reason does not say \"$why\": $(cat "$W/status.txt")"
+    for i in $(seq 1 "$N"); do
+        [ "$(web_pid "$i")" = "${WEBPID[$i]}" ] || fail "host $i's web.service restarted during the $kind agent"
+        [ "$i" = "$canary" ] && continue
+        [ "$(agent_version "$i")" = "$old_agent" ] || fail "host $i moved during the $kind canary"
+    done
+    # Not retried: the same rollout again trips at once, and the canary's agent does not restart.
+    pid=$(agent_pid "$canary")
+    id=$("$BIN" rollout start --service turnout-agent --release "turnout-agent@$v" --waves 1,100% --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+    wait_until 60 "the retried $kind rollout to roll back" 'test "$(rollout_state "$id")" = rolled_back'
+    [ "$(agent_pid "$canary")" = "$pid" ] || fail "canary $canary tried the failed $kind agent again"
+    ok "$kind agent: canary $canary back on $old_agent in ${took}s, gate tripped, not retried"
+    grep "agent upgrade to $v failed" "$W/status.txt" | head -n 1 | cut -c1-240
+done
+reason=$(inside "$canary" /usr/local/bin/turnout-agent upgrade status | grep -c 'reverted')
+[ "$reason" -ge 1 ] || fail "turnout-agent upgrade status shows no reverted agent"
+
+# 10. An operator allows a failed version again: it is tried (and fails) again.
+inside "$canary" /usr/local/bin/turnout-agent upgrade retry 0.9.4-dies >/dev/null
+"$BIN" host label "h$canary" "n=h$canary" >/dev/null
+pid=$(agent_pid "$canary")
+id=$("$BIN" rollout start --service turnout-agent --release turnout-agent@0.9.4-dies --waves 1,100% --selector "n=h$canary" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+wait_until 120 "the retried version to be tried and rolled back" 'test "$(rollout_state "$id")" = rolled_back'
+[ "$(agent_pid "$canary")" != "$pid" ] || fail "canary $canary did not try 0.9.4-dies again after upgrade retry"
+[ "$(agent_version "$canary")" = "$old_agent" ] || fail "canary $canary runs $(agent_version "$canary") after the retry"
+ok "upgrade retry: host $canary tried 0.9.4-dies again, and was put back again"
 
 echo "all systemd checks passed in $((SECONDS - started))s"
