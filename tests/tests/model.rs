@@ -34,6 +34,7 @@ use turnout_proto::messages::{
     Health, Outcome, OutcomeKind, ReleaseRef, ServiceReport, ServiceState,
 };
 use turnout_proto::{Digest, HostId, ServiceName};
+use turnout_testkit::Rng;
 
 /// One simulated step.
 const STEP_MS: u64 = 250;
@@ -41,25 +42,6 @@ const STEP_MS: u64 = 250;
 const TICK_MS: u64 = 500;
 /// A host is online when seen within this long.
 const ONLINE_MS: u64 = 3_000;
-
-/// splitmix64: small, seedable, and the same on every machine.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(1000) < percent * 10
-    }
-}
 
 fn release(major: u64) -> ReleaseRef {
     ReleaseRef {

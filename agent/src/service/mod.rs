@@ -953,7 +953,7 @@ pub(crate) async fn digest_of_file(path: &Path) -> Result<Digest, AgentError> {
         })
 }
 
-fn digest_of(path: &Path) -> Result<Digest, AgentError> {
+pub(crate) fn digest_of(path: &Path) -> Result<Digest, AgentError> {
     let read = |source| AgentError::Bundle {
         path: path.to_owned(),
         source,

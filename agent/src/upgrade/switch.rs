@@ -376,7 +376,11 @@ fn journal_facts(unit: &str, since_ms: u64) -> (usize, Option<String>) {
 }
 
 /// Why the new agent did not confirm, from systemd and its own last word.
-fn diagnose(layout: &Layout, handoff: &Handoff) -> (String, bool) {
+fn diagnose(
+    layout: &Layout,
+    handoff: &Handoff,
+    facts: Option<&std::collections::BTreeMap<String, String>>,
+) -> (String, bool) {
     let secs = handoff.deadline_ms.saturating_sub(handoff.armed_ms) / 1000;
     let mut why = format!("it did not confirm itself within {secs}s");
     let (watchdog, last_end) = journal_facts(&handoff.unit, handoff.armed_ms);
@@ -385,7 +389,7 @@ fn diagnose(layout: &Layout, handoff: &Handoff) -> (String, bool) {
             "; systemd's watchdog killed it {watchdog} time(s) (its main loop stopped)"
         ));
     }
-    if let Some(facts) = unit_facts(&handoff.unit) {
+    if let Some(facts) = facts {
         let get = |k: &str| facts.get(k).map_or("", String::as_str);
         let restarts: u64 = get("NRestarts").parse().unwrap_or(0);
         if get("Result") == "watchdog" && watchdog == 0 {
@@ -432,12 +436,14 @@ pub fn revert(state_dir: &Path, armed_ms: u64) -> Result<String, String> {
     }
     let handoff = handoff.expect("on_deadline needs a record");
     let unit = handoff.unit.clone();
-    let state = unit_facts(&unit)
+    let facts = unit_facts(&unit);
+    let state = facts
+        .as_ref()
         .and_then(|f| f.get("ActiveState").cloned())
         .unwrap_or_default();
     let plan = super::revert_for(&state);
     let (reason, verdict) = match plan {
-        super::Revert::AndRestart => diagnose(&layout, &handoff),
+        super::Revert::AndRestart => diagnose(&layout, &handoff, facts.as_ref()),
         super::Revert::AndLeaveStopped => (
             "the agent was stopped during its probation (by an operator?): the previous agent is put back \
              for the next start, and the unit is left stopped"
@@ -479,13 +485,7 @@ pub fn identify(state_dir: &Path) -> AgentRelease {
         return me;
     }
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
-    let sha = std::fs::File::open(&exe)
-        .and_then(|f| {
-            use sha2::Digest as _;
-            let mut hasher = sha2::Sha256::new();
-            std::io::copy(&mut std::io::BufReader::new(f), &mut hasher)?;
-            Ok(turnout_proto::Digest::from_bytes(hasher.finalize().into()))
-        })
+    let sha = crate::service::digest_of(&exe)
         .unwrap_or_else(|_| turnout_proto::Digest::from_bytes([0; 32]));
     AgentRelease {
         release: ReleaseRef {

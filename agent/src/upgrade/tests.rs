@@ -14,21 +14,7 @@ use super::*;
 use crate::link::LinkStatus;
 use crate::slots::{RELEASE_FILE, SlotRelease};
 
-/// SplitMix64: small, seeded, reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use turnout_testkit::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -67,6 +53,24 @@ fn stage(layout: &Layout, r: &ReleaseRef) -> AgentRelease {
     AgentRelease {
         release: r.clone(),
         dir: Some(dir),
+    }
+}
+
+/// A switch from `from` to `to`, armed at 5 with its deadline at 10.
+fn armed(from: &AgentRelease, to: &AgentRelease) -> Handoff {
+    Handoff {
+        format: HANDOFF_FORMAT,
+        from: from.clone(),
+        to: to.clone(),
+        armed_ms: 5,
+        deadline_ms: 10,
+        needs_hello: true,
+        unit: "turnout-agent.service".into(),
+        deadman: "d".into(),
+        boot_id: None,
+        window_ms: 5,
+        previous_before: None,
+        phase: Phase::Armed,
     }
 }
 
@@ -514,20 +518,7 @@ fn a_dead_man_for_another_or_a_confirmed_switch_does_nothing() {
         stage(&layout, &release("0.2.0", 2)),
         stage(&layout, &release("0.3.0", 3)),
     );
-    let h = Handoff {
-        format: HANDOFF_FORMAT,
-        from: old.clone(),
-        to: new.clone(),
-        armed_ms: 5,
-        deadline_ms: 10,
-        needs_hello: true,
-        unit: "turnout-agent.service".into(),
-        deadman: "d".into(),
-        boot_id: None,
-        window_ms: 5,
-        previous_before: None,
-        phase: Phase::Armed,
-    };
+    let h = armed(&old, &new);
     assert!(on_deadline(Some(&h), 5, new.dir.as_deref(), 10));
     assert!(
         !on_deadline(Some(&h), 5, new.dir.as_deref(), 9),
@@ -685,20 +676,7 @@ fn on_probation_an_agent_reports_what_it_falls_back_to_not_itself() {
         stage(&layout, &release("0.2.0", 2)),
         stage(&layout, &release("0.3.0", 3)),
     );
-    let mut h = Handoff {
-        format: HANDOFF_FORMAT,
-        from: old.clone(),
-        to: new.clone(),
-        armed_ms: 5,
-        deadline_ms: 10,
-        needs_hello: true,
-        unit: "turnout-agent.service".into(),
-        deadman: "d".into(),
-        boot_id: None,
-        window_ms: 5,
-        previous_before: None,
-        phase: Phase::Armed,
-    };
+    let mut h = armed(&old, &new);
     // Armed, this is the new agent: baking, committed is the old one.
     assert_eq!(
         reported(&new, Some(&h)),
@@ -774,20 +752,7 @@ fn a_revert_puts_back_the_journal_a_newer_agent_migrated() {
         crate::journal::Journal::open(&path),
         Err(crate::journal::JournalError::Newer { .. })
     ));
-    let h = Handoff {
-        format: HANDOFF_FORMAT,
-        from: old.clone(),
-        to: new.clone(),
-        armed_ms: 5,
-        deadline_ms: 10,
-        needs_hello: true,
-        unit: "turnout-agent.service".into(),
-        deadman: "d".into(),
-        boot_id: None,
-        window_ms: 5,
-        previous_before: None,
-        phase: Phase::Armed,
-    };
+    let h = armed(&old, &new);
     layout.point("current", new.dir.as_deref()).unwrap();
     switch::revert_links(&layout, &h, "it exited", true).unwrap();
     assert_eq!(layout.current(), old.dir);

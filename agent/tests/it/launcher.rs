@@ -3,7 +3,7 @@
 //! reverts a switch whose deadline passed before it launches anything, and
 //! gives a new agent a whole window again after a reboot.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use turnout_agent::upgrade::{AgentRelease, HANDOFF_FORMAT, Handoff, Layout, Phase};
@@ -11,7 +11,8 @@ use turnout_proto::Digest;
 use turnout_proto::messages::ReleaseRef;
 
 struct Host {
-    dir: tempfile::TempDir,
+    /// Everything lives here, for as long as the test.
+    _dir: tempfile::TempDir,
     layout: Layout,
     config: PathBuf,
 }
@@ -31,7 +32,7 @@ fn host() -> Host {
     .unwrap();
     Host {
         layout: Layout::new(&state),
-        dir,
+        _dir: dir,
         config,
     }
 }
@@ -135,7 +136,6 @@ fn the_installed_binary_execs_current_even_beside_a_damaged_record() {
         std::fs::read(host.layout.root().join("handoff.json")).unwrap(),
         b"{"
     );
-    let _ = host.dir;
 }
 
 #[test]
@@ -200,7 +200,6 @@ fn after_a_reboot_a_new_agent_on_probation_gets_a_whole_window() {
     assert_eq!(h.phase, Phase::Armed);
     assert!(h.deadline_ms >= before + 600_000, "{h:?}");
     assert_eq!(h.boot_id, turnout_agent::upgrade::switch::boot_id());
-    let _: &Path = host.dir.path();
 }
 
 fn upgrade(host: &Host, args: &[&str]) -> std::process::Output {
